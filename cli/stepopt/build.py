@@ -1,0 +1,64 @@
+"""Assemble :class:`~stepopt.schedule.Schedule` values from a model, a solver and a grid."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from stepopt.baselines import baseline_config, baseline_sigmas
+from stepopt.models.base import DiffusionModel
+from stepopt.provenance import provenance
+from stepopt.schedule import MethodInfo, Schedule
+from stepopt.solvers import SolverIdentity, get_solver
+
+
+def native_timesteps(model: DiffusionModel, sigmas: Sequence[float]) -> list[float] | None:
+    """The model-native times of a grid (None for models whose native time is sigma)."""
+    if model.time_domain == "sigma":
+        return None
+    return [float(t) for t in np.asarray(model.frame.time(np.asarray(sigmas, dtype=np.float64)))]
+
+
+def make_schedule(
+    model: DiffusionModel,
+    solver: SolverIdentity,
+    sigmas: Sequence[float],
+    method: MethodInfo,
+    *,
+    final_step: str = "none",
+    model_sigmas: Sequence[float] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    device: Any = None,
+) -> Schedule:
+    """A validated schedule whose ``nfe`` is computed from the solver's exact rule."""
+    sig = [float(s) for s in sigmas]
+    nfe = get_solver(solver.name).nfe(solver, len(sig) - 1, final_step)
+    return Schedule(
+        model=model.ref(),
+        solver=solver,
+        nfe=nfe,
+        sigmas=tuple(sig),
+        model_sigmas=None if model_sigmas is None else tuple(float(s) for s in model_sigmas),
+        timesteps=None if native_timesteps(model, sig) is None else tuple(native_timesteps(model, sig) or ()),
+        final_step=final_step,
+        method=method,
+        metrics=dict(metrics or {}),
+        provenance=provenance(device=device if device is not None else model.device),
+    )
+
+
+def baseline_schedule(
+    kind: str,
+    model: DiffusionModel,
+    solver: SolverIdentity,
+    n_steps: int,
+    *,
+    final_step: str = "none",
+    rho: float = 7.0,
+) -> Schedule:
+    """A hand-crafted baseline (see :mod:`stepopt.baselines`) as a schedule value."""
+    sig = baseline_sigmas(kind, n_steps, model.sigma_max, model.sigma_min, model.frame, rho=rho)
+    method = MethodInfo(name=kind, config=baseline_config(kind, model.frame, rho))
+    return make_schedule(model, solver, sig, method, final_step=final_step)

@@ -1,0 +1,143 @@
+"""The typer application, shared options and the error boundary of the command line.
+
+Library code raises :class:`~stepopt.errors.StepoptError`; here it becomes one line on stderr and
+exit code 1 (a traceback only with ``--debug``). Usage errors exit 2 (click's convention).
+Machine output (``--json``) goes to stdout, summaries and progress to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from stepopt import __version__
+from stepopt.errors import StepoptError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="stepopt",
+    help="Optimize the time steps of few-step diffusion sampling, and sample and evaluate with them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _Globals:
+    json: bool = False
+    debug: bool = False
+
+
+GLOBALS = _Globals()
+
+# Shared option aliases (one help string each, reused by every command).
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Model id: builtin:NAME, or LOADER:ARG (see `stepopt models`)."),
+]
+SolverOpt = Annotated[str, typer.Option("--solver", "-s", help="Solver registry name (see `stepopt models`).")]
+OrderOpt = Annotated[int | None, typer.Option("--order", help="Solver order [default: the solver's default].")]
+VariantOpt = Annotated[str | None, typer.Option("--variant", help="Solver variant, e.g. bh1/bh2 for unipc.")]
+LofOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--lower-order-final/--no-lower-order-final",
+        help="Lower the order on the final steps [default: the solver's default].",
+    ),
+]
+NfeOpt = Annotated[int, typer.Option("--nfe", "-n", min=1, help="Exact number of network evaluations.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+
+
+class FinalStep(str, Enum):
+    none = "none"
+    denoise = "denoise"
+
+
+FinalStepOpt = Annotated[
+    FinalStep, typer.Option("--final-step", help="'denoise' adds a final jump to sigma=0 (one more NFE).")
+]
+
+
+def _version_cb(value: bool) -> None:
+    if value:
+        typer.echo(f"stepopt {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_cb, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Global options apply to every command (they may also be given after the command)."""
+    GLOBALS.json = json_out
+    GLOBALS.debug = debug
+
+
+def command(name: str | None = None, **kw: Any) -> Callable[[F], F]:
+    """Register a command whose StepoptError / OSError become one line and exit 1.
+
+    The wrapped function takes ``json_out`` and ``debug`` keyword options, merged with the
+    global ones.
+    """
+
+    def deco(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("json_out") is False and GLOBALS.json:
+                kwargs["json_out"] = True
+            debug = bool(kwargs.get("debug")) or GLOBALS.debug
+            if "debug" in kwargs:
+                kwargs["debug"] = debug
+            try:
+                return fn(*args, **kwargs)
+            except (typer.Exit, typer.Abort, SystemExit):
+                raise
+            except KeyboardInterrupt:
+                if debug:
+                    raise
+                err.print("error: interrupted", style="red")
+                raise typer.Exit(130) from None
+            except (StepoptError, OSError) as e:
+                if debug:
+                    raise
+                fail(_one_line(e))
+
+        app.command(name, **kw)(wrapper)
+        return fn
+
+    return deco
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and not isinstance(e, StepoptError):
+        return f"{e.filename}: {e.strerror or e.__class__.__name__}"
+    return " ".join(str(e).split()) or e.__class__.__name__
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print ``error: message`` (one line) to stderr and exit."""
+    err.print(f"error: {message}", style="red", markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+def emit_json(obj: Any) -> None:
+    """The one machine-readable object, on stdout."""
+    sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
+    sys.stdout.flush()

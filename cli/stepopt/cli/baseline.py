@@ -1,0 +1,88 @@
+"""``stepopt baseline KIND``: write a hand-crafted schedule in the v1 format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stepopt.baselines import BASELINES, interpolate_loglinear
+from stepopt.build import baseline_schedule
+from stepopt.cli.app import (
+    DebugOpt,
+    FinalStep,
+    FinalStepOpt,
+    JsonOpt,
+    LofOpt,
+    ModelOpt,
+    NfeOpt,
+    OrderOpt,
+    SolverOpt,
+    VariantOpt,
+    command,
+    emit_json,
+    err,
+)
+from stepopt.cli.common import default_out, schedule_header, schedule_json
+from stepopt.errors import StepoptError
+from stepopt.models import DEFAULT_MODEL, load_model
+from stepopt.provenance import provenance
+from stepopt.schedule import MethodInfo, Schedule
+from stepopt.solvers import get_solver
+
+KINDS = (*BASELINES, "interpolate")
+
+
+@command("baseline")
+def baseline(
+    kind: Annotated[str, typer.Argument(help=f"One of: {', '.join(KINDS)}.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    solver: SolverOpt = "euler",
+    nfe: NfeOpt = 10,
+    order: OrderOpt = None,
+    variant: VariantOpt = None,
+    lower_order_final: LofOpt = None,
+    final_step: FinalStepOpt = FinalStep.none,
+    rho: Annotated[float, typer.Option("--rho", help="EDM rho (kind edm).")] = 7.0,
+    source: Annotated[Path | None, typer.Option("--from", help="Schedule file to resample (kind interpolate).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output file [default: schedules/<model>/<solver>/nfe<N>/<kind>.yaml]."),
+    ] = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a hand-crafted schedule (edm, logsnr, time-uniform, time-quadratic, kl-optimal, interpolate)."""
+    if kind not in KINDS:
+        raise StepoptError(f"unknown baseline '{kind}'; expected one of {', '.join(KINDS)}")
+    spec = get_solver(solver)
+    ident = spec.identity(order, variant, lower_order_final)
+    n_steps = spec.steps_for_nfe(ident, nfe, final_step.value)
+    if kind == "interpolate":
+        if source is None:
+            raise StepoptError("baseline interpolate needs --from FILE (the schedule to resample)")
+        src = Schedule.load(source)
+        sig = interpolate_loglinear(src.sigmas, n_steps)
+        sched = Schedule(
+            model=src.model,
+            solver=ident,
+            nfe=nfe,
+            sigmas=tuple(sig),
+            method=MethodInfo(
+                "interpolate",
+                {"from": str(source), "from_method": src.method.name, "from_steps": src.n_steps, "rule": "log-linear"},
+            ),
+            final_step=final_step.value,
+            provenance=provenance(),
+        )
+    else:
+        if source is not None:
+            raise StepoptError(f"--from is only for 'interpolate', not '{kind}'")
+        m = load_model(model, device="cpu")
+        sched = baseline_schedule(kind, m, ident, n_steps, final_step=final_step.value, rho=rho)
+    path = out if out is not None else default_out(sched.model.id, ident.name, sched.nfe, kind)
+    sched.save(path)
+    if json_out:
+        emit_json(schedule_json(sched, path))
+    err.print(f"wrote {path}: {schedule_header(sched)}", markup=False)

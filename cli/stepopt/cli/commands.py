@@ -1,0 +1,3 @@
+"""Registers every command module with the application."""
+
+from stepopt.cli import baseline, inspect, optimize  # noqa: F401

@@ -1,0 +1,123 @@
+"""Method configurations: dataclasses filled from a YAML file and ``--set KEY=VALUE`` overrides.
+
+Unknown keys and values of the wrong type are errors that list the valid keys (design.md §3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from stepopt.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _parse_set(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. --set p=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _check_type(cls_name: str, key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(cls_name, key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{cls_name}: '{key}' has an invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"'{key}' = {value!r}: expected one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' = {value!r}: expected a list")
+        inner = args[0] if args else Any
+        vals = [_check_type(cls_name, f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+        return tuple(vals) if origin is tuple else vals
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' = {value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}' = {value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}' = {value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' = {value!r}: expected a string")
+        return value
+    return value
+
+
+def resolve_config(
+    cls: type[T],
+    file: str | os.PathLike[str] | None = None,
+    sets: Iterable[str] = (),
+    overrides: Mapping[str, Any] | None = None,
+) -> T:
+    """Defaults <- config file <- ``--set`` items <- explicit overrides (command-line flags)."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    values: dict[str, Any] = {}
+    if file is not None:
+        p = Path(file)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"--config {p}: no such file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {p}: not valid YAML ({' '.join(str(e).split())})") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"--config {p}: expected a mapping of option: value")
+        values.update(data)
+    for item in sets:
+        k, v = _parse_set(item)
+        values[k] = v
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            values[k] = v
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if k not in names:
+            raise ConfigError(f"unknown option '{k}' for {cls.__name__}; valid options: {', '.join(names)}")
+        out[k] = _check_type(cls.__name__, k, v, hints[k])
+    try:
+        return cls(**out)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The full resolved configuration as plain data (lists for tuples)."""
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

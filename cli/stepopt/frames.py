@@ -1,0 +1,280 @@
+"""Noise frames: a model's native time <-> sigma <-> lam, with explicit inverses, in float64.
+
+Inside stepopt every state lives in the EDM / k-diffusion frame ``x = x0 + sigma * eps``
+(design.md §1). A VP model with ``x_t = alpha_t x0 + s_t eps`` has ``sigma = s_t / alpha_t`` and
+its state ``x_t / alpha_t``; ``lam = -log(sigma)`` is half the log-SNR. The model's native time
+(continuous ``t``, or a DDPM index) exists only here and in adapters.
+
+Every frame maps ``time -> sigma`` increasingly, so ``t_min`` <-> ``sigma_min`` and
+``t_max`` <-> ``sigma_max``. All formulas accept Python floats, numpy arrays and torch tensors
+(the tensor path stays differentiable) and compute in float64.
+
+>>> f = VPLinear()
+>>> float(f.time(f.sigma(0.5)))  # doctest: +ELLIPSIS
+0.5...
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from stepopt._xp import as_f64, xp
+from stepopt.errors import StepoptError
+
+TIME_DOMAINS = ("sigma", "vp-continuous", "vp-discrete", "ve-continuous")
+
+
+class NoiseFrame(ABC):
+    """A bijection between native time and sigma (increasing), plus the VP scale alpha."""
+
+    kind: ClassVar[str]
+    time_domain: ClassVar[str]
+    t_min: float
+    t_max: float
+
+    @abstractmethod
+    def sigma(self, t: Any) -> Any:
+        """Noise level in the EDM frame at native time ``t``."""
+
+    @abstractmethod
+    def time(self, sigma: Any) -> Any:
+        """Inverse of :meth:`sigma`."""
+
+    def alpha(self, t: Any) -> Any:
+        """The VP scale ``alpha_t`` (1 for variance-exploding frames)."""
+        t = as_f64(t)
+        return xp(t).ones_like(t)
+
+    def lam(self, t: Any) -> Any:
+        """Half log-SNR ``-log sigma(t)``."""
+        return -xp(t).log(self.sigma(t)) if isinstance(t, torch.Tensor) else -np.log(self.sigma(t))
+
+    def time_from_lam(self, lam: Any) -> Any:
+        lam = as_f64(lam)
+        return self.time(xp(lam).exp(-lam))
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigma(self.t_min))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigma(self.t_max))
+
+    def describe(self) -> dict[str, Any]:
+        """A plain-data description (for schedule files and ``stepopt models``)."""
+        fields = asdict(self) if is_dataclass(self) else {}  # type: ignore[call-overload]
+        return {"kind": self.kind, "time": self.time_domain, **fields}
+
+
+@dataclass(frozen=True)
+class EDM(NoiseFrame):
+    """Karras et al. (2022): native time is sigma itself; x = x0 + sigma eps."""
+
+    t_min: float = 0.002
+    t_max: float = 80.0
+    kind: ClassVar[str] = "edm"
+    time_domain: ClassVar[str] = "sigma"
+
+    def sigma(self, t: Any) -> Any:
+        return as_f64(t)
+
+    def time(self, sigma: Any) -> Any:
+        return as_f64(sigma)
+
+
+@dataclass(frozen=True)
+class VE(NoiseFrame):
+    """Song et al. (2021) VE SDE: sigma(t) = sigma_lo (sigma_hi / sigma_lo)^t, t in [t_min, 1]."""
+
+    sigma_lo: float = 0.01
+    sigma_hi: float = 50.0
+    t_min: float = 1e-5
+    t_max: float = 1.0
+    kind: ClassVar[str] = "ve"
+    time_domain: ClassVar[str] = "ve-continuous"
+
+    def sigma(self, t: Any) -> Any:
+        t = as_f64(t)
+        return self.sigma_lo * xp(t).exp(t * math.log(self.sigma_hi / self.sigma_lo))
+
+    def time(self, sigma: Any) -> Any:
+        sigma = as_f64(sigma)
+        return xp(sigma).log(sigma / self.sigma_lo) / math.log(self.sigma_hi / self.sigma_lo)
+
+
+@dataclass(frozen=True)
+class VPLinear(NoiseFrame):
+    """Song et al. (2021) VP SDE with linear beta(t) = beta_0 + t (beta_1 - beta_0).
+
+    log alpha_t = -(beta_1 - beta_0) t^2 / 4 - beta_0 t / 2, so
+    sigma(t)^2 = exp((beta_1 - beta_0) t^2 / 2 + beta_0 t) - 1.
+    """
+
+    beta_0: float = 0.1
+    beta_1: float = 20.0
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    kind: ClassVar[str] = "vp-linear"
+    time_domain: ClassVar[str] = "vp-continuous"
+
+    def _u(self, t: Any) -> Any:  # -2 log alpha_t = log(1 + sigma^2)
+        return 0.5 * (self.beta_1 - self.beta_0) * t * t + self.beta_0 * t
+
+    def sigma(self, t: Any) -> Any:
+        t = as_f64(t)
+        return xp(t).sqrt(xp(t).expm1(self._u(t)))
+
+    def alpha(self, t: Any) -> Any:
+        t = as_f64(t)
+        return xp(t).exp(-0.5 * self._u(t))
+
+    def time(self, sigma: Any) -> Any:
+        sigma = as_f64(sigma)
+        u = xp(sigma).log1p(sigma * sigma)
+        db = self.beta_1 - self.beta_0
+        # Stable root of db/2 t^2 + beta_0 t - u = 0.
+        return 2.0 * u / (self.beta_0 + xp(sigma).sqrt(self.beta_0**2 + 2.0 * db * u))
+
+
+@dataclass(frozen=True)
+class VPCosine(NoiseFrame):
+    """Nichol & Dhariwal (2021) cosine schedule in continuous time.
+
+    alphabar(t) = cos^2(pi/2 (t+s)/(1+s)) / cos^2(pi/2 s/(1+s)); t_max < 1 because sigma -> inf at
+    t = 1 (DPM-Solver uses 0.9946).
+    """
+
+    s: float = 0.008
+    t_min: float = 1e-3
+    t_max: float = 0.9946
+    kind: ClassVar[str] = "vp-cosine"
+    time_domain: ClassVar[str] = "vp-continuous"
+
+    def _c0(self) -> float:
+        return math.cos(math.pi / 2 * self.s / (1 + self.s))
+
+    def alpha(self, t: Any) -> Any:
+        t = as_f64(t)
+        return xp(t).cos(math.pi / 2 * (t + self.s) / (1 + self.s)) / self._c0()
+
+    def sigma(self, t: Any) -> Any:
+        a = self.alpha(t)
+        return xp(a).sqrt(1.0 / (a * a) - 1.0)
+
+    def time(self, sigma: Any) -> Any:
+        sigma = as_f64(sigma)
+        a = 1.0 / xp(sigma).sqrt(1.0 + sigma * sigma)
+        return (1 + self.s) * 2 / math.pi * xp(sigma).arccos(a * self._c0()) - self.s
+
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def ddpm_betas(kind: str, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """DDPM betas as diffusers builds them (``linear``, ``scaled_linear``, ``squaredcos_cap_v2``)."""
+    if kind == "linear":
+        return np.linspace(beta_start, beta_end, n, dtype=np.float64)
+    if kind == "scaled_linear":
+        return np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
+    if kind == "squaredcos_cap_v2":
+
+        def abar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return np.array([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=np.float64)
+    raise StepoptError(f"beta_schedule '{kind}' is not supported; expected one of {', '.join(BETA_SCHEDULES)}")
+
+
+@dataclass(frozen=True)
+class VPDiscrete(NoiseFrame):
+    """A DDPM model with T discrete steps; native time is the (fractional) index in [0, T-1].
+
+    sigma_i = sqrt((1 - alphabar_i) / alphabar_i); between integer indices log sigma is interpolated
+    linearly (as k-diffusion's DiscreteSchedule does), which makes time <-> sigma a bijection.
+    """
+
+    beta_schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    log_sigmas: np.ndarray = field(init=False, repr=False, compare=False)
+    kind: ClassVar[str] = "vp-discrete"
+    time_domain: ClassVar[str] = "vp-discrete"
+
+    def __post_init__(self) -> None:
+        betas = ddpm_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
+        abar = np.cumprod(1.0 - betas)
+        object.__setattr__(self, "log_sigmas", 0.5 * np.log((1.0 - abar) / abar))
+
+    @classmethod
+    def from_betas(cls, betas: np.ndarray) -> VPDiscrete:
+        """A frame from an explicit beta table (trained_betas)."""
+        f = cls(beta_schedule="linear", num_train_timesteps=len(betas))
+        abar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+        object.__setattr__(f, "log_sigmas", 0.5 * np.log((1.0 - abar) / abar))
+        return f
+
+    @property
+    def t_min(self) -> float:  # type: ignore[override]
+        return 0.0
+
+    @property
+    def t_max(self) -> float:  # type: ignore[override]
+        return float(self.num_train_timesteps - 1)
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(2.0 * self.log_sigmas))
+
+    def sigma(self, t: Any) -> Any:
+        t = as_f64(t)
+        if isinstance(t, torch.Tensor):
+            ls = torch.as_tensor(self.log_sigmas, dtype=torch.float64, device=t.device)
+            tc = t.clamp(0.0, self.t_max)
+            lo = tc.floor().long().clamp(max=len(ls) - 2)
+            w = tc - lo
+            return torch.exp((1 - w) * ls[lo] + w * ls[lo + 1])
+        grid = np.arange(len(self.log_sigmas), dtype=np.float64)
+        return np.exp(np.interp(t, grid, self.log_sigmas))
+
+    def time(self, sigma: Any) -> Any:
+        sigma = as_f64(sigma)
+        grid = np.arange(len(self.log_sigmas), dtype=np.float64)
+        if isinstance(sigma, torch.Tensor):
+            ls = torch.as_tensor(self.log_sigmas, dtype=torch.float64, device=sigma.device)
+            lsig = torch.log(sigma).clamp(float(ls[0]), float(ls[-1]))
+            hi = torch.searchsorted(ls, lsig.detach().contiguous()).clamp(1, len(ls) - 1)
+            lo = hi - 1
+            w = (lsig - ls[lo]) / (ls[hi] - ls[lo])
+            return lo.to(torch.float64) + w
+        return np.interp(np.log(sigma), self.log_sigmas, grid)
+
+    def alpha(self, t: Any) -> Any:
+        s = self.sigma(t)
+        return 1.0 / xp(s).sqrt(1.0 + s * s)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "time": self.time_domain,
+            "beta_schedule": self.beta_schedule,
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+        }
+
+
+FRAMES: dict[str, type[NoiseFrame]] = {
+    "edm": EDM,
+    "ve": VE,
+    "vp-linear": VPLinear,
+    "vp-cosine": VPCosine,
+    "vp-discrete": VPDiscrete,
+}

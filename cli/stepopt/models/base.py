@@ -1,0 +1,178 @@
+"""The model contract: a denoiser ``D(x, sigma, **cond) -> x0_hat`` in the EDM frame (design.md §4).
+
+Every loader returns a :class:`DiffusionModel`: the denoiser plus its sigma range, noise frame
+(native time), data shape, parameterization and a fingerprint of its weights. Analytic models
+(:class:`AnalyticModel`) also know the exact solution of the probability-flow ODE, which makes
+them the ground truth for solvers, optimizers and metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from stepopt.frames import EDM, NoiseFrame
+from stepopt.schedule import ModelRef
+
+
+def fingerprint_arrays(arrays: Iterable[np.ndarray | torch.Tensor]) -> str:
+    """``sha256:<hex>`` over the arrays' shapes, dtypes and little-endian C-order bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        arr = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype.byteorder == ">":
+            arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+class DiffusionModel(ABC):
+    """A denoiser with its metadata. Call it as ``model(x, sigma, **cond)``.
+
+    ``x`` has shape ``(B, *shape)``; ``sigma`` is a scalar or a ``(B,)`` tensor (float64 is fine:
+    the model casts to its own dtype). The output has the shape and dtype of ``x``.
+    """
+
+    id: str
+    frame: NoiseFrame
+    shape: tuple[int, ...]
+    parameterization: str
+    sigma_min: float
+    sigma_max: float
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    @abstractmethod
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        """The denoiser ``D(x, sigma) ~ E[x0 | x]``."""
+
+    def __call__(self, x: torch.Tensor, sigma: Any, **cond: Any) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        return self.denoise(x, sigma, **cond)
+
+    @property
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """``sha256:...`` of the parameters; schedules record it and refuse a mismatch."""
+
+    @property
+    def time_domain(self) -> str:
+        return self.frame.time_domain
+
+    def ref(self) -> ModelRef:
+        return ModelRef(self.id, self.fingerprint, self.sigma_min, self.sigma_max, self.time_domain)
+
+    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The sigma the network actually sees (identity for continuous models)."""
+        return sigma
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "shape": list(self.shape),
+            "parameterization": self.parameterization,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+            "frame": self.frame.describe(),
+            "fingerprint": self.fingerprint,
+        }
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiffusionModel:
+        """Move to ``device`` / cast to ``dtype`` in place; returns self."""
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        return self
+
+
+class AnalyticModel(DiffusionModel):
+    """A model whose probability-flow ODE solution is known (closed form or to 1e-8)."""
+
+    parameterization = "exact"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
+        self.frame = EDM(sigma_min, sigma_max)
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.dtype = torch.float64
+
+    @abstractmethod
+    def ode_solution(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
+        """The exact state at ``sigma_to`` of the ODE dx/dsigma = (x - D(x, sigma)) / sigma."""
+
+    @abstractmethod
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Exact samples from the data distribution, shape ``(n, *shape)``, float64."""
+
+
+class PointMass(AnalyticModel):
+    """Data = one point ``x0``: D(x, sigma) = x0, and x(sigma) = x0 + sigma/sigma_T (x_T - x0)."""
+
+    def __init__(
+        self, x0: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0, id: str = "builtin:point-mass"
+    ) -> None:
+        super().__init__(sigma_min, sigma_max)
+        self.x0 = torch.as_tensor(x0, dtype=torch.float64)
+        self.shape = tuple(self.x0.shape)
+        self.id = id
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_arrays([self.x0])
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        return self.x0.to(device=x.device, dtype=x.dtype).expand_as(x) + 0 * x
+
+    def ode_solution(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
+        x0 = self.x0.to(device=x.device, dtype=x.dtype)
+        return x0 + (sigma_to / sigma_from) * (x - x0)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.x0.expand(n, *self.shape).clone()
+
+
+class IsotropicGaussian(AnalyticModel):
+    """Data ~ N(mu, c^2 I): D = mu + c^2/(c^2+sigma^2) (x - mu); x(s) - mu = (x_T - mu) sqrt((c^2+s^2)/(c^2+s_T^2))."""
+
+    def __init__(
+        self,
+        mu: torch.Tensor,
+        c: float = 1.0,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        id: str = "builtin:gaussian",
+    ) -> None:
+        super().__init__(sigma_min, sigma_max)
+        self.mu = torch.as_tensor(mu, dtype=torch.float64)
+        self.c = float(c)
+        self.shape = tuple(self.mu.shape)
+        self.id = id
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_arrays([self.mu, np.float64(self.c)])
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        mu = self.mu.to(device=x.device, dtype=x.dtype)
+        s2 = sigma.to(torch.float64).reshape(-1, *([1] * (x.ndim - 1))) ** 2
+        gain = (self.c**2 / (self.c**2 + s2)).to(x.dtype)
+        return mu + gain * (x - mu)
+
+    def ode_solution(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
+        mu = self.mu.to(device=x.device, dtype=x.dtype)
+        ratio = ((self.c**2 + sigma_to**2) / (self.c**2 + sigma_from**2)) ** 0.5
+        return mu + ratio * (x - mu)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        eps = torch.randn((n, *self.shape), generator=generator, dtype=torch.float64)
+        return self.mu + self.c * eps

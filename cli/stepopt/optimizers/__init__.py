@@ -1,0 +1,131 @@
+"""The optimizer registry and :func:`optimize`, which turns an optimizer run into a Schedule.
+
+An optimizer module registers an :class:`OptimizerSpec`: its name (the CLI string), a config
+dataclass (filled from ``--config``/``--set``) and ``run(ctx, config) -> OptimizeResult``.
+Optimizers report progress through ``ctx.progress(event, data)``; they never print.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stepopt.build import make_schedule
+from stepopt.config import config_to_dict
+from stepopt.errors import StepoptError
+from stepopt.models.base import DiffusionModel
+from stepopt.schedule import MethodInfo, Schedule
+from stepopt.solvers import SolverIdentity, get_solver
+
+Progress = Callable[[str, Mapping[str, Any]], None]
+
+
+@dataclass
+class OptimizeContext:
+    """Everything an optimizer may use besides its own config."""
+
+    model: DiffusionModel
+    solver: SolverIdentity
+    n_steps: int
+    final_step: str = "none"
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: Progress | None = None
+
+    def report(self, event: str, **data: Any) -> None:
+        if self.progress is not None:
+            self.progress(event, data)
+
+
+@dataclass
+class OptimizeResult:
+    """An optimizer's output: the grid (N+1 sigmas) and what it minimized."""
+
+    sigmas: list[float]
+    objective: dict[str, Any]
+    model_sigmas: list[float] | None = None
+    report: dict[str, Any] = field(default_factory=dict)  # extra facts stored under method.config["report"]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    config_cls: type
+    run: Callable[[OptimizeContext, Any], OptimizeResult]
+    summary: str = ""
+
+
+_REGISTRY: dict[str, OptimizerSpec] = {}
+# Modules that register the built-in optimizers (imported on first use).
+_BUILTIN_MODULES: tuple[str, ...] = ()
+
+
+def register(spec: OptimizerSpec) -> OptimizerSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"optimizer '{spec.name}' is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_builtins() -> None:
+    for mod in _BUILTIN_MODULES:
+        importlib.import_module(f"stepopt.optimizers.{mod}")
+
+
+def optimizer_names() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_optimizer(name: str) -> OptimizerSpec:
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise StepoptError(
+            f"unknown optimizer '{name}'; expected one of {', '.join(sorted(_REGISTRY)) or '(none registered)'}"
+        ) from None
+
+
+def optimize(
+    name: str,
+    model: DiffusionModel,
+    solver: SolverIdentity,
+    nfe: int,
+    config: Any = None,
+    *,
+    final_step: str = "none",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> Schedule:
+    """Run optimizer ``name`` for exactly ``nfe`` evaluations and return the validated schedule."""
+    spec = get_optimizer(name)
+    cfg = config if config is not None else spec.config_cls()
+    if not isinstance(cfg, spec.config_cls):
+        raise TypeError(f"optimizer '{name}' expects a {spec.config_cls.__name__}, got {type(cfg).__name__}")
+    n_steps = get_solver(solver.name).steps_for_nfe(solver, nfe, final_step)
+    ctx = OptimizeContext(
+        model=model,
+        solver=solver,
+        n_steps=n_steps,
+        final_step=final_step,
+        seed=seed,
+        device=torch.device(device) if device is not None else model.device,
+        progress=progress,
+    )
+    t0 = time.perf_counter()
+    res = spec.run(ctx, cfg)
+    seconds = time.perf_counter() - t0
+    conf = config_to_dict(cfg)
+    if res.report:
+        conf["report"] = res.report
+    method = MethodInfo(name=name, config=conf, objective=res.objective, seed=seed, seconds=round(seconds, 4))
+    return make_schedule(
+        model, solver, res.sigmas, method, final_step=final_step, model_sigmas=res.model_sigmas, device=ctx.device
+    )

@@ -1,0 +1,47 @@
+"""Euler / DDIM in the sigma frame (Song et al. 2021, DDIM; Karras et al. 2022, Alg. 1 w/o 2nd order).
+
+x_{i+1} = D_i + (sigma_{i+1} / sigma_i) (x_i - D_i), which equals the Euler step
+x_i + (sigma_{i+1} - sigma_i) (x_i - D_i) / sigma_i of dx/dsigma = (x - D(x, sigma)) / sigma.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise, scalar
+from stepopt.solvers.registry import SolverSpec, register
+
+
+def euler(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: Any,
+    *,
+    model_sigmas: Any = None,
+    cond: Mapping[str, Any] | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """First-order DDIM steps along ``sigmas`` (N+1 values); returns the state at ``sigmas[-1]``."""
+    sig = as_grid(sigmas, x)
+    msig = None if model_sigmas is None else as_grid(model_sigmas, x)
+    check_grid(sig, msig)
+    for i in range(sig.shape[0] - 1):
+        d = denoise(denoiser, x, sig[i] if msig is None else msig[i], cond)
+        x = d + scalar(sig[i + 1] / sig[i], x) * (x - d)
+        if callback is not None:
+            callback({"i": i, "x": x, "denoised": d, "sigma": sig[i], "sigma_next": sig[i + 1]})
+    return x
+
+
+SPEC = register(
+    SolverSpec(
+        name="euler",
+        fn=euler,
+        orders=(1,),
+        default_order=1,
+        summary="Euler / DDIM, first order, N evaluations",
+    )
+)

@@ -1,0 +1,142 @@
+"""The solver registry: each solver's identity, allowed options and exact NFE rule (design.md §1).
+
+A solver is a pure function ``(denoiser, x, sigmas, *, model_sigmas=None, cond=None,
+callback=None, **options) -> x`` in the sigma frame. Its *identity* (name, order, variant,
+lower-order policy) is what a schedule is optimized for; a schedule file records it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from stepopt.errors import StepoptError
+
+FINAL_STEPS = ("none", "denoise")
+
+
+@dataclass(frozen=True)
+class SolverIdentity:
+    """What a schedule is valid for: the registry name plus every option that changes the output."""
+
+    name: str
+    order: int
+    variant: str | None = None
+    lower_order_final: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "order": self.order,
+            "variant": self.variant,
+            "lower_order_final": self.lower_order_final,
+        }
+
+    def __str__(self) -> str:
+        parts = [f"{self.name}", f"order={self.order}"]
+        if self.variant is not None:
+            parts.append(f"variant={self.variant}")
+        if self.lower_order_final is not None:
+            parts.append(f"lower_order_final={str(self.lower_order_final).lower()}")
+        return " ".join(parts)
+
+
+# (identity, number of steps N, final_step) -> exact number of network evaluations.
+NfeRule = Callable[[SolverIdentity, int], int]
+
+
+def nfe_one_per_step(identity: SolverIdentity, n_steps: int) -> int:
+    """Single-step and multistep solvers: one evaluation per step (N)."""
+    return n_steps
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """A registry entry: the function, the options it accepts and how many evaluations it makes."""
+
+    name: str
+    fn: Callable[..., Any]
+    orders: tuple[int, ...]
+    default_order: int
+    variants: tuple[str, ...] = ()
+    default_variant: str | None = None
+    has_lower_order_final: bool = False
+    default_lower_order_final: bool | None = None
+    nfe_rule: NfeRule = nfe_one_per_step
+    summary: str = ""
+
+    def identity(
+        self,
+        order: int | None = None,
+        variant: str | None = None,
+        lower_order_final: bool | None = None,
+    ) -> SolverIdentity:
+        """Resolve options to a full identity, with a clear error for each invalid one."""
+        order = self.default_order if order is None else int(order)
+        if order not in self.orders:
+            raise StepoptError(
+                f"solver '{self.name}' does not support order {order}; "
+                f"expected one of {', '.join(map(str, self.orders))}"
+            )
+        if self.variants:
+            variant = self.default_variant if variant is None else variant
+            if variant not in self.variants:
+                raise StepoptError(
+                    f"solver '{self.name}' has no variant '{variant}'; expected one of {', '.join(self.variants)}"
+                )
+        elif variant is not None:
+            raise StepoptError(f"solver '{self.name}' takes no variant (got '{variant}')")
+        if self.has_lower_order_final:
+            lof = self.default_lower_order_final if lower_order_final is None else lower_order_final
+        else:
+            if lower_order_final is not None:
+                raise StepoptError(
+                    f"solver '{self.name}' has no lower-order-final policy (got lower_order_final={lower_order_final})"
+                )
+            lof = None
+        return SolverIdentity(self.name, order, variant, lof)
+
+    def nfe(self, identity: SolverIdentity, n_steps: int, final_step: str = "none") -> int:
+        """Exact evaluations for N steps, plus one for a final denoising jump."""
+        if final_step not in FINAL_STEPS:
+            raise StepoptError(f"final_step '{final_step}' is invalid; expected one of {', '.join(FINAL_STEPS)}")
+        return self.nfe_rule(identity, n_steps) + (1 if final_step == "denoise" else 0)
+
+    def steps_for_nfe(self, identity: SolverIdentity, nfe: int, final_step: str = "none") -> int:
+        """The number of steps N whose NFE is exactly ``nfe``; an error naming the nearest ones."""
+        for n in range(1, nfe + 1):
+            if self.nfe(identity, n, final_step) == nfe:
+                return n
+        possible = [self.nfe(identity, n, final_step) for n in range(1, nfe + 2)]
+        near = sorted({p for p in possible if abs(p - nfe) <= 2})
+        raise StepoptError(
+            f"solver '{self.name}' cannot make exactly NFE {nfe}"
+            + (f"; nearest possible: {', '.join(map(str, near))}" if near else "")
+        )
+
+
+_REGISTRY: dict[str, SolverSpec] = {}
+
+
+def register(spec: SolverSpec) -> SolverSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"solver '{spec.name}' is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_solver(name: str) -> SolverSpec:
+    """The registry entry for ``name``; an error listing the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise StepoptError(f"unknown solver '{name}'; expected one of {', '.join(sorted(_REGISTRY))}") from None
+
+
+def solver_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def all_solvers() -> list[SolverSpec]:
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
