@@ -100,7 +100,7 @@ def baseline_sigmas(
     return s
 
 
-def interpolate_loglinear(sigmas: Sequence[float], n_steps: int) -> np.ndarray:
+def interpolate_loglinear(sigmas: Sequence[float] | np.ndarray, n_steps: int) -> np.ndarray:
     """Resample a descending grid to ``n_steps + 1`` values, log-linearly in the step index.
 
     >>> interpolate_loglinear([100.0, 1.0], 2).tolist()

@@ -61,4 +61,4 @@ def baseline_schedule(
     """A hand-crafted baseline (see :mod:`stepopt.baselines`) as a schedule value."""
     sig = baseline_sigmas(kind, n_steps, model.sigma_max, model.sigma_min, model.frame, rho=rho)
     method = MethodInfo(name=kind, config=baseline_config(kind, model.frame, rho))
-    return make_schedule(model, solver, sig, method, final_step=final_step)
+    return make_schedule(model, solver, sig.tolist(), method, final_step=final_step)

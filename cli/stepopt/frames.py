@@ -69,7 +69,7 @@ class NoiseFrame(ABC):
 
     def describe(self) -> dict[str, Any]:
         """A plain-data description (for schedule files and ``stepopt models``)."""
-        fields = asdict(self) if is_dataclass(self) else {}  # type: ignore[call-overload]
+        fields: dict[str, Any] = asdict(self) if is_dataclass(self) else {}  # type: ignore[call-overload]
         return {"kind": self.kind, "time": self.time_domain, **fields}
 
 

@@ -29,7 +29,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def atomic_write(path: str | os.PathLike[str], writer: Callable[[IO[Any]], None], binary: bool = False) -> Path:
+def atomic_write(path: str | os.PathLike[str], writer: Callable[[IO[Any]], object], binary: bool = False) -> Path:
     """Call ``writer(f)`` on a temporary file, then rename it onto ``path``."""
     with atomic_path(path) as tmp, open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
         writer(f)

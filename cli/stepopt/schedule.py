@@ -405,9 +405,9 @@ def _represent_float(dumper: yaml.SafeDumper, data: float) -> yaml.Node:
     return dumper.represent_scalar("tag:yaml.org,2002:float", text)
 
 
-_Dumper.add_representer(list, _represent_list)
-_Dumper.add_representer(tuple, _represent_list)
-_Dumper.add_representer(float, _represent_float)
+_Dumper.add_representer(list, _represent_list)  # type: ignore[arg-type]
+_Dumper.add_representer(tuple, _represent_list)  # type: ignore[arg-type]
+_Dumper.add_representer(float, _represent_float)  # type: ignore[arg-type]
 
 
 def dump_yaml(data: Mapping[str, Any]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -66,12 +66,12 @@ def validate(
 @command("models")
 def models(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     """List built-in models, model loaders and solvers."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, b in BUILTINS.items():
         m = load_model(f"builtin:{name}", device="cpu")
         rows.append({**m.describe(), "summary": b.summary})
     loaders = [{"prefix": f"{k}:", "summary": v[1]} for k, v in LOADERS.items()]
-    solvers = [
+    solvers: list[dict[str, Any]] = [
         {
             "name": s.name,
             "orders": list(s.orders),

@@ -60,7 +60,7 @@ def optimize_cmd(
 ) -> None:
     """Optimize the time steps for a model, solver and NFE; write a v1 schedule file."""
     spec = get_optimizer(optimizer)
-    cfg = resolve_config(spec.config_cls, config, set_ or ())
+    cfg: Any = resolve_config(spec.config_cls, config, set_ or ())
     ident = get_solver(solver).identity(order, variant, lower_order_final)
     dev = resolve_device(device)
     m = load_model(model, device=dev)

@@ -54,7 +54,9 @@ class DiffusionModel(ABC):
         """The denoiser ``D(x, sigma) ~ E[x0 | x]``."""
 
     def __call__(self, x: torch.Tensor, sigma: Any, **cond: Any) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device)
+        if not isinstance(sigma, torch.Tensor):
+            sigma = torch.as_tensor(sigma, dtype=torch.float64)  # never via float32
+        sigma = sigma.to(x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         return self.denoise(x, sigma, **cond)
@@ -160,7 +162,7 @@ class IsotropicGaussian(AnalyticModel):
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint_arrays([self.mu, np.float64(self.c)])
+        return fingerprint_arrays([self.mu, np.array(self.c, dtype=np.float64)])
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         mu = self.mu.to(device=x.device, dtype=x.dtype)
