@@ -45,9 +45,7 @@ def test_golden_values_are_read_as_written():
 
 
 @settings(max_examples=50, deadline=None)
-@given(
-    st.lists(st.floats(0.002, 80.0, allow_nan=False, allow_infinity=False), min_size=2, max_size=30, unique=True)
-)
+@given(st.lists(st.floats(0.002, 80.0, allow_nan=False, allow_infinity=False), min_size=2, max_size=30, unique=True))
 def test_random_grids_round_trip_bit_exactly(values):
     grid = tuple(sorted(values, reverse=True))
     s = make(grid)
@@ -166,3 +164,15 @@ def test_floats_are_written_with_full_precision():
     doc = yaml.safe_load(s.to_yaml())
     assert doc["sigmas"][1] == math.pi and doc["sigmas"][2] == 1 / 3
     assert "3.141592653589793" in s.to_yaml()
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        p = make().save(tmp_path / "s.yaml")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644

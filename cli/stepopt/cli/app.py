@@ -58,6 +58,10 @@ LofOpt = Annotated[
     ),
 ]
 NfeOpt = Annotated[int, typer.Option("--nfe", "-n", min=1, help="Exact number of network evaluations.")]
+TrustPickleOpt = Annotated[
+    bool,
+    typer.Option("--trust-pickle", help="Allow loading edm:*.pkl checkpoints (unpickling runs code from the file)."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
 
 

@@ -12,7 +12,7 @@ from rich.table import Table
 from stepopt.cli.app import DebugOpt, JsonOpt, command, emit_json, err, fail
 from stepopt.cli.common import schedule_header, schedule_table
 from stepopt.errors import StepoptError
-from stepopt.models import BUILTINS, LOADERS, load_model
+from stepopt.models import BUILTINS, LOADER_SUMMARIES, load_model
 from stepopt.schedule import Schedule
 from stepopt.solvers import all_solvers
 
@@ -70,7 +70,7 @@ def models(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     for name, b in BUILTINS.items():
         m = load_model(f"builtin:{name}", device="cpu")
         rows.append({**m.describe(), "summary": b.summary})
-    loaders = [{"prefix": f"{k}:", "summary": v[1]} for k, v in LOADERS.items()]
+    loaders = [{"prefix": f"{k}:", "summary": v} for k, v in LOADER_SUMMARIES.items()]
     solvers: list[dict[str, Any]] = [
         {
             "name": s.name,

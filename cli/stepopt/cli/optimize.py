@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +20,7 @@ from stepopt.cli.app import (
     NfeOpt,
     OrderOpt,
     SolverOpt,
+    TrustPickleOpt,
     VariantOpt,
     command,
     emit_json,
@@ -26,11 +28,18 @@ from stepopt.cli.app import (
 )
 from stepopt.cli.common import default_out, schedule_header, schedule_json
 from stepopt.config import resolve_config
+from stepopt.errors import StepoptError
 from stepopt.models import DEFAULT_MODEL, load_model, resolve_device
 from stepopt.optimizers import get_optimizer, optimize
+from stepopt.schedule import Schedule
 from stepopt.solvers import get_solver
 
 DEFAULT_OPTIMIZER = "trust-region"
+
+
+def state_file(out: Path) -> Path:
+    """Where a resumable optimizer keeps its training state for the schedule ``out``."""
+    return out.with_name(out.name + ".state")
 
 
 @command("optimize")
@@ -51,6 +60,22 @@ def optimize_cmd(
     final_step: FinalStepOpt = FinalStep.none,
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the optimizer.")] = 0,
     device: DeviceOpt = "auto",
+    init: Annotated[
+        Path | None,
+        typer.Option("--init", help="Start from this schedule file's grid (optimizers that take a start: ld3)."),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue an interrupted run from its state file <out>.state (ld3)."),
+    ] = False,
+    trust_pickle: TrustPickleOpt = False,
+    select: Annotated[
+        bool,
+        typer.Option(
+            "--select",
+            help="Choose the method's hyperparameters by the error against a teacher (= --set select=true).",
+        ),
+    ] = False,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Output file [default: schedules/<model>/<solver>/nfe<N>/<optimizer>.yaml]."),
@@ -60,20 +85,43 @@ def optimize_cmd(
 ) -> None:
     """Optimize the time steps for a model, solver and NFE; write a v1 schedule file."""
     spec = get_optimizer(optimizer)
-    cfg: Any = resolve_config(spec.config_cls, config, set_ or ())
+    if select and "select" not in {f.name for f in dataclasses.fields(spec.config_cls)}:
+        raise StepoptError(f"--select: optimizer '{optimizer}' has no model-aware selection")
+    cfg: Any = resolve_config(spec.config_cls, config, set_ or (), {"select": True} if select else None)
     ident = get_solver(solver).identity(order, variant, lower_order_final)
     dev = resolve_device(device)
-    m = load_model(model, device=dev)
+    m = load_model(model, device=dev, trust_pickle=trust_pickle)
 
     def progress(event: str, data: Mapping[str, Any]) -> None:
         if event == "log":
             err.print(str(data.get("message", "")), markup=False)
 
-    sched = optimize(
-        optimizer, m, ident, nfe, cfg, final_step=final_step.value, seed=seed, device=dev, progress=progress
-    )
-    path = out if out is not None else default_out(m.id, ident.name, sched.nfe, optimizer)
+    path = out if out is not None else default_out(m.id, ident.name, nfe, optimizer)
+    state = state_file(path)
+    if resume and not state.exists():
+        raise StepoptError(f"--resume: no state file '{state}' (only optimizers that keep one, e.g. ld3, can resume)")
+    start = Schedule.load(init) if init is not None else None
+    try:
+        sched = optimize(
+            optimizer,
+            m,
+            ident,
+            nfe,
+            cfg,
+            final_step=final_step.value,
+            seed=seed,
+            device=dev,
+            progress=progress,
+            init_schedule=start,
+            state_path=state,
+            resume=resume,
+        )
+    except KeyboardInterrupt:
+        if state.exists():
+            err.print(f"interrupted: rerun the same command with --resume to continue from '{state}'", markup=False)
+        raise
     sched.save(path)
+    state.unlink(missing_ok=True)  # the run is complete: its schedule is written
     if json_out:
         emit_json(schedule_json(sched, path))
     err.print(f"wrote {path}: {schedule_header(sched)} in {sched.method.seconds:.2f} s", markup=False)

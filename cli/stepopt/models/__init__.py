@@ -14,6 +14,7 @@ import torch
 from stepopt.errors import StepoptError
 from stepopt.models.base import AnalyticModel, DiffusionModel, IsotropicGaussian, PointMass
 from stepopt.models.gmm import GaussianMixture, load_digits, load_gmm_digits
+from stepopt.models.loaders import load_edm_pickle, load_python_factory
 
 DEFAULT_MODEL = "builtin:gmm-digits"
 
@@ -41,6 +42,12 @@ def _gaussian() -> DiffusionModel:
     return IsotropicGaussian(torch.zeros(1, 8, 8, dtype=torch.float64), c=0.5, id="builtin:gaussian")
 
 
+def _unet_digits() -> DiffusionModel:
+    from stepopt.models.unet import load_unet_digits
+
+    return load_unet_digits()
+
+
 def _point_mass() -> DiffusionModel:
     x0 = torch.linspace(-1, 1, 64, dtype=torch.float64).reshape(1, 8, 8)
     return PointMass(x0, id="builtin:point-mass")
@@ -50,6 +57,7 @@ BUILTINS: dict[str, Builtin] = {
     b.name: b
     for b in (
         Builtin("gmm-digits", load_gmm_digits, "10-component GMM fit to the 8x8 digits; exact denoiser (default)"),
+        Builtin("unet-digits", _unet_digits, "small EDM-preconditioned UNet trained on the 8x8 digits (safetensors)"),
         Builtin(
             "gaussian", _gaussian, "isotropic Gaussian N(0, 0.5^2 I) on 8x8; closed-form ODE (analytic test model)"
         ),
@@ -59,11 +67,16 @@ BUILTINS: dict[str, Builtin] = {
 
 LoaderFn = Callable[[str, torch.device, "torch.dtype | None"], DiffusionModel]
 LOADERS: dict[str, tuple[LoaderFn, str]] = {}
+# Shown by `stepopt models`; edm: is dispatched by load_model itself because it takes trust_pickle.
+LOADER_SUMMARIES: dict[str, str] = {
+    "edm": "NVIDIA EDM/EDM2 network pickle (dict with 'ema'); needs --trust-pickle",
+}
 
 
 def register_loader(prefix: str, fn: LoaderFn, summary: str) -> None:
     """Register ``prefix:...`` model ids (e.g. ``diffusers``); ``fn(rest, device, dtype)``."""
     LOADERS[prefix] = (fn, summary)
+    LOADER_SUMMARIES[prefix] = summary
 
 
 def builtin_names() -> list[str]:
@@ -84,7 +97,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_model(
-    spec: str | None = None, device: str | torch.device | None = "cpu", dtype: torch.dtype | None = None
+    spec: str | None = None,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    trust_pickle: bool = False,
 ) -> DiffusionModel:
     """Load a model by id (``builtin:NAME`` or ``LOADER:ARG``); errors name the id and the choices."""
     spec = spec or DEFAULT_MODEL
@@ -97,7 +114,16 @@ def load_model(
             raise StepoptError(f"unknown built-in model '{spec}'; expected one of {', '.join(builtin_names())}")
         model = BUILTINS[rest].factory()
         return model.to(dev, None if isinstance(model, AnalyticModel) else dtype)
+    if prefix == "edm":
+        return load_edm_pickle(rest, dev, dtype, trust_pickle=trust_pickle)
     if prefix in LOADERS:
         return LOADERS[prefix][0](rest, dev, dtype)
-    known = ", ".join(["builtin", *LOADERS])
+    known = ", ".join(["builtin", "edm", *LOADERS])
     raise StepoptError(f"unknown model loader '{prefix}' in '{spec}'; expected one of {known}")
+
+
+from stepopt.models import diffusers_adapter as _diffusers_adapter  # noqa: E402, F401  (registers diffusers:PATH)
+
+register_loader(
+    "python", load_python_factory, "user code: python:MODULE:FACTORY or python:FILE.py:FACTORY returning a denoiser"
+)

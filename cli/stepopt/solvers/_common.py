@@ -39,3 +39,18 @@ def denoise(
 def scalar(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A float64 coefficient cast to the state's dtype for the update."""
     return c.to(x.dtype)
+
+
+def step_order(s: int, n_steps: int, max_order: int, lower_order_final: bool) -> int:
+    """Order of multistep step ``s`` (0-based) of ``n_steps``: warm-up, then optionally lower at the end.
+
+    ``min(s+1, K, N-s)`` with ``lower_order_final`` (orders 1, 2, ..., K, ..., 2, 1: the pattern
+    the trust-region objective assumes, methods.md §1), else ``min(s+1, K)``.
+
+    >>> [step_order(s, 5, 3, True) for s in range(5)]
+    [1, 2, 3, 2, 1]
+    >>> [step_order(s, 5, 3, False) for s in range(5)]
+    [1, 2, 3, 3, 3]
+    """
+    k = min(s + 1, max_order)
+    return min(k, n_steps - s) if lower_order_final else k

@@ -65,6 +65,9 @@ class SolverSpec:
     default_lower_order_final: bool | None = None
     nfe_rule: NfeRule = nfe_one_per_step
     summary: str = ""
+    # Global order of accuracy on smoothly varying grids, when it differs from ``identity.order``
+    # (UniPC's corrector adds one; fixed-weight iPNDM is second order on non-uniform grids).
+    convergence_order: Callable[[SolverIdentity], int] | None = None
 
     def identity(
         self,
@@ -96,6 +99,10 @@ class SolverSpec:
                 )
             lof = None
         return SolverIdentity(self.name, order, variant, lof)
+
+    def global_order(self, identity: SolverIdentity) -> int:
+        """The declared global convergence order of ``identity`` (what the contract suite measures)."""
+        return identity.order if self.convergence_order is None else self.convergence_order(identity)
 
     def nfe(self, identity: SolverIdentity, n_steps: int, final_step: str = "none") -> int:
         """Exact evaluations for N steps, plus one for a final denoising jump."""

@@ -1,0 +1,170 @@
+"""``stepopt sample``: generate samples with exactly a schedule's solver and grid (design.md §3)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from stepopt.cli.app import DebugOpt, DeviceOpt, JsonOpt, TrustPickleOpt, command, emit_json, err
+from stepopt.cli.common import model_slug
+from stepopt.errors import StepoptError
+from stepopt.images import is_image_shape, save_grid
+from stepopt.models import load_model, resolve_device
+from stepopt.sampling import ProgressFn, sample_schedule, save_samples, schedule_mismatches
+from stepopt.schedule import Schedule
+
+SAMPLES_DIR = Path("samples")
+NPZ_NAME = "samples.npz"
+
+
+def resolve_out(out: Path | None, schedule: Schedule) -> Path:
+    """``F.npz`` as given; a directory (existing, or a path without suffix) gets ``DIR/samples.npz``.
+
+    Default: ``samples/<model>/<solver>/nfe<N>/<method>.npz``, mirroring the schedules folder.
+    """
+    if out is None:
+        s = schedule
+        return SAMPLES_DIR / model_slug(s.model.id) / s.solver.name / f"nfe{s.nfe}" / f"{s.method.name}.npz"
+    if out.is_dir() or not out.suffix:
+        return out / NPZ_NAME
+    if out.suffix != ".npz":
+        raise StepoptError(f"--out {out}: expected a .npz file or a directory")
+    return out
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Fail before any work if ``path`` cannot be created (its nearest existing folder must be writable)."""
+    if path.is_dir():
+        raise StepoptError(f"{option} {path}: is a directory; expected a file path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StepoptError(f"{option} {path}: '{parent}' is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StepoptError(f"{option} {path}: folder '{parent}' is not writable")
+
+
+@command("sample")
+def sample(
+    schedule: Annotated[Path, typer.Option("--schedule", help="The schedule file to sample with.")],
+    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Sample i starts from the noise of seed S+i.")] = 0,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Samples per batch (the noise of each sample does not depend on it).")
+    ] = 64,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="F.npz or DIR (writes DIR/samples.npz) [default: samples/<model>/<solver>/nfe<N>/<method>.npz].",
+        ),
+    ] = None,
+    grid: Annotated[
+        Path | None, typer.Option("--grid", help="Also write a PNG grid of up to 64 samples (image data).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model id [default: the schedule's model.id].")
+    ] = None,
+    device: DeviceOpt = "auto",
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Sample even if the model or solver does not match the schedule (recorded as a warning)."
+        ),
+    ] = False,
+    trust_pickle: TrustPickleOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Generate samples with exactly the schedule's solver and grid; write .npz (and a PNG grid)."""
+    if n < 1:
+        raise StepoptError(f"--n {n}: expected at least 1 sample")
+    if batch_size < 1:
+        raise StepoptError(f"--batch-size {batch_size}: expected an integer >= 1")
+    sched = Schedule.load(schedule)
+    path = resolve_out(out, sched)
+    check_writable(path, "--out")
+    if grid is not None:
+        if grid.suffix.lower() != ".png":
+            raise StepoptError(f"--grid {grid}: expected a .png file")
+        check_writable(grid, "--grid")
+    dev = resolve_device(device)
+    m = load_model(model or sched.model.id, device=dev, trust_pickle=trust_pickle)
+    if grid is not None and not is_image_shape(m.shape):
+        raise StepoptError(f"--grid: {m.id} has data of shape {m.shape}, not images (C, H, W) with C = 1 or 3")
+    warnings = schedule_mismatches(sched, m)
+    if warnings and not force:
+        raise StepoptError(f"{schedule}: {warnings[0]}; pass --force to sample anyway")
+    for w in warnings:
+        err.print(f"warning: {w} (--force)", style="yellow", markup=False)
+    seeds = [seed + i for i in range(n)]
+
+    t0 = time.perf_counter()
+    with _ProgressBar(n) as progress, torch.inference_mode():
+        x = sample_schedule(m, sched, seeds, batch_size=batch_size, device=dev, progress=progress)
+    seconds = time.perf_counter() - t0
+    save_samples(path, x, seeds, sched, schedule_path=schedule, model_id=m.id, warnings=warnings)
+    if grid is not None:
+        save_grid(grid, x.to(torch.float32).numpy())
+    if json_out:
+        emit_json(
+            {
+                "path": str(path),
+                "grid": None if grid is None else str(grid),
+                "n": n,
+                "seed": seed,
+                "batch_size": batch_size,
+                "nfe": sched.nfe,
+                "seconds": seconds,
+                "schedule": str(schedule),
+                "model": m.id,
+                "solver": sched.solver.to_dict(),
+                "device": str(dev),
+                "warnings": warnings,
+            }
+        )
+    extra = f" and {grid}" if grid is not None else ""
+    err.print(
+        f"wrote {path}{extra}: {n} samples of {m.id}, solver {sched.solver}, NFE {sched.nfe}, in {seconds:.2f} s",
+        markup=False,
+    )
+
+
+class _ProgressBar:
+    """A rich progress bar on a terminal (stderr); elsewhere a no-op. Yields the library callback."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar: Progress | None = None
+
+    def __enter__(self) -> ProgressFn | None:
+        if not err.is_terminal:
+            return None
+        self.bar = Progress(
+            TextColumn("sampling"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        )
+        self.bar.start()
+        task = self.bar.add_task("sampling", total=self.total)
+        bar = self.bar
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
