@@ -87,3 +87,16 @@ def test_unet_digits_loads_from_package_data_and_denoises():
         # the mixture fitted to the same digits (measured: 0.059 vs 0.076 at 0.1, 0.45 vs 0.44 at 2.0).
         ref = (gmm(noisy.double(), sigma) - x0).pow(2).mean().sqrt()
         assert err < sigma and err < 1.25 * ref, (sigma, float(err), float(ref))
+
+
+def test_unet_digits_runs_in_bfloat16_with_float32_state():
+    m = load_model("builtin:unet-digits", dtype=torch.bfloat16)
+    assert m.dtype == torch.float32 and next(m.net.parameters()).dtype == torch.bfloat16
+    ref = load_model("builtin:unet-digits")
+    x = torch.from_numpy(load_digits()[0][:16]).float() + 0.3 * torch.randn(16, 1, 8, 8)
+    s = torch.full((16,), 0.3, dtype=torch.float64)
+    with torch.no_grad():
+        lo, hi = m(x, s), ref(x, s)
+    assert lo.dtype == torch.float32
+    # bfloat16 keeps ~3 significant digits: the denoised images agree to about 1e-2.
+    assert (lo - hi).abs().max() < 5e-2 and (lo - hi).abs().max() > 0

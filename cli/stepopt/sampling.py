@@ -33,6 +33,12 @@ ProgressFn = Callable[[int, int], None]
 NPZ_FORMAT = "stepopt.samples/v1"
 
 
+def cond_for_seeds(model: DiffusionModel, seeds: Sequence[int]) -> dict[str, Any] | None:
+    """Per-sample conditioning of a conditional model (e.g. which prompt each seed uses), else None."""
+    fn = getattr(model, "cond_for_seeds", None)
+    return fn(seeds) if callable(fn) else None
+
+
 def unit_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Standard normal noise of shape ``(len(seeds), *shape)``; row i from ``manual_seed(seeds[i])``."""
     rows = []
@@ -175,6 +181,7 @@ def save_samples(
     schedule_path: str | os.PathLike[str] | None = None,
     model_id: str | None = None,
     warnings: Sequence[str] = (),
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``samples`` (stored as float32) and their origin to an ``.npz`` file atomically.
 
@@ -182,7 +189,8 @@ def save_samples(
     strings: ``model_id`` (the model sampled), ``fingerprint``, ``solver`` (JSON identity),
     ``method``, ``final_step``, ``schedule`` (the whole schedule as JSON), ``schedule_path``,
     ``warnings`` (JSON list, e.g. what ``--force`` overrode) and ``format``. Everything loads
-    with ``np.load(path, allow_pickle=False)``.
+    with ``np.load(path, allow_pickle=False)``. ``extra`` adds arrays under new names (e.g. a latent
+    model's ``latents`` and ``conditioning``).
     """
     arrays: dict[str, Any] = {
         "format": np.array(NPZ_FORMAT),
@@ -199,6 +207,10 @@ def save_samples(
         "schedule_path": np.array("" if schedule_path is None else str(schedule_path)),
         "warnings": np.array(json.dumps(list(warnings))),
     }
+    for key, value in (extra or {}).items():
+        if key in arrays:
+            raise ValueError(f"extra array '{key}' would replace a standard one")
+        arrays[key] = np.asarray(value)
     if arrays["samples"].shape[0] != arrays["seeds"].shape[0]:
         raise ValueError("samples and seeds disagree in length")
     return atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)

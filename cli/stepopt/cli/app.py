@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -63,6 +64,34 @@ TrustPickleOpt = Annotated[
     typer.Option("--trust-pickle", help="Allow loading edm:*.pkl checkpoints (unpickling runs code from the file)."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+
+
+class NetDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+DtypeOpt = Annotated[
+    NetDtype,
+    typer.Option("--dtype", help="Network dtype; solver states stay float32 and grid arithmetic float64."),
+]
+# Text conditioning (latent text-to-image diffusers pipelines; other models refuse these options).
+PromptOpt = Annotated[
+    list[str] | None,
+    typer.Option("--prompt", help="Text prompt, repeatable; the sample of seed s uses prompt s mod P [default: '']."),
+]
+PromptFileOpt = Annotated[
+    Path | None, typer.Option("--prompt-file", help="UTF-8 file of prompts, one a line (after any --prompt).")
+]
+NegativePromptOpt = Annotated[
+    str | None,
+    typer.Option("--negative-prompt", help="Unconditional prompt of classifier-free guidance [default: '']."),
+]
+GuidanceOpt = Annotated[
+    float | None,
+    typer.Option("--guidance", help="Classifier-free guidance scale s, 1 = none [default: 7.5, or the schedule's]."),
+]
 
 
 class FinalStep(str, Enum):

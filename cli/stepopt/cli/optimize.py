@@ -7,18 +7,25 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 
 from stepopt.cli.app import (
     DebugOpt,
     DeviceOpt,
+    DtypeOpt,
     FinalStep,
     FinalStepOpt,
+    GuidanceOpt,
     JsonOpt,
     LofOpt,
     ModelOpt,
+    NegativePromptOpt,
+    NetDtype,
     NfeOpt,
     OrderOpt,
+    PromptFileOpt,
+    PromptOpt,
     SolverOpt,
     TrustPickleOpt,
     VariantOpt,
@@ -30,6 +37,7 @@ from stepopt.cli.common import default_out, schedule_header, schedule_json
 from stepopt.config import resolve_config
 from stepopt.errors import StepoptError
 from stepopt.models import DEFAULT_MODEL, load_model, resolve_device
+from stepopt.models.diffusers_latent import configure_conditioning
 from stepopt.optimizers import get_optimizer, optimize
 from stepopt.schedule import Schedule
 from stepopt.solvers import get_solver
@@ -69,6 +77,11 @@ def optimize_cmd(
         typer.Option("--resume", help="Continue an interrupted run from its state file <out>.state (ld3)."),
     ] = False,
     trust_pickle: TrustPickleOpt = False,
+    dtype: DtypeOpt = NetDtype.float32,
+    prompt: PromptOpt = None,
+    prompt_file: PromptFileOpt = None,
+    negative_prompt: NegativePromptOpt = None,
+    guidance: GuidanceOpt = None,
     select: Annotated[
         bool,
         typer.Option(
@@ -90,7 +103,10 @@ def optimize_cmd(
     cfg: Any = resolve_config(spec.config_cls, config, set_ or (), {"select": True} if select else None)
     ident = get_solver(solver).identity(order, variant, lower_order_final)
     dev = resolve_device(device)
-    m = load_model(model, device=dev, trust_pickle=trust_pickle)
+    m = load_model(model, device=dev, dtype=getattr(torch, dtype.value), trust_pickle=trust_pickle)
+    conditioning = configure_conditioning(m, prompt or (), prompt_file, negative_prompt, guidance)
+    for note in conditioning[1] if conditioning else ():
+        err.print(f"note: {note}", markup=False)
 
     def progress(event: str, data: Mapping[str, Any]) -> None:
         if event == "log":
@@ -120,6 +136,9 @@ def optimize_cmd(
         if state.exists():
             err.print(f"interrupted: rerun the same command with --resume to continue from '{state}'", markup=False)
         raise
+    if conditioning is not None:  # the prompt set and guidance the schedule was optimized for
+        method = dataclasses.replace(sched.method, config={**sched.method.config, "conditioning": conditioning[0]})
+        sched = sched.replace(method=method)
     sched.save(path)
     state.unlink(missing_ok=True)  # the run is complete: its schedule is written
     if json_out:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -11,11 +12,27 @@ import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from stepopt.cli.app import DebugOpt, DeviceOpt, JsonOpt, TrustPickleOpt, command, emit_json, err
+from stepopt.cli.app import (
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    GuidanceOpt,
+    JsonOpt,
+    NegativePromptOpt,
+    NetDtype,
+    PromptFileOpt,
+    PromptOpt,
+    TrustPickleOpt,
+    command,
+    emit_json,
+    err,
+)
 from stepopt.cli.common import model_slug
 from stepopt.errors import StepoptError
 from stepopt.images import is_image_shape, save_grid
 from stepopt.models import load_model, resolve_device
+from stepopt.models.base import DiffusionModel
+from stepopt.models.diffusers_latent import DiffusersLatent, conditioning_mismatches, configure_conditioning
 from stepopt.sampling import ProgressFn, sample_schedule, save_samples, schedule_mismatches
 from stepopt.schedule import Schedule
 
@@ -81,6 +98,19 @@ def sample(
         ),
     ] = False,
     trust_pickle: TrustPickleOpt = False,
+    dtype: DtypeOpt = NetDtype.float32,
+    prompt: PromptOpt = None,
+    prompt_file: PromptFileOpt = None,
+    negative_prompt: NegativePromptOpt = None,
+    guidance: GuidanceOpt = None,
+    decode: Annotated[
+        bool | None,
+        typer.Option(
+            "--decode/--no-decode",
+            help="Decode latents to images with the VAE; 'samples' then holds images, 'latents' the states "
+            "[default: on for latent models].",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -97,23 +127,48 @@ def sample(
             raise StepoptError(f"--grid {grid}: expected a .png file")
         check_writable(grid, "--grid")
     dev = resolve_device(device)
-    m = load_model(model or sched.model.id, device=dev, trust_pickle=trust_pickle)
-    if grid is not None and not is_image_shape(m.shape):
-        raise StepoptError(f"--grid: {m.id} has data of shape {m.shape}, not images (C, H, W) with C = 1 or 3")
-    warnings = schedule_mismatches(sched, m)
+    m = load_model(model or sched.model.id, device=dev, dtype=getattr(torch, dtype.value), trust_pickle=trust_pickle)
+    lm = m if isinstance(m, DiffusersLatent) else None  # a latent model: prompts, guidance, VAE
+    if decode and lm is None:
+        raise StepoptError(f"--decode: {m.id} has no decoder (only latent diffusers pipelines have a VAE)")
+    decoder = lm if lm is not None and decode is not False else None
+    out_shape = decoder.image_shape if decoder is not None else m.shape
+    if grid is not None and not is_image_shape(out_shape):
+        hint = " (decode latents with --decode)" if lm is not None else ""
+        raise StepoptError(f"--grid: {m.id} has data of shape {out_shape}, not images (C, H, W) with C = 1 or 3{hint}")
+    recorded = sched.method.config.get("conditioning")
+    recorded = recorded if isinstance(recorded, dict) else None
+    rec_guidance = recorded.get("guidance") if recorded else None
+    conditioning = configure_conditioning(
+        m, prompt or (), prompt_file, negative_prompt, guidance, default_guidance=rec_guidance
+    )
+    record = conditioning[0] if conditioning else None
+    problems, notes = conditioning_mismatches(recorded, record)
+    warnings = schedule_mismatches(sched, m) + problems
     if warnings and not force:
         raise StepoptError(f"{schedule}: {warnings[0]}; pass --force to sample anyway")
     for w in warnings:
         err.print(f"warning: {w} (--force)", style="yellow", markup=False)
+    for note in (conditioning[1] if conditioning else []) + notes:
+        err.print(f"note: {note}", markup=False)
     seeds = [seed + i for i in range(n)]
 
     t0 = time.perf_counter()
     with _ProgressBar(n) as progress, torch.inference_mode():
-        x = sample_schedule(m, sched, seeds, batch_size=batch_size, device=dev, progress=progress)
+        x = _sample(m, sched, seeds, batch_size, dev, progress)
+        images = decoder.decode(x, batch_size=batch_size) if decoder is not None else None
     seconds = time.perf_counter() - t0
-    save_samples(path, x, seeds, sched, schedule_path=schedule, model_id=m.id, warnings=warnings)
+    arrays: dict[str, object] = {}
+    if lm is not None:  # which prompt each sample used, the prompt set, and the states before decoding
+        arrays["prompt_index"] = lm.cond_for_seeds(seeds)["prompt_index"].numpy()
+        prompts = list(lm.prompt_set.prompts) if lm.prompt_set is not None else []
+        arrays["conditioning"] = json.dumps({**(record or {}), "prompts": prompts})
+        if images is not None:
+            arrays["latents"] = x.to(torch.float32).numpy()
+    data = images if images is not None else x
+    save_samples(path, data, seeds, sched, schedule_path=schedule, model_id=m.id, warnings=warnings, extra=arrays)
     if grid is not None:
-        save_grid(grid, x.to(torch.float32).numpy())
+        save_grid(grid, data.to(torch.float32).numpy())
     if json_out:
         emit_json(
             {
@@ -128,6 +183,9 @@ def sample(
                 "model": m.id,
                 "solver": sched.solver.to_dict(),
                 "device": str(dev),
+                "dtype": dtype.value,
+                "decoded": images is not None,
+                "conditioning": record,
                 "warnings": warnings,
             }
         )
@@ -136,6 +194,26 @@ def sample(
         f"wrote {path}{extra}: {n} samples of {m.id}, solver {sched.solver}, NFE {sched.nfe}, in {seconds:.2f} s",
         markup=False,
     )
+
+
+def _sample(
+    m: DiffusionModel,
+    sched: Schedule,
+    seeds: list[int],
+    batch_size: int,
+    dev: torch.device,
+    progress: ProgressFn | None,
+) -> torch.Tensor:
+    """``sample_schedule``; for prompt-conditioned models batch by batch, each with its seeds' prompts."""
+    if not isinstance(m, DiffusersLatent):
+        return sample_schedule(m, sched, seeds, batch_size=batch_size, device=dev, progress=progress)
+    outs = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start : start + batch_size]
+        outs.append(sample_schedule(m, sched, chunk, batch_size=len(chunk), device=dev, cond=m.cond_for_seeds(chunk)))
+        if progress is not None:
+            progress(start + len(chunk), len(seeds))
+    return torch.cat(outs)
 
 
 class _ProgressBar:

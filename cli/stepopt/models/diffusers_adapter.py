@@ -39,14 +39,22 @@ integer-timestep grids, the rounding is exact. Rounding only the index keeps ``D
 **Fingerprint**: sha256 over the UNet's state dict (names, float32 tensors as loaded, before any
 dtype cast) and the denoiser-relevant scheduler settings (prediction type, betas, T).
 
-A full loader (latent pipelines with VAE and text encoder, classifier-free guidance) is a later
-step; :func:`load_diffusers` is structured so that other model classes can be added beside the UNet.
+**Precision** (design.md §1): ``load_diffusers(..., dtype)`` runs the *network* in ``dtype``
+(``float32``, ``float16``, ``bfloat16`` or ``float64``); the solver state stays float32 for the
+half-precision types (``model.dtype``, what :func:`~stepopt.sampling.initial_noise` uses) and the
+input scaling, output conversion and guidance are computed in float64.
+
+**Latent text-to-image pipelines** (a ``UNet2DConditionModel`` in ``unet/``, with ``vae/``,
+``text_encoder/``, ``tokenizer/``): :func:`load_diffusers` detects them from the UNet class and
+hands them to :mod:`stepopt.models.diffusers_latent`, which reuses this module's frame, timestep
+convention and parameterizations on the VAE latent.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +150,25 @@ def diffusers_frame(settings: Mapping[str, Any]) -> DiffusersDiscrete:
     )
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(net_dtype: torch.dtype) -> torch.dtype:
+    """The solver-state dtype for a network in ``net_dtype``: float32 for half precision, else the same."""
+    return torch.float32 if net_dtype in HALF_DTYPES else net_dtype
+
+
+def output_to_denoised(
+    parameterization: str, x64: torch.Tensor, a: torch.Tensor, s: torch.Tensor, f: torch.Tensor
+) -> torch.Tensor:
+    """``D(x, sigma)`` from the network output ``F`` (float64; see the module docstring for each formula)."""
+    if parameterization == "epsilon":
+        return x64 - s * f
+    if parameterization == "v_prediction":
+        return a * (a * x64 - s * f)
+    return f
+
+
 class DiffusersUNet(DiffusionModel):
     """A diffusers ``UNet2DModel`` with its DDPM noise schedule, as a denoiser in the EDM frame."""
 
@@ -169,16 +196,22 @@ class DiffusersUNet(DiffusionModel):
         self._learned_time = cfg.time_embedding_type == "learned"
         self._fingerprint = fingerprint
         self.device = next(unet.parameters()).device
-        self.dtype = next(unet.parameters()).dtype
+        self.net_dtype = next(unet.parameters()).dtype
+        self.dtype = state_dtype(self.net_dtype)
 
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiffusersUNet:
-        super().to(device, dtype)
+        """Move to ``device``; run the network in ``dtype`` (the state dtype follows :func:`state_dtype`)."""
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.net_dtype = dtype
+            self.dtype = state_dtype(dtype)
         with _quiet_diffusers():
-            self.unet.to(device=self.device, dtype=self.dtype)
+            self.unet.to(device=self.device, dtype=self.net_dtype)
         return self
 
     def model_time(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -192,31 +225,29 @@ class DiffusersUNet(DiffusionModel):
         s = torch.as_tensor(sigma, dtype=torch.float64)
         return self.frame.sigma(self.model_time(s))
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+    def network_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
+        """The network's prediction ``F`` (first ``C`` channels, float64) for the VP input ``x_t`` at index ``t``."""
         unknown = set(cond) - {"class_labels"}
         if unknown:
             raise StepoptError(f"{self.id}: unknown conditioning {sorted(unknown)}; this UNet takes class_labels")
+        out = self.unet(x_t, t, class_labels=cond.get("class_labels")).sample
+        return out[:, : self.shape[0]].to(torch.float64)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         sigma = sigma.to(device=x.device, dtype=torch.float64)
         t = self.model_time(sigma)  # only the timestep is rounded (see the module docstring)
         view = (-1, *([1] * (x.ndim - 1)))
         a = (1.0 / torch.sqrt(1.0 + sigma * sigma)).reshape(view)
         s = sigma.reshape(view)
         x64 = x.to(torch.float64)
-        x_t = (a * x64).to(self.dtype)
-        t_in = t.long() if self._learned_time else t
-        out = self.unet(x_t, t_in, class_labels=cond.get("class_labels")).sample
-        f = out[:, : self.shape[0]].to(torch.float64)
-        if self.parameterization == "epsilon":
-            d = x64 - s * f
-        elif self.parameterization == "v_prediction":
-            d = a * (a * x64 - s * f)
-        else:
-            d = f
-        return d.to(x.dtype)
+        x_t = (a * x64).to(self.net_dtype)
+        f = self.network_output(x_t, t.long() if self._learned_time else t, cond)
+        return output_to_denoised(self.parameterization, x64, a, s, f).to(x.dtype)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d["round_timesteps"] = self.round_timesteps
+        d["network_dtype"] = str(self.net_dtype).removeprefix("torch.")
         return d
 
 
@@ -250,14 +281,50 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def unet_fingerprint(unet: torch.nn.Module, settings: Mapping[str, Any]) -> str:
-    """sha256 over the state dict (sorted names + tensors) and the denoiser-relevant scheduler settings."""
+def unet_fingerprint(
+    unet: torch.nn.Module, settings: Mapping[str, Any], extra: Mapping[str, torch.nn.Module] | None = None
+) -> str:
+    """sha256 over the state dict (sorted names + tensors) and the denoiser-relevant scheduler settings.
+
+    ``extra`` modules (e.g. a text encoder) are hashed after the UNet, their names prefixed by the key.
+    """
     arrays: list[Any] = []
     for name, tensor in sorted(unet.state_dict().items()):
         arrays.append(np.frombuffer(name.encode(), dtype=np.uint8))
         arrays.append(tensor)
     arrays.append(np.frombuffer(json.dumps(dict(settings), sort_keys=True).encode(), dtype=np.uint8))
+    for key, module in sorted((extra or {}).items()):
+        for name, tensor in sorted(module.state_dict().items()):
+            arrays.append(np.frombuffer(f"{key}.{name}".encode(), dtype=np.uint8))
+            arrays.append(tensor.float() if tensor.is_floating_point() else tensor)
     return fingerprint_arrays(arrays)
+
+
+def weights_variant(folder: Path, stem: str) -> str | None:
+    """The variant (e.g. ``fp16``) of ``stem.<variant>.safetensors`` weights when no plain ``stem.*`` file exists."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    if any(n.startswith((f"{stem}.safetensors", f"{stem}.bin", f"{stem}-")) for n in names):
+        return None
+    for n in sorted(names):
+        m = re.fullmatch(rf"{re.escape(stem)}\.([A-Za-z0-9_]+)\.(safetensors|bin)(\.index\.json)?", n)
+        if m:
+            return m.group(1)
+    return None
+
+
+def load_component(cls: Any, folder: Path, what: str, stem: str = "diffusion_pytorch_model") -> Any:
+    """``cls.from_pretrained(folder)`` offline (safetensors when present); errors name the folder."""
+    has_st = any(folder.glob("*.safetensors"))
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": has_st}
+    variant = weights_variant(folder, stem)
+    if variant is not None:
+        kwargs["variant"] = variant
+    try:
+        with _quiet_diffusers():
+            return cls.from_pretrained(folder, low_cpu_mem_usage=False, **kwargs)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        msg = " ".join(str(e).split())[:300]
+        raise StepoptError(f"{folder}: cannot load {what} weights ({msg})") from None
 
 
 def load_diffusers(
@@ -272,24 +339,22 @@ def load_diffusers(
     unet_cfg_path = _find(folder, ("unet/config.json", "config.json"), "UNet config")
     unet_dir = unet_cfg_path.parent
     cls = _read_json(unet_cfg_path).get("_class_name")
+    if cls == "UNet2DConditionModel":
+        from stepopt.models.diffusers_latent import load_latent_pipeline
+
+        return load_latent_pipeline(folder, path, settings, device, dtype, round_timesteps=round_timesteps)
     if cls != "UNet2DModel":
         raise StepoptError(
-            f"{unet_cfg_path}: model class {cls!r} is not supported; expected 'UNet2DModel' "
-            "(pixel-space DDPM-style pipelines; latent pipelines are not supported yet)"
+            f"{unet_cfg_path}: model class {cls!r} is not supported; expected 'UNet2DModel' (pixel-space "
+            "DDPM-style pipelines) or 'UNet2DConditionModel' (latent text-to-image pipelines)"
         )
     try:
         from diffusers import UNet2DModel
     except ImportError:
-        raise StepoptError("diffusers:PATH models need the 'diffusers' package (pip install diffusers)") from None
-    has_st = any(unet_dir.glob("*.safetensors"))
-    try:
-        with _quiet_diffusers():
-            unet = UNet2DModel.from_pretrained(
-                unet_dir, local_files_only=True, use_safetensors=has_st, low_cpu_mem_usage=False
-            )
-    except (OSError, ValueError, RuntimeError) as e:
-        msg = " ".join(str(e).split())[:300]
-        raise StepoptError(f"{unet_dir}: cannot load UNet2DModel weights ({msg})") from None
+        raise StepoptError(
+            "diffusers:PATH models need the 'diffusers' package (pip install 'stepopt[diffusers]')"
+        ) from None
+    unet = load_component(UNet2DModel, unet_dir, "UNet2DModel")
     c = unet.config
     if c.time_embedding_type == "fourier":
         raise StepoptError(f"{unet_cfg_path}: a Fourier-embedding (VE score) UNet is not a DDPM-style model")
@@ -311,4 +376,10 @@ def _loader(rest: str, device: torch.device, dtype: torch.dtype | None) -> Diffu
     return load_diffusers(rest, device, dtype)
 
 
-register_loader("diffusers", _loader, "local diffusers folder: UNet2DModel + DDPM-style scheduler (eps, v, sample)")
+register_loader(
+    "diffusers",
+    _loader,
+    "local diffusers folder, offline: pixel UNet2DModel + DDPM-style scheduler (epsilon, v, sample), or a latent "
+    "text-to-image pipeline (StableDiffusionPipeline layout: UNet2DConditionModel, AutoencoderKL, CLIP; prompts, "
+    "classifier-free guidance, VAE decode; needs transformers)",
+)

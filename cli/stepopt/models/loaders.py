@@ -50,17 +50,23 @@ class EDMNetwork(DiffusionModel):
         if not 0 < self.sigma_min < self.sigma_max or self.sigma_max == float("inf"):
             self.sigma_min, self.sigma_max = 0.002, 80.0  # EDM2 nets carry no finite range: EDM's defaults
         self.frame = EDM(self.sigma_min, self.sigma_max)
-        res = int(net.img_resolution)
-        self.shape = (int(net.img_channels), res, res)
+        res = int(getattr(net, "img_resolution"))  # noqa: B009  (nn.Module attributes are untyped)
+        self.shape = (int(getattr(net, "img_channels")), res, res)  # noqa: B009
         self.label_dim = int(getattr(net, "label_dim", 0) or 0)
-        self.dtype = torch.float32
+        self.dtype = torch.float32  # solver state; the network may run in half precision (net_dtype)
+        self.net_dtype = next((p.dtype for p in net.parameters()), torch.float32)
 
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> EDMNetwork:
-        super().to(device, dtype)
+        """Move the network; ``dtype`` is the network's precision (the solver state stays float32 or float64)."""
+        super().to(device, None)
+        if dtype is not None:
+            self.net_dtype = dtype
+            self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            self.net.to(dtype=dtype)
         self.net.to(self.device)
         return self
 
@@ -75,7 +81,7 @@ class EDMNetwork(DiffusionModel):
                 f"{self.id} is class-conditional ({self.label_dim} classes): "
                 "pass class_labels (one-hot) as conditioning"
             )
-        out = self.net(x.to(self.dtype), sigma.to(self.dtype), labels)
+        out = self.net(x.to(self.net_dtype), sigma.to(self.net_dtype), labels)
         return out.to(x.dtype)
 
     def describe(self) -> dict[str, Any]:

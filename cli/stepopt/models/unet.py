@@ -56,8 +56,9 @@ class FourierNoiseEmbedding(nn.Module):
         self.register_buffer("freqs", freqs * 1000.0, persistent=False)
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        a = c_noise[:, None].float() * self.freqs[None]
-        return torch.cat([a.cos(), a.sin()], dim=1)
+        freqs: torch.Tensor = self.freqs  # type: ignore[assignment]
+        a = c_noise[:, None].float() * freqs[None]
+        return torch.cat([a.cos(), a.sin()], dim=1).to(c_noise.dtype)
 
 
 class ResBlock(nn.Module):
@@ -71,7 +72,7 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        nn.init.zeros_(self.conv2.bias)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(nn.functional.silu(self.norm1(x)))
@@ -129,7 +130,7 @@ class DigitsUNet(nn.Module):
         self.out_norm = nn.GroupNorm(_groups(cur), cur)
         self.out = nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        nn.init.zeros_(self.out.bias)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
         emb = self.embed(c_noise)
@@ -213,7 +214,8 @@ class UNetDigits(DiffusionModel):
         self.frame = EDM(self.sigma_min, self.sigma_max)
         self.sigma_data = net.cfg.sigma_data
         self.training = training or {}
-        self.dtype = torch.float32
+        self.dtype = torch.float32  # solver state; the network may run in half precision (net_dtype)
+        self.net_dtype = torch.float32
         self._fingerprint = fingerprint_arrays(v for _, v in sorted(net.state_dict().items()))
 
     @property
@@ -221,9 +223,16 @@ class UNetDigits(DiffusionModel):
         return self._fingerprint
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> UNetDigits:
-        super().to(device, dtype)
-        self.net.to(device=self.device, dtype=self.dtype)
+        """Move the network; ``dtype`` is the network's precision (the solver state stays float32 or float64)."""
+        super().to(device, None)
+        if dtype is not None:
+            self.net_dtype = dtype
+            self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.net.to(device=self.device, dtype=self.net_dtype)
         return self
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "network_dtype": str(self.net_dtype).removeprefix("torch.")}
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return edm_precondition(self.net, x, sigma, self.sigma_data)

@@ -8,9 +8,11 @@ Optimizers report progress through ``ctx.progress(event, data)``; they never pri
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +38,9 @@ class OptimizeContext:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: Progress | None = None
+    init_schedule: Schedule | None = None  # a start grid (--init FILE), for optimizers that take one
+    state_path: Path | None = None  # where a resumable optimizer keeps its training state
+    resume: bool = False  # continue from the state at state_path
 
     def report(self, event: str, **data: Any) -> None:
         if self.progress is not None:
@@ -62,7 +67,7 @@ class OptimizerSpec:
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
 # Modules that register the built-in optimizers (imported on first use).
-_BUILTIN_MODULES: tuple[str, ...] = ()
+_BUILTIN_MODULES: tuple[str, ...] = ("ays", "ld3", "trust_region")
 
 
 def register(spec: OptimizerSpec) -> OptimizerSpec:
@@ -103,6 +108,9 @@ def optimize(
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: Progress | None = None,
+    init_schedule: Schedule | None = None,
+    state_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> Schedule:
     """Run optimizer ``name`` for exactly ``nfe`` evaluations and return the validated schedule."""
     spec = get_optimizer(name)
@@ -118,6 +126,9 @@ def optimize(
         seed=seed,
         device=torch.device(device) if device is not None else model.device,
         progress=progress,
+        init_schedule=init_schedule,
+        state_path=None if state_path is None else Path(state_path),
+        resume=resume,
     )
     t0 = time.perf_counter()
     res = spec.run(ctx, cfg)

@@ -1,0 +1,155 @@
+"""``stepopt eval``: evaluate schedules side by side and write the table; ``stepopt cache``: the disk cache."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from stepopt.cache import SECTIONS, cache_info, clear_cache
+from stepopt.cli.app import DebugOpt, DeviceOpt, JsonOpt, command, emit_json, err
+from stepopt.config import resolve_config
+from stepopt.errors import StepoptError
+from stepopt.metrics import INCEPTION_EXTRACTOR, MANAGED_FIDELITY_OPTIONS, METRIC_NAMES
+from stepopt.models import load_model, resolve_device
+from stepopt.schedule import Schedule
+from stepopt.teacher import TeacherConfig
+
+
+@command("eval")
+def eval_cmd(
+    schedule: Annotated[
+        list[Path], typer.Option("--schedule", "-S", help="A schedule file (repeatable; all for the same model).")
+    ],
+    metrics: Annotated[
+        str, typer.Option("--metrics", help=f"Comma-separated metrics: {', '.join(METRIC_NAMES)}.")
+    ] = "ode-error",
+    n: Annotated[int, typer.Option("--n", min=2, help="Number of samples (sample i uses seed SEED + i).")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="First seed.")] = 0,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Batch size (results do not depend on it).")
+    ] = 256,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the table: .md, .csv or .json (by extension).")
+    ] = None,
+    write_back_: Annotated[
+        bool, typer.Option("--write-back", help="Store each metric with its settings in the schedule file.")
+    ] = False,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            "--reference",
+            help="Reference set for fid/kid/prc: an image folder, an .npz of mu/sigma (EDM format), or a"
+            " torch-fidelity dataset name [default for *-digits: the real digits].",
+        ),
+    ] = None,
+    feature_extractor: Annotated[
+        str, typer.Option("--feature-extractor", help="torch-fidelity extractor for fid/kid/isc/prc.")
+    ] = INCEPTION_EXTRACTOR,
+    feature_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--feature-weights",
+            help="Weights file of --feature-extractor [default for Inception-v3: torch's hub cache].",
+        ),
+    ] = None,
+    fidelity_set: Annotated[
+        list[str] | None,
+        typer.Option("--fidelity-set", help="A torch-fidelity option KEY=VALUE, e.g. kid_subsets=50 (repeatable)."),
+    ] = None,
+    teacher_set: Annotated[
+        list[str] | None,
+        typer.Option("--teacher-set", help="Teacher option for networks KEY=VALUE, e.g. steps=200 (repeatable)."),
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the on-disk cache.")] = False,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Evaluate schedules side by side (ode-error, fd-exact, FID/KID/IS/PRC by torch-fidelity); write a table."""
+    # torch-fidelity (and torchvision behind it) load only when evaluating: other commands stay fast.
+    from stepopt.evaluate import EvalConfig, evaluate, render_markdown, rows_json, write_back, write_table
+    from stepopt.metrics.fidelity import FidelityOptions
+
+    sets = list(fidelity_set or ())
+    keys = [s.partition("=")[0].strip() for s in sets]
+    managed = [k for k in keys if k in MANAGED_FIDELITY_OPTIONS]
+    if managed:
+        raise StepoptError(
+            f"--fidelity-set {managed[0]}: set by stepopt eval itself (use --metrics, --batch-size, --device,"
+            " --feature-extractor, --feature-weights, --no-cache)"
+        )
+    if out is not None and out.suffix not in (".md", ".csv", ".json"):
+        raise StepoptError(f"--out {out}: unknown table format '{out.suffix}'; expected .md, .csv or .json")
+    fopts = resolve_config(FidelityOptions, None, sets)
+    tcfg = resolve_config(TeacherConfig, None, teacher_set or ())
+    cfg = EvalConfig(
+        n=n,
+        seed=seed,
+        batch_size=batch_size,
+        teacher=tcfg,
+        cache=not no_cache,
+        feature_extractor=feature_extractor,
+        feature_weights=None if feature_weights is None else str(feature_weights),
+        reference=reference,
+        fidelity=fopts,
+    )
+    items = [(str(p), Schedule.load(p)) for p in schedule]
+    dev = resolve_device(device)
+    model = load_model(items[0][1].model.id, device=dev)
+
+    def progress(event: str, data: Mapping[str, Any]) -> None:
+        if event == "schedule":
+            s = data["schedule"]
+            err.print(
+                f"[{data['index'] + 1}/{data['total']}] {data['path']}: {s.method.name}, {s.solver}, NFE {s.nfe}",
+                markup=False,
+            )
+
+    rows = evaluate(items, metrics, model, cfg, device=dev, progress=progress)
+    if write_back_:
+        for r in rows:
+            write_back(r)
+            err.print(f"wrote metrics into {r.path}", markup=False)
+    if out is not None:
+        write_table(rows, out)
+        err.print(f"wrote {out}", markup=False)
+    err.print(f"{model.id}: {n} samples, seeds {seed}..{seed + n - 1}", markup=False)
+    err.print(render_markdown(rows), markup=False, end="")
+    if json_out:
+        emit_json(rows_json(rows))
+
+
+class CacheAction(str, Enum):
+    info = "info"
+    clear = "clear"
+
+
+@command("cache")
+def cache_cmd(
+    action: Annotated[CacheAction, typer.Argument(help="info: sizes per section; clear: delete.")] = CacheAction.info,
+    section: Annotated[
+        str | None, typer.Option("--section", help=f"Only this section: {', '.join(SECTIONS)} [default: all].")
+    ] = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show or clear stepopt's disk cache ($STEPOPT_CACHE_DIR, else the user cache dir): teacher outputs, FID stats."""
+    if section is not None and section not in SECTIONS:
+        raise StepoptError(f"--section {section}: expected one of {', '.join(SECTIONS)}")
+    if action is CacheAction.clear:
+        removed = clear_cache(section)
+        if json_out:
+            emit_json({"removed": removed, "section": section})
+        err.print(f"removed {removed['files']} files, {removed['bytes'] / 1e6:.2f} MB", markup=False)
+        return
+    info = cache_info()
+    if json_out:
+        emit_json(info)
+    err.print(f"cache: {info['root']} ({info['bytes'] / 1e6:.2f} MB)", markup=False)
+    for name, s in info["sections"].items():
+        if section is None or section == name:
+            err.print(f"  {name}: {s['entries']} entries, {s['files']} files, {s['bytes'] / 1e6:.2f} MB", markup=False)

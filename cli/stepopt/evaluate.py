@@ -1,0 +1,365 @@
+"""Evaluate schedules side by side: samples, metrics, and the table (``stepopt eval``; design.md §3).
+
+Every schedule in one evaluation belongs to the same model and is run on the same noise: sample
+``i`` starts from seed ``seed + i`` (:func:`stepopt.sampling.initial_noise`), so rows differ only
+by their grid and solver, and no number depends on the batch size. Metrics (:mod:`stepopt.metrics`):
+
+* ``ode-error``: against :func:`stepopt.teacher.teacher_outputs` from the same noise over the
+  schedule's own sigma range (cached on disk); with ``final_step: denoise`` the target is the
+  denoiser applied to the teacher's state at the last sigma, the same final jump the schedule makes;
+* ``fd-exact``: :func:`stepopt.metrics.exact.fd_exact` at the schedule's last sigma (0 after a
+  final denoising step);
+* torch-fidelity metrics, one ``calculate_metrics`` call per feature extractor per schedule.
+
+Rows are grouped by solver and NFE (stable, otherwise in the order given). Tables are written by
+extension (.md, .csv, .json), atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_fidelity
+
+from stepopt import __version__
+from stepopt.errors import StepoptError
+from stepopt.io import atomic_write_text
+from stepopt.metrics import MetricRequest, parse_metrics
+from stepopt.metrics.exact import exact_moments, fd_exact
+from stepopt.metrics.fidelity import (
+    INCEPTION,
+    FidelityOptions,
+    check_request,
+    extractor_weights,
+    fidelity_metrics,
+    resolve_reference,
+    to_images,
+)
+from stepopt.metrics.ode_error import ode_error
+from stepopt.models.base import AnalyticModel, DiffusionModel
+from stepopt.sampling import initial_noise, run_schedule
+from stepopt.schedule import Schedule
+from stepopt.teacher import TeacherConfig, teacher_outputs
+
+Progress = Callable[[str, Mapping[str, Any]], None]
+TABLE_FORMATS = (".md", ".csv", ".json")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How to evaluate: sample count and seeds, teacher, torch-fidelity options and reference."""
+
+    n: int = 1000
+    seed: int = 0
+    batch_size: int = 256
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    cache: bool = True
+    feature_extractor: str = INCEPTION
+    feature_weights: str | None = None
+    reference: str | None = None
+    fidelity: FidelityOptions = field(default_factory=FidelityOptions)
+
+    def __post_init__(self) -> None:
+        if self.n < 2:
+            raise StepoptError(f"--n {self.n}: expected at least 2 samples")
+        if self.batch_size < 1:
+            raise StepoptError(f"--batch-size {self.batch_size}: expected an integer >= 1")
+        if self.seed < 0:
+            raise StepoptError(f"--seed {self.seed}: expected an integer >= 0")
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.n))
+
+
+@dataclass
+class EvalRow:
+    """One evaluated schedule: identity, metric values, the settings each was computed with, timings."""
+
+    path: str
+    schedule: Schedule
+    metrics: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.schedule
+        return {
+            "schedule": self.path,
+            "model": s.model.id,
+            "solver": s.solver.name,
+            "solver_identity": s.solver.to_dict(),
+            "nfe": s.nfe,
+            "method": s.method.name,
+            "final_step": s.final_step,
+            "metrics": self.metrics,
+            "settings": self.settings,
+            "seconds": self.seconds,
+        }
+
+    def metric_entries(self) -> dict[str, dict[str, Any]]:
+        """What ``--write-back`` stores: each metric's value(s) with its settings."""
+        out = {}
+        for name, v in self.metrics.items():
+            entry = dict(v) if isinstance(v, Mapping) else {"value": v}
+            entry["settings"] = self.settings.get(name, {})
+            out[name] = entry
+        return out
+
+
+def check_same_model(items: Sequence[tuple[str, Schedule]]) -> None:
+    """All schedules of one evaluation must name the same model id and fingerprint."""
+    if not items:
+        raise StepoptError("no schedules to evaluate; pass --schedule FILE (repeatable)")
+    p0, s0 = items[0]
+    for p, s in items[1:]:
+        if (s.model.id, s.model.fingerprint) != (s0.model.id, s0.model.fingerprint):
+            raise StepoptError(
+                f"{p} is for model {s.model.id} ({s.model.fingerprint[:19]}…) but {p0} is for"
+                f" {s0.model.id} ({s0.model.fingerprint[:19]}…); evaluate one model at a time"
+            )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(
+    model: DiffusionModel, schedule: Schedule, seeds: Sequence[int], batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """The schedule's outputs for ``seeds`` (noise at ``sigmas[0]``), batched, on the CPU."""
+    outs = []
+    with torch.no_grad():
+        for start in range(0, len(seeds), batch_size):
+            chunk = list(seeds[start : start + batch_size])
+            x = initial_noise(model, chunk, sigma=schedule.sigmas[0], device=device)
+            outs.append(run_schedule(model, schedule, x).cpu())
+    return torch.cat(outs)
+
+
+def teacher_targets(
+    model: DiffusionModel, schedule: Schedule, config: EvalConfig, device: torch.device
+) -> torch.Tensor:
+    """Where the exact ODE from each seed's noise ends for this schedule (see the module docstring)."""
+    _, y = teacher_outputs(
+        model,
+        config.seeds,
+        config.teacher,
+        sigma_from=schedule.sigmas[0],
+        sigma_to=schedule.sigmas[-1],
+        batch_size=config.batch_size,
+        device=device,
+        cache=config.cache,
+    )
+    if schedule.final_step == "denoise":
+        with torch.no_grad():
+            parts = [
+                model(y[i : i + config.batch_size], schedule.sigmas[-1]) for i in range(0, len(y), config.batch_size)
+            ]
+        y = torch.cat(parts)
+    return y.cpu()
+
+
+def _teacher_settings(model: DiffusionModel, schedule: Schedule, config: EvalConfig) -> dict[str, Any]:
+    teacher: Any = "exact ODE solution" if isinstance(model, AnalyticModel) else config.teacher.to_dict()
+    return {
+        "teacher": teacher,
+        "sigma_from": schedule.sigmas[0],
+        "sigma_to": schedule.sigmas[-1],
+        "target": "D(teacher, sigma_N)" if schedule.final_step == "denoise" else "teacher state at sigma_N",
+    }
+
+
+def evaluate(
+    items: Sequence[tuple[str, Schedule]],
+    metrics: str | Sequence[str] | Sequence[MetricRequest],
+    model: DiffusionModel,
+    config: EvalConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> list[EvalRow]:
+    """Evaluate ``(path, schedule)`` pairs on ``model``; rows grouped by solver and NFE."""
+    cfg = config or EvalConfig()
+    dev = torch.device(device) if device is not None else model.device
+    reqs: list[MetricRequest]
+    if not isinstance(metrics, str) and metrics and all(isinstance(m, MetricRequest) for m in metrics):
+        reqs = [m for m in metrics if isinstance(m, MetricRequest)]
+    else:
+        reqs = parse_metrics([m for m in metrics if isinstance(m, str)] if not isinstance(metrics, str) else metrics)
+    check_same_model(items)
+    s0 = items[0][1]
+    if s0.model.fingerprint != model.fingerprint:
+        raise StepoptError(
+            f"{items[0][0]} was made for {s0.model.id} with fingerprint {s0.model.fingerprint[:19]}…,"
+            f" but the loaded model has {model.fingerprint[:19]}…"
+        )
+
+    if any(r.kind == "fd-exact" for r in reqs):
+        exact_moments(model)  # fail before any sampling when the model has no known moments
+    # torch-fidelity groups: extractor -> base metrics, with weights and reference resolved once.
+    groups: dict[str, list[MetricRequest]] = {}
+    for r in reqs:
+        if r.kind == "fidelity":
+            groups.setdefault(r.extractor or cfg.feature_extractor, []).append(r)
+    resolved: dict[str, tuple[FidelityOptions, Any, str]] = {}
+    for fe, rs in groups.items():
+        wpath, wfp = extractor_weights(fe, cfg.feature_weights if fe == cfg.feature_extractor else None)
+        ref = resolve_reference(cfg.reference, fe)
+        opts = cfg.fidelity.replace(
+            feature_extractor=fe,
+            feature_extractor_weights_path=wpath,
+            batch_size=cfg.batch_size,
+            cuda=dev.type == "cuda",
+            cache=cfg.cache,
+        )
+        check_request([r.base or "" for r in rs], ref, opts)  # fail before any sampling
+        resolved[fe] = (opts, ref, wfp)
+
+    order = sorted(range(len(items)), key=lambda i: (items[i][1].solver.name, items[i][1].nfe, i))
+    rows: list[EvalRow] = []
+    targets: dict[tuple[float, float, str], torch.Tensor] = {}  # teacher per sigma range, shared by rows
+    for k, i in enumerate(order):
+        path, sched = items[i]
+        if progress:
+            progress("schedule", {"index": k, "total": len(items), "path": path, "schedule": sched})
+        row = EvalRow(path, sched)
+        t0 = time.perf_counter()
+        samples = generate(model, sched, cfg.seeds, cfg.batch_size, dev)
+        _sync(dev)
+        row.seconds["sample"] = time.perf_counter() - t0
+        if not torch.isfinite(samples).all():
+            raise StepoptError(f"{path}: the schedule produced non-finite samples (NaN/inf)")
+        t1 = time.perf_counter()
+        common = {"n": cfg.n, "seed": cfg.seed}
+        for r in reqs:
+            if r.kind == "ode-error":
+                tkey = (sched.sigmas[0], sched.sigmas[-1], sched.final_step)
+                if tkey not in targets:
+                    targets[tkey] = teacher_targets(model, sched, cfg, dev)
+                row.metrics[r.name] = ode_error(samples, targets[tkey])
+                row.settings[r.name] = {**common, **_teacher_settings(model, sched, cfg)}
+            elif r.kind == "fd-exact":
+                sigma = 0.0 if sched.final_step == "denoise" else sched.sigmas[-1]
+                row.metrics[r.name] = fd_exact(samples, model, sigma)
+                row.settings[r.name] = {**common, "space": "pixels", "target_sigma": sigma}
+        for fe, rs in groups.items():
+            opts, ref, wfp = resolved[fe]
+            values, used = fidelity_metrics(to_images(samples, fe), [r.base or "" for r in rs], ref, opts, wfp)
+            for r in rs:
+                row.metrics[r.name] = values[r.base or ""]
+                row.settings[r.name] = {
+                    **common,
+                    **used.settings(r.base or ""),
+                    "weights": wfp,
+                    "reference": None if ref is None else ref.describe(),
+                    "torch_fidelity": torch_fidelity.__version__,
+                }
+        row.seconds["metrics"] = time.perf_counter() - t1
+        for st in row.settings.values():
+            st["stepopt"] = __version__
+        rows.append(row)
+        if progress:
+            progress("row", {"index": k, "total": len(items), "row": row})
+    return rows
+
+
+def write_back(row: EvalRow) -> Schedule:
+    """Store the row's metrics (with settings) in its schedule file, atomically; returns the new schedule."""
+    merged = {**row.schedule.metrics, **row.metric_entries()}
+    new = row.schedule.replace(metrics=merged)
+    new.save(row.path)
+    row.schedule = new
+    return new
+
+
+# -- tables -----------------------------------------------------------------------------------------------
+
+
+def _flat_metric(name: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        return [(f"{name} {k}", v) for k, v in value.items()]
+    return [(name, value)]
+
+
+def table_records(rows: Sequence[EvalRow]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Flat columns (solver, NFE, method, schedule, metric columns..., seconds) and one record per row."""
+    metric_cols: list[str] = []
+    records = []
+    for r in rows:
+        rec: dict[str, Any] = {
+            "solver": str(r.schedule.solver),
+            "nfe": r.schedule.nfe,
+            "method": r.schedule.method.name,
+            "schedule": r.path,
+        }
+        for name, v in r.metrics.items():
+            for col, x in _flat_metric(name, v):
+                rec[col] = x
+                if col not in metric_cols:
+                    metric_cols.append(col)
+        rec["sample s"] = r.seconds.get("sample")
+        rec["metrics s"] = r.seconds.get("metrics")
+        records.append(rec)
+    return ["solver", "nfe", "method", "schedule", *metric_cols, "sample s", "metrics s"], records
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
+    return str(v)
+
+
+def render_markdown(rows: Sequence[EvalRow]) -> str:
+    cols, recs = table_records(rows)
+    lines = [
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---:" if c not in ("solver", "method", "schedule") else "---" for c in cols) + "|",
+    ]
+    for rec in recs:
+        lines.append("| " + " | ".join(_fmt(rec.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(rows: Sequence[EvalRow]) -> str:
+    cols, recs = table_records(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for rec in recs:
+        w.writerow(
+            {c: ("" if rec.get(c) is None else repr(rec[c]) if isinstance(rec[c], float) else rec[c]) for c in cols}
+        )
+    return buf.getvalue()
+
+
+def rows_json(rows: Sequence[EvalRow]) -> dict[str, Any]:
+    return {"rows": [r.to_json() for r in rows]}
+
+
+def write_table(rows: Sequence[EvalRow], path: str | Path) -> Path:
+    """Write the table in the format given by the extension (.md, .csv, .json), atomically."""
+    p = Path(path)
+    if p.suffix not in TABLE_FORMATS:
+        raise StepoptError(f"--out {p}: unknown table format '{p.suffix}'; expected one of {', '.join(TABLE_FORMATS)}")
+    if p.suffix == ".md":
+        text = render_markdown(rows)
+    elif p.suffix == ".csv":
+        text = render_csv(rows)
+    else:
+        text = json.dumps(rows_json(rows), indent=1, default=str) + "\n"
+    return atomic_write_text(p, text)

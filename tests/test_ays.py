@@ -1,0 +1,444 @@
+"""Align Your Steps: the KLUB estimator against closed forms, the search, hierarchy, published schedules.
+
+Where the numbers come from:
+* Gaussian data N(mu, c^2 I_d): E||D(x_s, s) - D(x_u, u)||^2 = d c^4 (1/(s^2+c^2) - 1/(u^2+c^2)), so an
+  interval's KLUB is d c^4 Z_c(l, u) (derivation in ``stepopt.optimizers.klub``); Z is checked
+  against scipy quadrature, independently of the closed form.
+* Euler/DDIM on the ODE of Gaussian data is linear: x' - mu = (c^2 + s s')/(c^2 + s^2) (x - mu), so the
+  output is Gaussian and its KL to the true marginal is closed form; Theorem 3.1 (the ``kl-optimal``
+  baseline for c = 1) must minimise it.
+* gmm-digits: the exact ODE (``model.ode_solution``) is the reference for the end-to-end check (slow).
+Monte Carlo tolerances are 4 standard errors (each estimate reports its own standard error).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import quad
+from typer.testing import CliRunner
+
+from stepopt.baselines import baseline_sigmas, interpolate_loglinear
+from stepopt.cli import app
+from stepopt.errors import StepoptError
+from stepopt.frames import VPDiscrete
+from stepopt.models import DiffusionModel, IsotropicGaussian
+from stepopt.optimizers import get_optimizer, optimize
+from stepopt.optimizers.ays import AYSConfig, load_data, subdivide
+from stepopt.optimizers.klub import (
+    KLUBEstimator,
+    antiderivative,
+    gaussian_klub_terms,
+    normalizer,
+    proposal_density,
+    sample_proposal,
+)
+from stepopt.sampling import sample_grid
+from stepopt.schedule import Schedule
+from stepopt.solvers import get_solver, solve
+from stepopt.teacher import teacher_outputs
+
+EULER = get_solver("euler").identity()
+TOL_SE = 4.0
+
+
+def _quad_z(lo: float, hi: float, c: float) -> float:
+    """Z by adaptive quadrature in log sigma (independent of the closed form)."""
+
+    def f(t: float) -> float:
+        s = math.exp(t)
+        return s**-2 * (1 / (s * s + c * c) - 1 / (hi * hi + c * c))
+
+    return quad(f, math.log(lo), math.log(hi), epsabs=0, epsrel=1e-12, limit=400)[0]
+
+
+# -- proposal -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("c", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("lo,hi", [(0.002, 80.0), (0.002, 0.0025), (40.0, 80.0), (1.0, 20291.0), (0.3, 0.7)])
+def test_normalizer_matches_quadrature(c, lo, hi):
+    assert float(normalizer(lo, hi, c)) == pytest.approx(_quad_z(lo, hi, c), rel=1e-9)
+
+
+def test_proposal_sampler_inverts_the_cdf_exactly_and_matches_the_density():
+    lo, hi, c = 0.01, 3.0, 0.5
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64).numpy()
+    s = sample_proposal(u, lo, hi, c)
+    assert np.all((s >= lo) & (s <= hi))
+    cdf = (antiderivative(s, hi, c) - antiderivative(lo, hi, c)) / normalizer(lo, hi, c)
+    assert np.max(np.abs(cdf - u)) < 1e-12  # bisection to float64 resolution
+    # Empirical CDF vs the density integrated by quadrature, at 9 points: within 4 binomial SEs.
+    for q in np.exp(np.linspace(math.log(lo), math.log(hi), 11)[1:-1]):
+        p = quad(lambda x: float(proposal_density(x, lo, hi, c)), lo, q, limit=200)[0]
+        se = math.sqrt(p * (1 - p) / len(s))
+        assert abs(np.mean(s <= q) - p) < TOL_SE * se
+
+
+# -- the estimator against the Gaussian closed form ---------------------------------------------
+def _gaussian(c: float) -> IsotropicGaussian:
+    mu = torch.linspace(-0.5, 0.5, 16, dtype=torch.float64).reshape(1, 4, 4)
+    return IsotropicGaussian(mu, c=c)
+
+
+@pytest.mark.parametrize("c_data", [0.5, 0.7])
+def test_klub_interval_terms_match_gaussian_closed_form(c_data):
+    model = _gaussian(c_data)
+    data = model.sample(4096, torch.Generator().manual_seed(1))
+    est = KLUBEstimator(model, data, c=0.5, seed=3)
+    grid = baseline_sigmas("edm", 6, 80.0, 0.002)
+    mean, se = est.interval_terms(grid, 2048)
+    exact = gaussian_klub_terms(grid, c_data, 16)
+    assert np.all(np.abs(mean - exact) < TOL_SE * se), (mean, exact, se)
+    assert np.all(se < 0.05 * exact)  # and the estimate is informative (2048 samples)
+    assert est.evals == 2 * 6 * 2048
+
+
+def test_unsquared_proposal_is_exact_for_gaussian_data():
+    """With the proposal's c equal to the data's, only the chi-square noise of ||dD||^2 remains.
+
+    Each sample is Z ||dD||^2 / g(sigma) with ||dD||^2 = d c^4 g(sigma) chi2_d / d in law, so the
+    per-sample relative standard deviation is sqrt(2/d) (d = 16). A squared g (paper Eq. 13/15)
+    would leave a sigma-dependent weight and a larger spread.
+    """
+    model = _gaussian(0.5)
+    data = model.sample(4096, torch.Generator().manual_seed(1))
+    est = KLUBEstimator(model, data, c=0.5, seed=4)
+    grid = [20.0, 1.0, 0.05, 0.002]
+    n = 4096
+    mean, se = est.interval_terms(grid, n)
+    rel_sd = se * math.sqrt(n) / mean
+    assert np.allclose(rel_sd, math.sqrt(2 / 16), rtol=0.1), rel_sd
+
+
+@pytest.mark.parametrize("mode", ["shared", "independent"])
+def test_candidate_estimates_match_closed_form(mode):
+    model = _gaussian(0.7)
+    data = model.sample(2048, torch.Generator().manual_seed(2))
+    est = KLUBEstimator(model, data, c=0.5, seed=5)
+    grid = baseline_sigmas("edm", 6, 80.0, 0.002)
+    idx = [1, 3, 5]
+    cands = []
+    for i in idx:
+        v = np.exp(np.linspace(math.log(grid[i + 1]), math.log(grid[i - 1]), 12)[1:-1])
+        cands.append(np.append(v, grid[i]))
+    res = est.candidates(grid, idx, cands, [10, 10, 10], 2048, tag=7, mode=mode)
+    for r, i in zip(res, idx, strict=True):
+        exact = np.array([gaussian_klub_terms([grid[i - 1], v, grid[i + 1]], 0.7, 16).sum() for v in r.candidates])
+        assert np.all(np.abs(r.mean - exact) < TOL_SE * r.stderr), (mode, i)
+        # Common random numbers: the candidate nearest the current value differs from it by less noise
+        # than either estimate carries.
+        near = int(np.argmin(np.abs(np.log(r.candidates[:-1] / r.candidates[-1]))))
+        assert r.stderr_diff[-1] == 0 and r.stderr_diff[near] < min(r.stderr[near], r.stderr[-1])
+
+
+def test_estimates_do_not_depend_on_batch_size():
+    model = _gaussian(0.7)
+    data = model.sample(512, torch.Generator().manual_seed(2))
+    grid = baseline_sigmas("edm", 5, 80.0, 0.002)
+    cands = [np.append(np.exp(np.linspace(math.log(grid[3]), math.log(grid[1]), 7)[1:-1]), grid[2])]
+    out = []
+    for bs in (37, 100000):
+        est = KLUBEstimator(model, data, c=0.5, batch_size=bs, seed=9)
+        t, _ = est.interval_terms(grid, 600)
+        r = est.candidates(grid, [2], cands, [5], 600, tag=1, mode="shared")[0]
+        out.append((t, r.mean))
+    assert np.allclose(out[0][0], out[1][0], rtol=1e-12, atol=0)
+    assert np.allclose(out[0][1], out[1][1], rtol=1e-12, atol=0)
+
+
+# -- Theorem 3.1: the Euler output KL on Gaussian data ----------------------------------------
+def _euler_gain(sigmas: np.ndarray, c: float) -> float:
+    s = np.asarray(sigmas, dtype=np.float64)
+    return float(np.prod((c * c + s[:-1] * s[1:]) / (c * c + s[:-1] ** 2)))
+
+
+def euler_output_kl(sigmas: np.ndarray, c: float, dim: int) -> float:
+    """KL(Euler output || true marginal at sigma_min), start from the exact marginal at sigma_max."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    ratio = _euler_gain(s, c) ** 2 * (c * c + s[0] ** 2) / (c * c + s[-1] ** 2)
+    return 0.5 * dim * (ratio - 1.0 - math.log(ratio))
+
+
+def test_euler_on_gaussian_is_the_linear_map_of_the_closed_form(gaussian):
+    grid = baseline_sigmas("edm", 7, 80.0, 0.002)
+    x = gaussian.mu + math.sqrt(gaussian.c**2 + 80.0**2) * torch.randn(
+        (5, *gaussian.shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    out = solve(EULER, gaussian, x, torch.as_tensor(grid))
+    expect = gaussian.mu + _euler_gain(grid, gaussian.c) * (x - gaussian.mu)
+    assert torch.allclose(out, expect, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [4, 10])
+def test_kl_optimal_minimises_the_euler_output_kl(n):
+    """The ``kl-optimal`` baseline (Theorem 3.1, c = 1) beats every perturbation and the other baselines."""
+    c, dim, smax, smin = 1.0, 64, 80.0, 0.002
+    best = baseline_sigmas("kl-optimal", n, smax, smin)
+    k_best = euler_output_kl(best, c, dim)
+    rng = np.random.default_rng(0)
+    for scale in (1e-3, 1e-2, 0.1, 0.5):
+        for _ in range(50):
+            lam = np.log(best)
+            lam[1:-1] += scale * rng.standard_normal(n - 1)
+            pert = np.exp(lam)
+            if not np.all(np.diff(pert) < 0):
+                continue
+            assert euler_output_kl(pert, c, dim) > k_best
+    for kind in ("edm", "logsnr", "time-uniform"):
+        assert euler_output_kl(baseline_sigmas(kind, n, smax, smin), c, dim) > k_best
+    # The general-c form c tan(...) is optimal for c != 1 too (here c = 0.5).
+    c2 = 0.5
+    u = np.linspace(0, 1, n + 1)
+    general = c2 * np.tan((1 - u) * math.atan(smax / c2) + u * math.atan(smin / c2))
+    k_gen = euler_output_kl(general, c2, dim)
+    for _ in range(50):
+        lam = np.log(general)
+        lam[1:-1] += 0.05 * rng.standard_normal(n - 1)
+        if np.all(np.diff(np.exp(lam)) < 0):
+            assert euler_output_kl(np.exp(lam), c2, dim) > k_gen
+
+
+# -- the optimizer -----------------------------------------------------------------------------
+FAST = {"samples": 128, "klub_samples": 256, "max_sweeps": 2, "val_noises": 16, "data_size": 1024, "hierarchy": False}
+
+
+def _run(model, nfe, seed=0, solver=EULER, **kw):
+    cfg = AYSConfig(**{**FAST, **kw})
+    return optimize("ays", model, solver, nfe, cfg, seed=seed)
+
+
+def test_ays_on_gmm_is_valid_deterministic_and_reports(gmm):
+    events = []
+    s1 = optimize("ays", gmm, EULER, 5, AYSConfig(**FAST), seed=3, progress=lambda e, d: events.append((e, dict(d))))
+    s2 = _run(gmm, 5, seed=3)
+    assert s1.sigmas == s2.sigmas
+    assert s1.sigmas[0] == gmm.sigma_max and s1.sigmas[-1] == gmm.sigma_min and len(s1.sigmas) == 6
+    obj = s1.method.objective
+    assert obj["name"] == "klub" and obj["sweep_kept"] in (0, 1, 2)
+    # Never worse than the start on its own objective (same random numbers; 4 SE of slack).
+    assert obj["final"] <= obj["initial"] + TOL_SE * math.hypot(obj["initial_stderr"], obj["final_stderr"])
+    # The kept sweep is the best one by the stopping measure.
+    level = s1.method.config["report"]["levels"][0]
+    rmses = [h["rmse"] for h in level["history"]]
+    assert level["sweep_kept"] == int(np.argmin(rmses)) and obj["stop_final"] == pytest.approx(min(rmses))
+    assert [e for e, _ in events].count("sweep") == level["sweeps_run"]
+    assert Schedule.from_yaml(s1.to_yaml()) == s1
+
+
+def test_different_seed_gives_different_random_numbers(gmm):
+    # (The chosen grid points may coincide: candidates lie on a grid between the neighbours.)
+    a = _run(gmm, 4, seed=0, early_stopping=False, max_sweeps=1)
+    b = _run(gmm, 4, seed=1, early_stopping=False, max_sweeps=1)
+    assert a.method.objective["initial"] != b.method.objective["initial"]
+
+
+def test_hierarchy_subdivides_and_interpolates(gaussian):
+    s20 = _run(gaussian, 20, hierarchy=True, max_sweeps=1)
+    levels = s20.method.config["report"]["levels"]
+    assert [lv["steps"] for lv in levels] == [10, 20]
+    kept10 = np.array(levels[0]["history"][levels[0]["sweep_kept"]]["sigmas"])
+    assert np.array_equal(np.array(s20.sigmas)[0::2], kept10)  # only the new (odd) points moved
+    s7 = _run(gaussian, 7, hierarchy=True, max_sweeps=1)
+    levels = s7.method.config["report"]["levels"]
+    assert [lv["steps"] for lv in levels] == [10, 20, 40]
+    kept40 = levels[-1]["history"][levels[-1]["sweep_kept"]]["sigmas"]
+    assert np.allclose(s7.sigmas, interpolate_loglinear(kept40, 7), rtol=1e-15)
+    assert "interpolation" in s7.method.config["report"]["plan"]
+
+
+def test_subdivide_inserts_geometric_midpoints():
+    assert subdivide(np.array([100.0, 1.0, 0.01])).tolist() == pytest.approx([100.0, 10.0, 1.0, 0.1, 0.01])
+
+
+def test_discrete_models_start_time_uniform():
+    from stepopt.optimizers.ays import initial_grid
+
+    class Disc:
+        time_domain = "vp-discrete"
+        frame = VPDiscrete("scaled_linear", 1000, 0.00085, 0.012)
+        sigma_max = frame.sigma_max
+        sigma_min = frame.sigma_min
+
+    grid, kind = initial_grid(Disc(), 10, AYSConfig())  # type: ignore[arg-type]
+    assert kind == "time-uniform"
+    t = Disc.frame.time(grid)
+    assert np.allclose(np.diff(t), np.diff(t)[0], rtol=1e-9)
+
+
+def test_data_sources(gmm, tmp_path):
+    x, info = load_data(gmm, AYSConfig(data="digits"), 0)
+    assert x.shape == (1797, 1, 8, 8) and info["available"] == 1797  # capped to what exists
+    x, info = load_data(gmm, AYSConfig(data_size=100), 0)
+    assert x.shape == (100, 1, 8, 8) and info["source"].startswith("model.sample")
+    good = tmp_path / "d.npz"
+    np.savez(good, images=np.zeros((20, 1, 8, 8)))
+    assert load_data(gmm, AYSConfig(data=str(good)), 0)[0].shape == (20, 1, 8, 8)
+    two = tmp_path / "two.npz"
+    np.savez(two, a=np.zeros((5, 1, 8, 8)), b=np.zeros((5, 64)))
+    with pytest.raises(StepoptError, match="data_key"):
+        load_data(gmm, AYSConfig(data=str(two)), 0)
+    with pytest.raises(StepoptError, match=r"needs \(n, 1, 8, 8\)"):
+        load_data(gmm, AYSConfig(data=str(two), data_key="b"), 0)
+    with pytest.raises(StepoptError, match="image folders"):
+        load_data(gmm, AYSConfig(data=str(tmp_path)), 0)
+
+
+def test_config_errors_are_one_line():
+    from stepopt.config import resolve_config
+
+    spec = get_optimizer("ays")
+    with pytest.raises(StepoptError, match="valid options"):
+        resolve_config(spec.config_cls, None, ["sample=3"])
+    with pytest.raises(StepoptError, match="candidates"):
+        resolve_config(spec.config_cls, None, ["candidates=1"])
+    with pytest.raises(StepoptError, match="estimator"):
+        resolve_config(spec.config_cls, None, ["estimator=magic"])
+
+
+def test_cli_optimize_and_show(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "ays.yaml"
+    args = ["optimize", "--optimizer", "ays", "--model", "builtin:gaussian", "--solver", "euler", "--nfe", "4"]
+    sets = ["--set", "samples=64", "--set", "klub_samples=64", "--set", "max_sweeps=1", "--set", "val_noises=8"]
+    sets += ["--set", "hierarchy=false"]
+    r = runner.invoke(app, [*args, *sets, "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    s = Schedule.load(out)
+    assert s.method.name == "ays" and s.nfe == 4 and "report" in s.method.config
+    r = runner.invoke(app, ["show", str(out)])
+    assert r.exit_code == 0 and "klub" in r.stdout
+
+
+# -- published schedules ----------------------------------------------------------------------
+PUBLISHED = {
+    "ays-sd15.yaml": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
+    "ays-sdxl.yaml": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.38, 0.234, 0.113, 0.029],
+    "ays-deepfloyd-if-stage1.yaml": [160.41, 8.081, 3.315, 1.885, 1.207, 0.785, 0.553, 0.293, 0.186, 0.03, 0.006],
+    "ays-svd.yaml": [700.0, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_schedules_load_show_and_interpolate(name, tmp_path):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "schedules" / "published" / name
+    s = Schedule.load(path)
+    paper = np.array(PUBLISHED[name])
+    assert s.method.config["paper_sigmas"] == PUBLISHED[name]
+    assert s.model.fingerprint == "unknown:published-table" and s.nfe == 10
+    # Table sigmas at the published integer timesteps are within 4e-3 of the 3-decimal paper values.
+    assert np.allclose(s.sigmas, paper, atol=4e-3, rtol=0)
+    if s.model.time == "vp-discrete":
+        assert s.timesteps is not None and s.timesteps[-1] == 0.0
+    runner = CliRunner()
+    assert runner.invoke(app, ["show", str(path)]).exit_code == 0
+    out = tmp_path / "i.yaml"
+    r = runner.invoke(
+        app,
+        ["baseline", "interpolate", "--from", str(path), "--solver", s.solver.name, "--nfe", "20", "--out", str(out)],
+    )
+    assert r.exit_code == 0, r.output
+    s20 = Schedule.load(out)
+    assert len(s20.sigmas) == 21 and np.allclose(np.array(s20.sigmas)[0::2], s.sigmas, rtol=1e-12)
+
+
+def test_sd_sigma_table_at_published_timesteps():
+    """SD's scaled_linear table (betas 0.00085..0.012) at [999, 850, ...] gives ComfyUI's 10-decimal list."""
+    comfy_sd1 = [14.6146412293, 6.4745760956, 3.8636745985, 2.694615152, 1.8841921177, 1.3943805092,
+                 0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582]  # fmt: skip
+    frame = VPDiscrete("scaled_linear", 1000, 0.00085, 0.012)
+    t = np.array([999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0], dtype=np.float64)
+    assert np.allclose(frame.sigma(t), comfy_sd1, atol=6e-11, rtol=0)
+
+
+# -- end to end on gmm-digits (slow) ----------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "solver,margin",
+    [
+        # Measured, optimizer seeds 0-3, test noises 0..255: AYS 0.1091-0.1122 RMSE vs edm 0.1462,
+        # logsnr 0.1525 (ratio to the better baseline 0.75-0.77); kl-optimal 0.0914.
+        ("euler", 0.85),
+        # Seeds 0-2: AYS 0.0689-0.0739 vs edm 0.0775, logsnr 0.0744 (ratio 0.93 for seed 0, 0.99 for
+        # seed 1); kl-optimal 0.0582 is better still.
+        ("dpmpp-2m", 0.97),
+    ],
+)
+def test_ays_beats_edm_and_logsnr_on_gmm_digits(gmm, solver, margin):
+    """Default config, seed 0, NFE 10; error against the exact ODE on test noises 0..255
+    (disjoint from the validation seeds 1000000... used for early stopping)."""
+    ident = get_solver(solver).identity()
+    s = optimize("ays", gmm, ident, 10, AYSConfig(), seed=0)
+    seeds = list(range(256))
+    _, y = teacher_outputs(gmm, seeds)
+
+    def rmse(grid):
+        return float(((sample_grid(gmm, ident, grid, seeds) - y) ** 2).mean().sqrt())
+
+    ays = rmse(np.array(s.sigmas))
+    edm = rmse(baseline_sigmas("edm", 10, gmm.sigma_max, gmm.sigma_min))
+    logsnr = rmse(baseline_sigmas("logsnr", 10, gmm.sigma_max, gmm.sigma_min))
+    assert ays < margin * min(edm, logsnr), (ays, edm, logsnr, s.method.objective)
+    assert s.method.objective["sweep_kept"] >= 1
+    assert s.method.objective["final"] < s.method.objective["initial"]
+
+
+@pytest.mark.slow
+def test_without_early_stopping_the_klub_minimiser_degenerates(gmm):
+    """Run to 12 sweeps, KLUB keeps falling while Euler's error rises above the EDM start's.
+
+    Measured (seed 0): KLUB 2455 -> 285; validation RMSE 0.127 (start) -> 0.095 (sweep 3) -> 0.211 (sweep 12)
+    with the grid 80 -> 1.21 -> ... -> 0.0043 -> 0.002 (test RMSE 0.223 vs edm 0.146).
+    """
+    s = optimize("ays", gmm, EULER, 10, AYSConfig(early_stopping=False, max_sweeps=12), seed=0)
+    obj = s.method.objective
+    hist = s.method.config["report"]["levels"][0]["history"]
+    assert obj["final"] < 0.5 * obj["initial"]
+    assert hist[-1]["rmse"] > hist[0]["rmse"] > min(h["rmse"] for h in hist)
+
+
+class _NetLike(DiffusionModel):
+    """gmm-digits' denoiser behind the network interface (float32, no exact ODE): the network path."""
+
+    parameterization = "x0"
+
+    def __init__(self, gmm):
+        self.gmm, self.id, self.frame, self.shape = gmm, "test:net-digits", gmm.frame, gmm.shape
+        self.sigma_min, self.sigma_max, self.dtype = gmm.sigma_min, gmm.sigma_max, torch.float32
+
+    @property
+    def fingerprint(self) -> str:
+        return "sha256:test"
+
+    def denoise(self, x, sigma, **cond):
+        assert x.dtype == torch.float32
+        return self.gmm.denoise(x.to(torch.float64), sigma).to(torch.float32)
+
+
+def test_network_models_use_digits_data_and_a_solver_teacher(gmm):
+    net = _NetLike(gmm)
+    s = optimize("ays", net, EULER, 4, AYSConfig(**{**FAST, "teacher_steps": 20, "max_sweeps": 1}), seed=0)
+    rep = s.method.config["report"]
+    assert rep["data"]["source"].startswith("shipped 8x8 digits") and rep["data"]["size"] == 1024
+    assert rep["validation"]["teacher"]["solver"] == "heun" and rep["validation"]["teacher"]["steps"] == 20
+    net.id = "test:other"  # neither analytic nor a digits model: the data must be given
+    with pytest.raises(StepoptError, match=r"data=PATH\.npz"):
+        load_data(net, AYSConfig(), 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(gmm):
+    """Random numbers are drawn on the CPU, so the device changes only float rounding."""
+    from stepopt.models import load_model
+
+    cuda = load_model("builtin:gmm-digits", device="cuda")
+    cfg = AYSConfig(**FAST)
+    a = optimize("ays", gmm, EULER, 5, cfg, seed=0, device="cpu")
+    b = optimize("ays", cuda, EULER, 5, cfg, seed=0, device="cuda")
+    assert b.provenance["device"].startswith("cuda")
+    assert np.allclose(a.sigmas, b.sigmas, rtol=1e-9)
+    assert b.method.objective["final"] == pytest.approx(a.method.objective["final"], rel=1e-6)
