@@ -141,3 +141,13 @@ def test_models_lists_builtins_and_solvers():
     assert "euler" in [s["name"] for s in j["solvers"]]
     gmm = j["builtins"][ids.index("builtin:gmm-digits")]
     assert gmm["sigma_min"] == 0.002 and gmm["sigma_max"] == 80.0 and gmm["fingerprint"].startswith("sha256:")
+
+
+def test_optimize_refuses_init_and_resume_for_optimizers_without_them(tmp_path):
+    src = tmp_path / "edm.yaml"
+    assert run("baseline", "edm", "--solver", "dpmpp-3m", "--nfe", "6", "--out", str(src)).exit_code == 0
+    r = run("optimize", "--init", str(src), "--out", str(tmp_path / "o.yaml"))
+    assert r.exit_code == 1 and "optimizer 'trust-region' does not take a start schedule" in r.stderr
+    r = run("optimize", "--resume", "--out", str(tmp_path / "o.yaml"))
+    assert r.exit_code == 1 and "keeps no resumable state" in r.stderr
+    assert not (tmp_path / "o.yaml").exists()

@@ -98,6 +98,10 @@ def optimize_cmd(
 ) -> None:
     """Optimize the time steps for a model, solver and NFE; write a v1 schedule file."""
     spec = get_optimizer(optimizer)
+    if init is not None and not spec.takes_init:
+        raise StepoptError(f"--init: optimizer '{optimizer}' does not take a start schedule (ld3 does)")
+    if resume and not spec.resumable:
+        raise StepoptError(f"--resume: optimizer '{optimizer}' keeps no resumable state (ld3 does)")
     if select and "select" not in {f.name for f in dataclasses.fields(spec.config_cls)}:
         raise StepoptError(f"--select: optimizer '{optimizer}' has no model-aware selection")
     cfg: Any = resolve_config(spec.config_cls, config, set_ or (), {"select": True} if select else None)

@@ -63,6 +63,8 @@ class OptimizerSpec:
     config_cls: type
     run: Callable[[OptimizeContext, Any], OptimizeResult]
     summary: str = ""
+    takes_init: bool = False  # uses OptimizeContext.init_schedule (--init FILE)
+    resumable: bool = False  # keeps a state file at OptimizeContext.state_path (--resume)
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}

@@ -749,5 +749,7 @@ SPEC = register(
         config_cls=Ld3Config,
         run=run,
         summary="LD3 (Tong et al. 2025): grid learned by backprop through the solver against a teacher",
+        takes_init=True,
+        resumable=True,
     )
 )
