@@ -248,6 +248,22 @@ def test_hierarchy_subdivides_and_interpolates(gaussian):
     assert "interpolation" in s7.method.config["report"]["plan"]
 
 
+def test_final_grid_worse_than_its_start_is_not_returned(gmm, monkeypatch):
+    """The (interpolated) result is checked at the requested step count; a worse one gives back the start."""
+    import stepopt.optimizers.ays as ays_mod
+
+    def bad_search(est, start, free, validate, cfg, ctx, level):
+        grid = np.array(start, dtype=np.float64)
+        grid[1:-1] = np.geomspace(grid[-1] * 1.5, grid[-1] * 1.01, len(grid) - 2)  # all nodes piled at sigma_min
+        return grid, {"steps": level, "sweep_kept": 1, "sweeps_run": 1, "history": []}
+
+    monkeypatch.setattr(ays_mod, "search", bad_search)
+    s = _run(gmm, 5)
+    obj = s.method.objective
+    assert obj["kept_start"] is True and obj["stop_final"] == obj["stop_initial"] and obj["sweep_kept"] == 0
+    np.testing.assert_allclose(s.sigmas, baseline_sigmas("edm", 5, gmm.sigma_max, gmm.sigma_min), rtol=1e-12)
+
+
 def test_subdivide_inserts_geometric_midpoints():
     assert subdivide(np.array([100.0, 1.0, 0.01])).tolist() == pytest.approx([100.0, 10.0, 1.0, 0.1, 0.01])
 

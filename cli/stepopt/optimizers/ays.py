@@ -299,18 +299,30 @@ def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
             sig = interpolate_loglinear(sig, n)
             plan += f", log-linear interpolation to {n}"
 
+    # Early stopping guards each level; the interpolated (or subdivided) final grid is checked once more
+    # at the requested step count: the result is never worse than its start on the stopping measure.
+    rmse_start, rmse_final = validate(start), validate(sig)
+    kept_start = cfg.early_stopping and rmse_final > rmse_start
+    if kept_start:
+        ctx.report(
+            "log",
+            message=f"ays: the optimized {n}-step grid is worse than the {init_kind} start on validation "
+            f"({rmse_final:.4g} > {rmse_start:.4g}); keeping the start",
+        )
+        sig, rmse_final = np.asarray(start, dtype=np.float64), rmse_start
+
     objective: dict[str, Any] = {"name": "klub"}
     if cfg.klub_samples > 0 and n > 1:
         k0, se0 = klub_total(*est.interval_terms(start, cfg.klub_samples, tag=1))
         k1, se1 = klub_total(*est.interval_terms(sig, cfg.klub_samples, tag=1))
         objective.update({"initial": k0, "final": k1, "initial_stderr": se0, "final_stderr": se1})
-    rmse_final = validate(sig)
     objective.update(
         {
             "stop_measure": f"rmse vs teacher, {cfg.val_noises} noises",
-            "stop_initial": validate(start),
+            "stop_initial": rmse_start,
             "stop_final": rmse_final,
-            "sweep_kept": levels[-1]["sweep_kept"],
+            "sweep_kept": 0 if kept_start else levels[-1]["sweep_kept"],
+            "kept_start": kept_start,
         }
     )
     report = {
