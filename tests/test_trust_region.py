@@ -346,6 +346,28 @@ def test_cli_select_reports_every_candidate(tmp_path):
     assert sel["chosen"] == best["candidate"]
 
 
+def test_cli_select_final_denoise_scores_against_denoised_teacher(tmp_path, gmm):
+    """With final_step denoise the solver returns D(x_N), so --select must compare it to D(teacher)."""
+    out = tmp_path / "sel.yaml"
+    r = CliRunner().invoke(
+        app,
+        ["optimize", "--nfe", "6", "--device", "cpu", "--out", str(out), "--select", "--final-step", "denoise",
+         "--set", "select_p=[2]", "--set", "select_tau=[auto]", "--set", "select_n=8"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    sched = Schedule.load(out)
+    sel = sched.method.config["report"]["select"]
+    chosen = next(c for c in sel["candidates"] if c["candidate"] == sel["chosen"])
+    x_t, ref = teacher_outputs(gmm, list(range(10_000, 10_008)))
+    with torch.no_grad():
+        x = solve(DPM3, gmm, x_t, torch.as_tensor(sched.sigmas, dtype=torch.float64), final_step="denoise")
+        target = gmm(ref, gmm.sigma_min)
+    denoised = float(((x - target) ** 2).mean().sqrt())
+    undenoised = float(((x - ref) ** 2).mean().sqrt())
+    assert chosen["rmse"] == pytest.approx(denoised, rel=1e-9)
+    assert abs(undenoised - denoised) > 1e-6 * denoised
+
+
 # -- acceptance on gmm-digits (exact ODE reference) ---------------------------------------------
 BASELINES = ("logsnr", "edm", "time-uniform", "time-quadratic", "kl-optimal")
 

@@ -898,6 +898,10 @@ def _run_select(ctx: OptimizeContext, cfg: TrustRegionConfig, report: dict[str, 
     seeds = list(range(cfg.select_seed, cfg.select_seed + cfg.select_n))
     x_t, x_ref = teacher_outputs(ctx.model, seeds, device=ctx.device)
     cond = cond_for_seeds(ctx.model, seeds)
+    if ctx.final_step == "denoise":
+        # The solver's output is D(x_N) at sigma_min, so the target is the denoised teacher state.
+        with torch.no_grad():
+            x_ref = ctx.model(x_ref, ctx.model.sigma_min)
     ctx.report("log", message=f"trust-region select: teacher on {len(seeds)} noises (seeds {seeds[0]}..{seeds[-1]})")
 
     def rmse(sigmas: list[float]) -> float:
