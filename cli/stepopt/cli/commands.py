@@ -1,3 +1,3 @@
 """Registers every command module with the application."""
 
-from stepopt.cli import baseline, eval, inspect, optimize, plot, sample  # noqa: F401
+from stepopt.cli import baseline, eval, export, inspect, optimize, plot, sample  # noqa: F401
