@@ -1,0 +1,189 @@
+"""Acceptance of ``stepopt export``: the exported schedule, run by diffusers' own schedulers or by an
+independent k-diffusion-style loop, gives the samples ``stepopt sample`` writes.
+
+diffusers side: a tiny random ``UNet2DModel`` + DDPM scheduler folder (built here, offline); the
+scheduler class, keyword arguments and ``set_timesteps`` call come from ``--to diffusers`` only,
+the noise table and ``prediction_type`` from the folder's scheduler config
+(``from_config(config, **kwargs)``), and the loop is the one diffusers' pipelines run
+(``scale_model_input``, ``unet``, ``step``), all float32 as ``stepopt sample`` runs the network.
+Sample i starts from stepopt's noise of seed i times the export's ``init_latents_scale``; the
+result times ``output_scale`` must equal the ``.npz`` samples to ``RTOL`` relative to their largest
+entry. 1e-5 is the issue's tolerance; float32 networks on slightly different float32 inputs
+(diffusers keeps the VP state, stepopt ``x / a``) agree to ~1e-6.
+
+k-diffusion side: Euler and DPM++(2M) loops written below from Karras et al. (2022) Alg. 1 (no
+churn) and Lu et al. (2022) DPM-Solver++(2M) as k-diffusion states them (first step and a step
+into sigma 0 first order), on the exported sigma list with its trailing 0 for ``final_step: denoise``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from _tiny_diffusers import make_tiny_diffusers
+from stepopt.build import make_schedule
+from stepopt.cli import app
+from stepopt.models import load_model
+from stepopt.sampling import unit_noise
+from stepopt.schedule import MethodInfo, Schedule
+from stepopt.solvers import get_solver
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*")
+
+runner = CliRunner()
+RTOL = 1e-5
+N_SAMPLES = 2
+# An uneven integer-timestep grid (N = 7), ending at timestep 0 (diffusers' sigma_min).
+TIMESTEPS = [999, 800, 610, 430, 260, 120, 40, 0]
+
+
+def _has_variant(solver: str, variant: str) -> bool:
+    return variant in get_solver(solver).variants
+
+
+CASES = [
+    pytest.param("euler", None, None, "none", id="euler"),
+    pytest.param("euler", None, None, "denoise", id="euler-denoise"),
+    pytest.param("dpmpp-2m", None, True, "none", id="dpmpp-2m"),
+    pytest.param("dpmpp-2m", None, False, "denoise", id="dpmpp-2m-nolof-denoise"),
+    pytest.param(
+        "dpmpp-3m",
+        "reference",
+        True,
+        "none",
+        id="dpmpp-3m-reference",
+        marks=pytest.mark.skipif(
+            not _has_variant("dpmpp-3m", "reference"), reason="dpmpp-3m has no 'reference' variant in this stepopt"
+        ),
+    ),
+    pytest.param("unipc", "bh2", True, "none", id="unipc-bh2"),
+    pytest.param("unipc", "bh1", True, "none", id="unipc-bh1"),
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_diffusers(tmp_path_factory.mktemp("export-ddpm") / "ddpm")
+
+
+def _stepopt_sample(schedule_path: Path, out: Path) -> np.ndarray:
+    r = runner.invoke(
+        app, ["sample", "--schedule", str(schedule_path), "--n", str(N_SAMPLES), "--device", "cpu", "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    with np.load(out, allow_pickle=False) as z:
+        return np.asarray(z["samples"], dtype=np.float64)
+
+
+def _export(schedule_path: Path, to: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"export-{to}.json"
+    r = runner.invoke(app, ["export", str(schedule_path), "--to", to, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return json.loads(out.read_text())
+
+
+def _diffusers_samples(folder: Path, exp: dict, shape: tuple[int, ...]) -> np.ndarray:
+    """diffusers' scheduler loop, configured only from the export (plus the folder's own scheduler config)."""
+    config = diffusers.DDPMScheduler.load_config(folder / "scheduler")
+    cls = getattr(diffusers, exp["scheduler"]["class"])
+    sched = cls.from_config(config, **exp["scheduler"]["kwargs"])
+    sched.set_timesteps(**exp["set_timesteps"])
+    if exp["override"] is not None:
+        sched.timesteps = torch.tensor(exp["override"]["timesteps"])
+        sched.sigmas = torch.tensor(exp["override"]["sigmas"], dtype=torch.float32)
+    unet = diffusers.UNet2DModel.from_pretrained(folder / "unet", local_files_only=True).eval()
+    noise = unit_noise(shape, range(N_SAMPLES))
+    x = (noise * exp["init_latents_scale"]).to(torch.float32)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+    return (x.to(torch.float64) * exp["output_scale"]).numpy()
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize(("solver", "variant", "lof", "final_step"), CASES)
+def test_diffusers_export_reproduces_stepopt_sample(folder, tmp_path, solver, variant, lof, final_step):
+    model = load_model(f"diffusers:{folder}", device="cpu")
+    ident = get_solver(solver).identity(None, variant, lof)
+    sig = [float(s) for s in model.frame.sigma(np.asarray(TIMESTEPS, dtype=np.float64))]
+    s = make_schedule(model, ident, sig, MethodInfo("test-integer-grid"), final_step=final_step)
+    path = tmp_path / "s.yaml"
+    s.save(path)
+    ours = _stepopt_sample(path, tmp_path / "ours.npz")
+    exp = _export(path, "diffusers", tmp_path)
+    assert exp["exact"], exp["differences"]
+    theirs = _diffusers_samples(folder, exp, model.shape)
+    assert _rel(ours, theirs) < RTOL
+    if final_step == "none":  # a negative control: the state conversion matters at this tolerance
+        assert _rel(ours, theirs / exp["output_scale"]) > RTOL or exp["output_scale"] == 1.0
+
+
+# -- k-diffusion -------------------------------------------------------------------------------
+
+
+def _k_euler(model, x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
+    for i in range(len(sigmas) - 1):
+        d = (x - model(x, sigmas[i])) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def _k_dpmpp_2m(model, x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
+    old = None
+    for i in range(len(sigmas) - 1):
+        den = model(x, sigmas[i])
+        s, s_next = sigmas[i], sigmas[i + 1]
+        if s_next == 0:
+            x = den
+        else:
+            h = math.log(s) - math.log(s_next)
+            if old is None:
+                d = den
+            else:
+                r = (math.log(sigmas[i - 1]) - math.log(s)) / h
+                d = (1 + 1 / (2 * r)) * den - (1 / (2 * r)) * old
+            x = (s_next / s) * x - math.expm1(-h) * d
+        old = den
+    return x
+
+
+@pytest.mark.parametrize(
+    ("solver", "lof", "final_step", "loop"),
+    [
+        pytest.param("euler", None, "none", _k_euler, id="euler"),
+        pytest.param("euler", None, "denoise", _k_euler, id="euler-denoise"),
+        pytest.param("dpmpp-2m", False, "none", _k_dpmpp_2m, id="2m"),
+        pytest.param("dpmpp-2m", False, "denoise", _k_dpmpp_2m, id="2m-denoise"),
+    ],
+)
+def test_k_diffusion_export_reproduces_stepopt_sample(tmp_path, solver, lof, final_step, loop):
+    flags = [] if lof is None else ["--no-lower-order-final"]
+    path = tmp_path / "s.yaml"
+    nfe = "6" if final_step == "none" else "7"
+    r = runner.invoke(
+        app,
+        ["baseline", "edm", "--solver", solver, "--nfe", nfe, "--final-step", final_step, "--out", str(path), *flags],
+    )
+    assert r.exit_code == 0, r.output
+    ours = _stepopt_sample(path, tmp_path / "ours.npz")
+    exp = _export(path, "k-diffusion", tmp_path)
+    assert exp["sampler"] == ("sample_euler" if solver == "euler" else "sample_dpmpp_2m")
+    sigmas = exp["sigmas"]
+    assert (sigmas[-1] == 0.0) == (final_step == "denoise")
+    s = Schedule.load(path)
+    model = load_model(s.model.id, device="cpu")
+    x = (unit_noise(model.shape, range(N_SAMPLES)) * sigmas[0]).to(model.dtype)
+    with torch.no_grad():
+        theirs = loop(model, x, sigmas).to(torch.float64).numpy()
+    assert _rel(ours, theirs) < RTOL
