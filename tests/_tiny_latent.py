@@ -170,8 +170,7 @@ def make_embedded_latent(n_prompts: int = 2, guidance: float = 3.0) -> Any:
     ``python:_tiny_latent:make_embedded_latent`` exercises the latent path of the CLI (guidance,
     per-seed prompts, VAE decoding) on the real diffusers UNet and VAE above.
     """
-    from stepopt.models.diffusers_adapter import scheduler_settings, unet_fingerprint
-    from stepopt.models.diffusers_latent import DiffusersLatent
+    from stepopt.models.diffusers import DiffusersLatent, scheduler_settings, unet_fingerprint
 
     settings = scheduler_settings(dict(ddpm_scheduler().config), Path("scheduler_config.json"))
     unet = tiny_cond_unet()

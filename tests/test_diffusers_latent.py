@@ -44,13 +44,14 @@ from stepopt.build import baseline_schedule
 from stepopt.cli import app
 from stepopt.errors import StepoptError
 from stepopt.models import load_model
-from stepopt.models.diffusers_adapter import scheduler_settings, unet_fingerprint
-from stepopt.models.diffusers_latent import (
+from stepopt.models.diffusers import (
     DiffusersLatent,
     PromptSet,
     conditioning_mismatches,
     configure_conditioning,
     read_prompts,
+    scheduler_settings,
+    unet_fingerprint,
 )
 from stepopt.sampling import sample_schedule
 from stepopt.schedule import Schedule

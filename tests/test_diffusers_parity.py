@@ -59,7 +59,7 @@ import torch
 from _tiny_diffusers import make_tiny_diffusers
 from stepopt.errors import StepoptError
 from stepopt.models import load_model
-from stepopt.models.diffusers_adapter import DiffusersUNet
+from stepopt.models.diffusers import DiffusersUNet
 from stepopt.solvers import get_solver, solve
 
 diffusers = pytest.importorskip("diffusers")

@@ -37,7 +37,7 @@ from stepopt.cli.common import default_out, schedule_header, schedule_json
 from stepopt.config import resolve_config
 from stepopt.errors import StepoptError
 from stepopt.models import DEFAULT_MODEL, load_model, resolve_device
-from stepopt.models.diffusers_latent import configure_conditioning
+from stepopt.models.diffusers import configure_conditioning
 from stepopt.optimizers import get_optimizer, optimize
 from stepopt.schedule import Schedule
 from stepopt.solvers import get_solver

@@ -32,7 +32,7 @@ from stepopt.errors import StepoptError
 from stepopt.images import is_image_shape, save_grid
 from stepopt.models import load_model, resolve_device
 from stepopt.models.base import DiffusionModel
-from stepopt.models.diffusers_latent import DiffusersLatent, conditioning_mismatches, configure_conditioning
+from stepopt.models.diffusers import DiffusersLatent, conditioning_mismatches, configure_conditioning
 from stepopt.sampling import ProgressFn, sample_schedule, save_samples, schedule_mismatches
 from stepopt.schedule import Schedule
 

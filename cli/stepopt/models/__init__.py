@@ -122,8 +122,19 @@ def load_model(
     raise StepoptError(f"unknown model loader '{prefix}' in '{spec}'; expected one of {known}")
 
 
-from stepopt.models import diffusers_adapter as _diffusers_adapter  # noqa: E402, F401  (registers diffusers:PATH)
+def _load_diffusers(rest: str, device: torch.device, dtype: torch.dtype | None) -> DiffusionModel:
+    from stepopt.models.diffusers import load_diffusers  # imported on use: keeps `import stepopt` light
 
+    return load_diffusers(rest, device, dtype)
+
+
+register_loader(
+    "diffusers",
+    _load_diffusers,
+    "local diffusers folder, offline: pixel UNet2DModel + DDPM-style scheduler (epsilon, v, sample), or a latent "
+    "text-to-image pipeline (StableDiffusionPipeline layout: UNet2DConditionModel, AutoencoderKL, CLIP; prompts, "
+    "classifier-free guidance, VAE decode; needs transformers)",
+)
 register_loader(
     "python", load_python_factory, "user code: python:MODULE:FACTORY or python:FILE.py:FACTORY returning a denoiser"
 )

@@ -3,7 +3,7 @@
 A pipeline folder holds ``model_index.json``, ``unet/`` (a ``UNet2DConditionModel``), ``vae/`` (an
 ``AutoencoderKL``), ``text_encoder/`` + ``tokenizer/`` (CLIP, from ``transformers``) and
 ``scheduler/`` (DDPM-style betas). It is loaded offline through the same ``diffusers:PATH`` id as
-pixel models; :func:`stepopt.models.diffusers_adapter.load_diffusers` hands it here when the UNet
+pixel models; :func:`stepopt.models.diffusers.load_diffusers` hands it here when the UNet
 class is ``UNet2DConditionModel``.
 
 **State.** The model's state is the VAE latent of Rombach et al. 2022 (LDM, §3 and App. D.1):
@@ -11,7 +11,7 @@ class is ``UNet2DConditionModel``.
 the image is ``(vae.out_channels, H * f, W * f)`` with ``f = 2 ** (len(vae.block_out_channels) - 1)``.
 The latent diffusion is an ordinary DDPM in ``z``, so the EDM frame, the ``alphas_cumprod`` table,
 the timestep rounding and the epsilon / v / sample conversions are exactly those of the pixel
-adapter (:mod:`stepopt.models.diffusers_adapter`): ``x = z_t / a_t``, ``sigma = s_t / a_t``.
+adapter (:mod:`stepopt.models.diffusers.pixel`): ``x = z_t / a_t``, ``sigma = s_t / a_t``.
 :meth:`DiffusersLatent.decode` maps the final state to images in ``[-1, 1]``:
 ``image = VAE.decode(x / scaling_factor + shift_factor)``, clipped. The VAE decodes in float32
 (float64 for a float64 network) whatever ``--dtype`` is: decoding is a small part of the cost and
@@ -32,7 +32,7 @@ With a single prompt the index may be omitted; with several, a caller that passe
 coefficients for both halves (same ``x`` and ``sigma``), so this equals the conversion of
 ``F_uncond + s (F_cond - F_uncond)``, which is what diffusers computes on the noise prediction.
 Both halves come from ONE network call on a batch of ``2B`` (``[uncond; cond]``, as diffusers lays
-it out); design.md §1 counts it as one evaluation, so a schedule's NFE does not depend on the
+it out); stepopt counts it as one network evaluation, so a schedule's NFE does not depend on the
 guidance. ``s = 1`` makes one call of ``B`` rows (conditional only); ``0 <= s < 1`` interpolates
 toward the unconditional model (diffusers switches guidance off for every ``s <= 1``; here only
 ``s = 1`` is guidance-free). Guidance rescaling (``guidance_rescale``) is not applied.
@@ -57,14 +57,14 @@ import torch
 
 from stepopt.errors import StepoptError
 from stepopt.models.base import DiffusionModel
-from stepopt.models.diffusers_adapter import (
-    DiffusersUNet,
-    _quiet_diffusers,
-    _read_json,
+from stepopt.models.diffusers.common import (
     load_component,
+    quiet_diffusers,
+    read_json,
     unet_fingerprint,
     weights_variant,
 )
+from stepopt.models.diffusers.pixel import DiffusersUNet
 
 DEFAULT_GUIDANCE = 7.5  # StableDiffusionPipeline's default guidance_scale
 TEXT_ENCODER_CLASSES = ("CLIPTextModel",)
@@ -200,7 +200,7 @@ class DiffusersLatent(DiffusersUNet):
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiffusersLatent:
         super().to(device, dtype)
         vae_dtype = torch.float64 if self.net_dtype == torch.float64 else torch.float32
-        with _quiet_diffusers():
+        with quiet_diffusers():
             self.vae.to(device=self.device, dtype=vae_dtype)
         if self.encoder is not None:
             self.encoder.to(self.device, self.net_dtype)
@@ -378,7 +378,7 @@ def load_latent_pipeline(
             f"{folder}: a UNet2DConditionModel is not supported outside a latent text-to-image pipeline folder; "
             "expected model_index.json with unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
         )
-    index = _read_json(index_path)
+    index = read_json(index_path)
     pipeline = str(index.get("_class_name", "?"))
     if index.get("text_encoder_2") not in (None, [None, None]):
         raise StepoptError(f"{index_path}: {pipeline} has a second text encoder (SDXL-style); not supported")

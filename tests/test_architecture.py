@@ -1,0 +1,58 @@
+"""Structural rules of the package: no import cycles among the model adapters, no private names across modules."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "cli" / "stepopt"
+DIFFUSERS = ("common", "pixel", "latent")
+
+
+def _imports(path: Path) -> list[ast.ImportFrom]:
+    return [n for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(n, ast.ImportFrom)]
+
+
+def test_no_private_names_imported_across_stepopt_modules() -> None:
+    bad = []
+    for path in PKG.rglob("*.py"):
+        for node in _imports(path):
+            if (node.module or "").startswith("stepopt"):
+                bad += [
+                    f"{path.relative_to(PKG)}: {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
+    assert bad == []
+
+
+def test_diffusers_package_imports_only_downward() -> None:
+    """common <- pixel <- latent <- package: no module imports one that comes after it (no cycle)."""
+    order = {name: i for i, name in enumerate(DIFFUSERS)}
+    for name in DIFFUSERS:
+        for node in _imports(PKG / "models" / "diffusers" / f"{name}.py"):
+            mod = node.module or ""
+            assert mod != "stepopt.models.diffusers", f"{name} imports its own package"
+            if mod.startswith("stepopt.models.diffusers."):
+                assert order[mod.rsplit(".", 1)[1]] < order[name], f"{name} imports {mod}"
+
+
+def test_models_package_has_no_bottom_of_file_import() -> None:
+    tree = ast.parse((PKG / "models" / "__init__.py").read_text(encoding="utf-8"))
+    seen_def = False
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            seen_def = True
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            assert not seen_def, f"module-level import after a definition at line {node.lineno}"
+
+
+@pytest.mark.parametrize("module", [f"stepopt.models.diffusers.{m}" for m in DIFFUSERS])
+def test_each_diffusers_module_imports_first(module: str) -> None:
+    """Any module of the package can be the first one imported (what a cycle would break)."""
+    code = f"import {module}; import stepopt.models; assert 'diffusers' in stepopt.models.LOADERS"
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(PKG.parent)})
