@@ -26,12 +26,14 @@ Conventions bridged (each explicitly, in this file):
 5. **2M solver_type.** stepopt's ``dpmpp-2m`` is the paper's Algorithm 2, diffusers'
    ``solver_type="midpoint"`` (its default); ``"heun"`` is a different second-order rule, and a
    negative control below shows it does not match.
-6. **3M quadratic term.** diffusers (like the DPM-Solver reference code) integrates only half of the
-   interpolating quadratic's ``u^2`` term (``-phi_3 D2`` instead of the exact ``-2 phi_3 D2``), which
-   makes its 3M second order globally; stepopt's ``dpmpp-3m`` is the exact integral (see
-   ``stepopt/solvers/dpmpp.py``). :class:`ExactQuadratic3M` adds the missing half back, computed
-   from the scheduler's own stored outputs and sigmas; a negative control shows that without it the
-   two differ by far more than ``RTOL``.
+6. **3M variants.** ``dpmpp-3m`` ``reference`` is diffusers' ``solver_order=3`` as it is (phi_3
+   quadratic term, midpoint order-2 steps); ``taylor`` is diffusers with ``solver_type="heun"``
+   (the taylor order-2 form, which is also k-diffusion's 3M warm-up: tests/test_solvers_extra.py
+   checks that one against k-diffusion's formulas). ``exact`` integrates the whole quadratic
+   (``-2 phi_3 D2``, see ``stepopt/solvers/dpmpp.py``): :class:`ExactQuadratic3M` adds the
+   missing half to diffusers' step, computed from the scheduler's own stored outputs and sigmas.
+   Negative controls show that the variants differ from each other's reference by far more than
+   ``RTOL``.
 7. **UniPC settings.** ``predict_x0=True`` (data prediction, as ours), ``solver_type`` bh1/bh2 =
    our ``variant``, ``disable_corrector=[]`` (corrector after every step except the last, which
    neither side corrects), no ``solver_p``. Both use a = 1/2 for UniP-2 and UniC-1.
@@ -139,34 +141,44 @@ def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
 # -- DPM-Solver++ ------------------------------------------------------------------------------
 
 DPM_CASES = [
-    # (our solver, our lower_order_final, diffusers lower_order_final, set_timesteps kwargs)
-    pytest.param("dpmpp-2m", True, True, {"num_inference_steps": 8}, id="2m-linspace8"),
-    pytest.param("dpmpp-2m", True, True, {"timesteps": CUSTOM_TIMESTEPS}, id="2m-custom8"),
-    pytest.param("dpmpp-2m", False, False, {"num_inference_steps": 6}, id="2m-nolof6"),
-    pytest.param("dpmpp-2m", False, True, {"num_inference_steps": 16}, id="2m-N16-diffusers-lof-inert"),
-    pytest.param("dpmpp-3m", True, True, {"timesteps": CUSTOM_TIMESTEPS}, id="3m-custom8"),
-    pytest.param("dpmpp-3m", True, True, {"num_inference_steps": 5}, id="3m-linspace5"),
-    pytest.param("dpmpp-3m", False, False, {"num_inference_steps": 7}, id="3m-nolof7"),
+    # (our solver, variant, our lower_order_final, diffusers lower_order_final, set_timesteps kwargs)
+    pytest.param("dpmpp-2m", None, True, True, {"num_inference_steps": 8}, id="2m-linspace8"),
+    pytest.param("dpmpp-2m", None, True, True, {"timesteps": CUSTOM_TIMESTEPS}, id="2m-custom8"),
+    pytest.param("dpmpp-2m", None, False, False, {"num_inference_steps": 6}, id="2m-nolof6"),
+    pytest.param("dpmpp-2m", None, False, True, {"num_inference_steps": 16}, id="2m-N16-diffusers-lof-inert"),
+    pytest.param("dpmpp-3m", "reference", True, True, {"timesteps": CUSTOM_TIMESTEPS}, id="3m-ref-custom8"),
+    pytest.param("dpmpp-3m", "reference", True, True, {"num_inference_steps": 5}, id="3m-ref-linspace5"),
+    pytest.param("dpmpp-3m", "reference", False, False, {"num_inference_steps": 7}, id="3m-ref-nolof7"),
+    pytest.param("dpmpp-3m", "reference", False, True, {"num_inference_steps": 16}, id="3m-ref-N16-lof-inert"),
+    pytest.param("dpmpp-3m", "taylor", True, True, {"timesteps": CUSTOM_TIMESTEPS}, id="3m-taylor-custom8"),
+    pytest.param("dpmpp-3m", "taylor", False, False, {"num_inference_steps": 6}, id="3m-taylor-nolof6"),
+    pytest.param("dpmpp-3m", "exact", True, True, {"timesteps": CUSTOM_TIMESTEPS}, id="3m-exact-custom8"),
+    pytest.param("dpmpp-3m", "exact", False, False, {"num_inference_steps": 7}, id="3m-exact-nolof7"),
 ]
 
 
+def _dpm_scheduler(order: int, variant: str | None, **kw: Any) -> Any:
+    """diffusers' scheduler for our identity (convention 6)."""
+    cls = ExactQuadratic3M if variant == "exact" else diffusers.DPMSolverMultistepScheduler
+    return cls(solver_order=order, solver_type="heun" if variant == "taylor" else "midpoint", **kw)
+
+
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize(("solver", "lof", "d_lof", "grid"), DPM_CASES)
-def test_dpmpp_matches_diffusers(folders, prediction, solver, lof, d_lof, grid) -> None:
+@pytest.mark.parametrize(("solver", "variant", "lof", "d_lof", "grid"), DPM_CASES)
+def test_dpmpp_matches_diffusers(folders, prediction, solver, variant, lof, d_lof, grid) -> None:
     order = get_solver(solver).default_order
-    cls = ExactQuadratic3M if order == 3 else diffusers.DPMSolverMultistepScheduler
-    sched = cls(
+    sched = _dpm_scheduler(
+        order,
+        variant,
         prediction_type=prediction,
         algorithm_type="dpmsolver++",
-        solver_order=order,
-        solver_type="midpoint",
         lower_order_final=d_lof,
         euler_at_final=False,
         final_sigmas_type="sigma_min",
     )
     x_T = _x_T((2, 8, 8))
     ref, sigmas = _run_diffusers(folders[prediction], sched, x_T, **grid)
-    ours = _run_stepopt(folders[prediction], solver, order, None, lof, x_T, sigmas)
+    ours = _run_stepopt(folders[prediction], solver, order, variant, lof, x_T, sigmas)
     assert _rel(ours, ref) < RTOL
 
 
@@ -178,7 +190,7 @@ def test_dpmpp_2m_sample_prediction(folders) -> None:
 
 
 def test_negative_controls(folders) -> None:
-    """The tolerance discriminates: a different 2M rule, and 3M without the bridge, both fail it."""
+    """The tolerance discriminates: a different 2M rule, and each 3M variant against another's reference."""
     x_T = _x_T((2, 8, 8))
     folder = folders["epsilon"]
     heun = diffusers.DPMSolverMultistepScheduler(solver_type="heun", final_sigmas_type="sigma_min")
@@ -186,7 +198,8 @@ def test_negative_controls(folders) -> None:
     assert _rel(_run_stepopt(folder, "dpmpp-2m", 2, None, True, x_T, sigmas), ref) > 100 * RTOL
     plain = diffusers.DPMSolverMultistepScheduler(solver_order=3, final_sigmas_type="sigma_min")
     ref, sigmas = _run_diffusers(folder, plain, x_T, timesteps=CUSTOM_TIMESTEPS)
-    assert _rel(_run_stepopt(folder, "dpmpp-3m", 3, None, True, x_T, sigmas), ref) > 100 * RTOL
+    for variant in ("exact", "taylor"):
+        assert _rel(_run_stepopt(folder, "dpmpp-3m", 3, variant, True, x_T, sigmas), ref) > 100 * RTOL
 
 
 # -- UniPC -------------------------------------------------------------------------------------

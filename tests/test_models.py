@@ -54,8 +54,10 @@ def test_gmm_batched_sigma_and_dtype(gmm):
     x = torch.randn((5, 1, 8, 8), generator=g, dtype=torch.float64)
     sig = torch.tensor([0.01, 0.1, 1.0, 10.0, 80.0], dtype=torch.float64)
     both = gmm(x, sig)
+    # Batched and single-sample matmuls may sum in different orders (BLAS kernels chosen by shape):
+    # measured up to 2.4e-13 on |x| ~ 1; a wrong per-sample sigma errs by far more.
     for i in range(5):
-        torch.testing.assert_close(both[i : i + 1], gmm(x[i : i + 1], float(sig[i])), rtol=0, atol=1e-13)
+        torch.testing.assert_close(both[i : i + 1], gmm(x[i : i + 1], float(sig[i])), rtol=0, atol=1e-12)
     assert gmm(x.float(), 1.0).dtype == torch.float32
 
 

@@ -176,3 +176,18 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert stat.S_IMODE(p.stat().st_mode) == 0o644
+
+
+def test_dpmpp_3m_files_from_before_the_variants_keep_the_exact_form(tmp_path):
+    """A v1 file written when dpmpp-3m was the exact form (``variant: null``) loads as ``variant: exact``."""
+    old = GOLDEN / "legacy" / "logsnr_dpmpp3m_nfe6_before_variants.yaml"
+    assert yaml.safe_load(old.read_text())["solver"]["variant"] is None
+    s = Schedule.load(old)
+    assert s.solver == SolverIdentity("dpmpp-3m", 3, "exact", True)
+    assert s.provenance["migrated"] == ["solver.variant: null -> exact (dpmpp-3m file from before the variants)"]
+    # Written back, it says so explicitly and round-trips from then on.
+    again = Schedule.load(s.save(tmp_path / "s.yaml"))
+    assert again == s and yaml.safe_load((tmp_path / "s.yaml").read_text())["solver"]["variant"] == "exact"
+    # New files carry the variant they were made for; the default is the reference form.
+    new = make(solver=SolverIdentity("dpmpp-3m", 3, "reference", True), nfe=2)
+    assert Schedule.from_yaml(new.to_yaml()) == new

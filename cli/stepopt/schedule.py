@@ -24,6 +24,7 @@ from stepopt.errors import ScheduleValidationError
 from stepopt.frames import TIME_DOMAINS
 from stepopt.io import atomic_write_text
 from stepopt.solvers import FINAL_STEPS, SolverIdentity, get_solver
+from stepopt.solvers.dpmpp import LEGACY_VARIANT_3M
 
 FORMAT_V1 = "stepopt.schedule/v1"
 CURRENT_FORMAT = FORMAT_V1
@@ -31,6 +32,23 @@ CURRENT_FORMAT = FORMAT_V1
 # Migration hook: maps an older format string to a function that upgrades a loaded mapping by
 # one version (returning a mapping whose ``format`` is newer). Empty while v1 is the only version.
 MIGRATIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def _legacy_dpmpp_3m_variant(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 files written before dpmpp-3m had variants (``variant`` null or absent) mean the exact form."""
+    solver = data.get("solver")
+    if isinstance(solver, Mapping) and solver.get("name") == "dpmpp-3m" and solver.get("variant") is None:
+        data = {**data, "solver": {**solver, "variant": LEGACY_VARIANT_3M}}
+        prov = data.get("provenance")
+        if isinstance(prov, Mapping):
+            note = f"solver.variant: null -> {LEGACY_VARIANT_3M} (dpmpp-3m file from before the variants)"
+            data["provenance"] = {**prov, "migrated": [*prov.get("migrated", []), note]}
+    return data
+
+
+# Upgrades within the current format: content whose meaning changed without a new version (each
+# maps a loaded mapping to its current meaning; applied after the format migrations, in order).
+CONTENT_MIGRATIONS: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = (_legacy_dpmpp_3m_variant,)
 
 TOP_KEYS = (
     "format",
@@ -342,11 +360,14 @@ def _section(data: Mapping[str, Any], name: str, keys: Sequence[str], required: 
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
-    """Upgrade a loaded mapping to :data:`CURRENT_FORMAT` through :data:`MIGRATIONS`."""
+    """Upgrade a loaded mapping to :data:`CURRENT_FORMAT` through :data:`MIGRATIONS`, then
+    :data:`CONTENT_MIGRATIONS`."""
     seen: set[str] = set()
     while True:
         fmt = data.get("format")
         if fmt == CURRENT_FORMAT:
+            for upgrade in CONTENT_MIGRATIONS:
+                data = upgrade(data)
             return data
         if fmt is None:
             raise ScheduleValidationError(

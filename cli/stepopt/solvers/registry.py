@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from stepopt.errors import StepoptError
 
 FINAL_STEPS = ("none", "denoise")
@@ -46,6 +48,9 @@ class SolverIdentity:
 NfeRule = Callable[[SolverIdentity, int], int]
 
 
+LinearWeightsFn = Callable[[SolverIdentity, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
 def nfe_one_per_step(identity: SolverIdentity, n_steps: int) -> int:
     """Single-step and multistep solvers: one evaluation per step (N)."""
     return n_steps
@@ -68,6 +73,10 @@ class SolverSpec:
     # Global order of accuracy on smoothly varying grids, when it differs from ``identity.order``
     # (UniPC's corrector adds one; fixed-weight iPNDM is second order on non-uniform grids).
     convergence_order: Callable[[SolverIdentity], int] | None = None
+    # The solver as a linear map of its evaluations (``stepopt.solvers.linear``): for a batch of
+    # grids lam (B, N+1) the weight of each evaluation D_e in each step, (B, N, M), and the grid
+    # node whose sigma each evaluation uses, (M,). Real or complex lam (complex-step derivatives).
+    linear_weights: LinearWeightsFn | None = None
 
     def identity(
         self,

@@ -30,9 +30,10 @@ same policy as ``dpmpp-*`` (see ``dpmpp.py``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise, scalar, step_order
@@ -41,36 +42,66 @@ from stepopt.solvers.registry import SolverIdentity, SolverSpec, register
 VARIANTS = ("bh1", "bh2")
 
 
-def unipc_coefficients(
-    h: torch.Tensor, rks: torch.Tensor, variant: str, predictor: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def unipc_coefficients(h: Any, rks: Any, variant: str, predictor: bool) -> tuple[Any, Any]:
     """``(B(h), coefficients)`` of UniP (``predictor``, len(rks) unknowns) or UniC (rks plus r = 1).
 
-    ``rks`` holds the r_m of the k-1 previous nodes (float64, possibly empty); returns B(h) and the
-    vector a (predictor, length k-1) or c (corrector, length k).
+    ``h``: the step (a torch scalar, or a numpy batch (B,)); ``rks``: the r_m of the k-1 previous
+    nodes along the last axis (float64 or complex, possibly empty). Returns B(h) and the vector a
+    (predictor, length k-1) or c (corrector, length k) along the last axis.
     """
+    xp = torch if isinstance(h, torch.Tensor) else np
     hh = -h
     if variant == "bh1":
         b_h = hh
     elif variant == "bh2":
-        b_h = torch.expm1(hh)
+        b_h = xp.expm1(hh)
     else:
         raise ValueError(f"UniPC variant must be one of {', '.join(VARIANTS)}, got '{variant}'")
-    r = rks if predictor else torch.cat([rks, torch.ones_like(h).reshape(1)])
-    n = r.shape[0]
+    r = rks if predictor else xp.concatenate([rks, xp.ones_like(rks[..., :1] if rks.shape[-1] else h[..., None])], -1)
+    n = r.shape[-1]
     if n == 0:
         return b_h, r
     if n == 1:
         # The paper's choice for the 1x1 systems (UniP-2, UniC-1): a_1 = 1/2.
-        return b_h, torch.full_like(r, 0.5)
+        return b_h, 0.5 * xp.ones_like(r)
     # Right-hand side b_i = i! hh phi_{i+1}(hh) / B(h) = (i! phi_i(hh) - 1) / B(h).
-    phi = torch.expm1(hh) / hh  # phi_1
+    phi = xp.expm1(hh) / hh  # phi_1
     rhs = []
     for i in range(1, n + 1):
         rhs.append((math.factorial(i) * phi - 1) / b_h)
         phi = (phi - 1 / math.factorial(i)) / hh  # phi_{i+1}
-    vander = torch.stack([r**p for p in range(n)])  # row p: r_m^p
-    return b_h, torch.linalg.solve(vander, torch.stack(rhs))
+    vander = xp.stack([r**p for p in range(n)], -2)  # row p: r_m^p
+    return b_h, xp.linalg.solve(vander, xp.stack(rhs, -1)[..., None])[..., 0]
+
+
+def unipc_update(
+    lam: Any, s: int, k: int, variant: str, ds: list[Any], d_next: Any, mul: Callable[[Any, Any], Any]
+) -> Any:
+    """The data-prediction part of UniP-k (``d_next`` None) or UniC-k for step s:
+    ``x_{s+1} = (sigma_{s+1}/sigma_s) x_s + this``.
+
+    ``lam``: the grid's lam's (last axis; a torch vector for the solver, a batch of numpy grids for
+    :func:`unipc_weights`); ``ds``: D_s, D_{s-1}, ... (newest first); ``d_next``: the evaluation at
+    the predicted point; ``mul(c, v)``: a coefficient times a D-like value. The solver and its
+    bound weights both step through here.
+    """
+    xp = torch if isinstance(lam, torch.Tensor) else np
+    h = lam[..., s + 1] - lam[..., s]
+    if k > 1:
+        rks = xp.stack([(lam[..., s - m] - lam[..., s]) / h for m in range(1, k)], -1)
+    else:
+        rks = lam[..., :0]
+    d = ds[0]
+    d1s = [mul(1 / rks[..., m - 1], ds[m] - d) for m in range(1, k)]
+    # The first-order (DDIM) part shared by predictor and corrector.
+    out = mul(-xp.expm1(-h), d)
+    b_h, coef = unipc_coefficients(h, rks, variant, predictor=d_next is None)
+    if d_next is not None:
+        # UniC-k with the evaluation at the predicted point, which is also the next step's D.
+        out = out - mul(b_h * coef[..., k - 1], d_next - d)
+    for m, d1 in enumerate(d1s):
+        out = out - mul(b_h * coef[..., m], d1)
+    return out
 
 
 def unipc(
@@ -95,26 +126,20 @@ def unipc(
     check_grid(sig, msig)
     lam = -torch.log(sig)
     n = sig.shape[0] - 1
+
+    def mul(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return scalar(c, x) * v
+
     d = denoise(denoiser, x, msig[0], cond)
     ds: list[torch.Tensor] = [d]  # D_s, D_{s-1}, ... (newest first)
     for s in range(n):
         k = step_order(s, n, order, lower_order_final)
-        h = lam[s + 1] - lam[s]
-        rks = torch.stack([(lam[s - m] - lam[s]) / h for m in range(1, k)]) if k > 1 else lam[:0]
-        d1s = [scalar(1 / rks[m - 1], x) * (ds[m] - d) for m in range(1, k)]
-        # The first-order (DDIM) part shared by predictor and corrector.
-        x_base = scalar(sig[s + 1] / sig[s], x) * x - scalar(torch.expm1(-h), x) * d
-        b_h, a = unipc_coefficients(h, rks, variant, predictor=True)
-        x_pred = x_base
-        for m, d1 in enumerate(d1s):
-            x_pred = x_pred - scalar(b_h * a[m], x) * d1
+        ratio = scalar(sig[s + 1] / sig[s], x)
+        x_pred = ratio * x + unipc_update(lam, s, k, variant, ds, None, mul)
         if s < n - 1:
-            # UniC-k with the evaluation at the predicted point, which is also the next step's D.
+            # The corrector reuses the evaluation at the predicted point as the next step's D.
             d_next = denoise(denoiser, x_pred, msig[s + 1], cond)
-            _, c = unipc_coefficients(h, rks, variant, predictor=False)
-            x_next = x_base - scalar(b_h * c[k - 1], x) * (d_next - d)
-            for m, d1 in enumerate(d1s):
-                x_next = x_next - scalar(b_h * c[m], x) * d1
+            x_next = ratio * x + unipc_update(lam, s, k, variant, ds, d_next, mul)
         else:
             d_next, x_next = d, x_pred
         x = x_next
@@ -123,6 +148,26 @@ def unipc(
         d = d_next
         ds = [d, *ds][:order]
     return x
+
+
+def unipc_weights(identity: SolverIdentity, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bound weights (see ``stepopt.solvers.linear``): evaluation e is at node e; step s < N-1
+    (corrected) weighs D_{s-k+1}, ..., D_s and D_{s+1}, the last (predictor only) D_{N-k}, ..., D_{N-1}."""
+    b, n = lam.shape[0], lam.shape[1] - 1
+    eye = np.eye(n)
+    steps = np.zeros((b, n, n), dtype=lam.dtype)
+    lof = identity.lower_order_final is not False
+    variant = identity.variant or "bh2"
+    for s in range(n):
+        k = step_order(s, n, identity.order, lof)
+        ds = [eye[s - m] for m in range(k)]
+        upd = unipc_update(lam, s, k, variant, ds, eye[s + 1] if s < n - 1 else None, _mul)
+        steps[:, s] = np.exp(lam[:, s + 1])[:, None] * upd
+    return steps, np.arange(n)
+
+
+def _mul(c: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return c[:, None] * v
 
 
 def unipc_global_order(identity: SolverIdentity) -> int:
@@ -141,6 +186,7 @@ SPEC = register(
         has_lower_order_final=True,
         default_lower_order_final=True,
         convergence_order=unipc_global_order,
+        linear_weights=unipc_weights,
         summary="UniPC predictor-corrector, data prediction (Zhao et al. 2023), bh1/bh2, N evaluations",
     )
 )
