@@ -87,12 +87,17 @@ def dpmpp_multistep(
     check_grid(sig, msig)
     lam = -torch.log(sig)
     n = sig.shape[0] - 1
+    dtype = x.dtype
+
+    def mul(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return c.to(dtype) * v
+
     ds: list[torch.Tensor] = []  # data predictions D_s, D_{s-1}, ... (newest first)
     for s in range(n):
         d = denoise(denoiser, x, msig[s], cond)
         ds = [d, *ds][:order]
         k = step_order(s, n, order, lower_order_final)
-        x = scalar(sig[s + 1] / sig[s], x) * x + dpmpp_update(lam, s, k, variant, ds, lambda c, v: scalar(c, x) * v)
+        x = scalar(sig[s + 1] / sig[s], x) * x + dpmpp_update(lam, s, k, variant, ds, mul)
         if callback is not None:
             callback({"i": s, "x": x, "denoised": d, "sigma": sig[s], "sigma_next": sig[s + 1], "order": k})
     return x

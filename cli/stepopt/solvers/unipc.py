@@ -127,8 +127,10 @@ def unipc(
     lam = -torch.log(sig)
     n = sig.shape[0] - 1
 
+    dtype = x.dtype
+
     def mul(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return scalar(c, x) * v
+        return c.to(dtype) * v
 
     d = denoise(denoiser, x, msig[0], cond)
     ds: list[torch.Tensor] = [d]  # D_s, D_{s-1}, ... (newest first)
