@@ -342,8 +342,10 @@ def test_cli_select_reports_every_candidate(tmp_path):
     sel = Schedule.load(out).method.config["report"]["select"]
     assert len(sel["candidates"]) == 1 + 2 * 1 * 2  # logsnr baseline + p x tau x init
     assert "logsnr baseline" in r.output and "chose" in r.output
-    best = min(sel["candidates"], key=lambda c: c["rmse"])
-    assert sel["chosen"] == best["candidate"]
+    # The lowest RMSE wins; ties within 1e-9 relative (both inits reaching the same grid) keep the first.
+    best = min(c["rmse"] for c in sel["candidates"])
+    chosen = next(c for c in sel["candidates"] if c["candidate"] == sel["chosen"])
+    assert chosen["rmse"] <= best * (1 + 1e-9)
 
 
 def test_cli_select_final_denoise_scores_against_denoised_teacher(tmp_path, gmm):
