@@ -69,7 +69,7 @@ class OptimizerSpec:
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
 # Modules that register the built-in optimizers (imported on first use).
-_BUILTIN_MODULES: tuple[str, ...] = ("ays", "ld3", "trust_region")
+_BUILTIN_MODULES: tuple[str, ...] = ("ays", "gits", "ld3", "oss", "trust_region")
 
 
 def register(spec: OptimizerSpec) -> OptimizerSpec:

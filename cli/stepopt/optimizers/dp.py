@@ -1,0 +1,384 @@
+"""What GITS and OSS share: a candidate grid, cached teacher trajectories on it, and exact DPs.
+
+Both methods pick the N+1 grid points among M+1 *candidate* sigmas ``c_0 = sigma_max > c_1 > ... >
+c_M = sigma_min`` (``candidates = M``; spacing uniform in ``lam = -log sigma``, in the model's
+native time, or EDM rho) by dynamic programming against *teacher trajectories*: the states
+``X[p, m]`` of P ODE solutions (seeds ``data_seed ...``) at every candidate (the exact ODE for
+analytic models; for networks the teacher solver with ``teacher_substeps`` steps between neighbouring
+candidates). Trajectories are cached on disk like the teacher outputs of ``eval`` (keyed by the model
+fingerprint, the candidate grid and the teacher settings; one file per seed).
+
+* :func:`gits_dp` -- the shortest weighted path over a cost matrix ``C[i, j]``, exact, O(N M^2).
+* :func:`oss_dp` -- the OSS recursion over the student's own states, exact for that recursion,
+  O(N M^2) solver transitions; each transition is the real solver (see its docstring).
+
+The transitions run the target solver itself (:func:`stepopt.solvers.solve`) through
+:class:`MemoDenoiser`, a content-addressed cache: a network evaluation whose input (x, sigma) was
+seen before is not repeated, so replaying a known prefix of a path costs no evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from stepopt.baselines import baseline_sigmas
+from stepopt.cache import TeacherCache
+from stepopt.errors import StepoptError
+from stepopt.models.base import AnalyticModel, DiffusionModel
+from stepopt.sampling import cond_for_seeds, initial_noise
+from stepopt.solvers import SolverIdentity, get_solver, solve
+from stepopt.teacher import TeacherConfig, teacher_key
+
+Spacing = Literal["lam", "time", "edm"]
+TRAJECTORY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Options shared by ``gits`` and ``oss`` (``--set KEY=VALUE``).
+
+    candidates: M, the number of intervals of the candidate grid (M+1 sigmas, both ends included).
+    spacing: lam (uniform in lam = -log sigma) | time (uniform in the model's native time) | edm (rho).
+    trajectories: P, teacher trajectories the costs are averaged over (seeds data_seed ...).
+    teacher_solver / teacher_order / teacher_substeps: for networks, the teacher between neighbouring
+       candidates (substeps uniform in lam); analytic models use the exact ODE.
+    batch_size: trajectories per teacher batch.
+    """
+
+    candidates: int = 64
+    spacing: Spacing = "lam"
+    rho: float = 7.0
+    trajectories: int = 64
+    data_seed: int = 3_000_000
+    teacher_solver: str = TeacherConfig.solver
+    teacher_order: int | None = TeacherConfig.order
+    teacher_substeps: int = 4
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("candidates", "trajectories", "teacher_substeps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1, got {getattr(self, name)}")
+        if not (self.rho > 0 and math.isfinite(self.rho)):
+            raise ValueError(f"'rho' must be a positive number, got {self.rho}")
+        if self.data_seed < 0:
+            raise ValueError(f"'data_seed' must be >= 0, got {self.data_seed}")
+
+
+def candidate_grid(model: DiffusionModel, cfg: DPConfig, n_steps: int) -> np.ndarray:
+    """The M+1 candidate sigmas, strictly decreasing from sigma_max to sigma_min."""
+    if cfg.candidates < n_steps:
+        raise StepoptError(
+            f"candidates = {cfg.candidates} cannot hold {n_steps} steps; use --set candidates={n_steps} or more"
+        )
+    kind = {"lam": "logsnr", "time": "time-uniform", "edm": "edm"}[cfg.spacing]
+    return baseline_sigmas(kind, cfg.candidates, model.sigma_max, model.sigma_min, model.frame, rho=cfg.rho)
+
+
+# -- teacher trajectories -------------------------------------------------------------------------
+def _trajectory_key(model: DiffusionModel, cfg: DPConfig, cand: np.ndarray, dtype: torch.dtype) -> dict[str, Any]:
+    tc = TeacherConfig(solver=cfg.teacher_solver, order=cfg.teacher_order, steps=cfg.teacher_substeps, grid="logsnr")
+    key = teacher_key(model, tc, float(cand[0]), float(cand[-1]), dtype)
+    key["trajectory"] = {
+        "version": TRAJECTORY_VERSION,
+        "candidates": hashlib.sha256(np.asarray(cand, dtype=np.float64).tobytes()).hexdigest()[:24],
+        "points": len(cand),
+        "substeps_per_interval": cfg.teacher_substeps,
+    }
+    return key
+
+
+def _compute_trajectories(
+    model: DiffusionModel, x: torch.Tensor, cand: np.ndarray, cfg: DPConfig, seeds: Sequence[int]
+) -> torch.Tensor:
+    out = [x]
+    if isinstance(model, AnalyticModel):
+        # DOP853 between neighbouring candidates; one thread (see stepopt.teacher on why).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for a, b in itertools.pairwise(cand):
+                out.append(model.ode_solution(out[-1], float(a), float(b)))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        spec = get_solver(cfg.teacher_solver)
+        ident = spec.identity(cfg.teacher_order)
+        cond = cond_for_seeds(model, seeds)
+        with torch.no_grad():
+            for a, b in itertools.pairwise(cand):
+                sub = torch.as_tensor(baseline_sigmas("logsnr", cfg.teacher_substeps, float(a), float(b)))
+                out.append(solve(ident, model, out[-1], sub.to(x.device), cond=cond))
+    return torch.stack(out, dim=1)
+
+
+def teacher_trajectories(
+    model: DiffusionModel,
+    cand: np.ndarray,
+    cfg: DPConfig,
+    *,
+    device: torch.device | str | None = None,
+    cache: bool | TeacherCache = True,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``X`` of shape ``(P, M+1, *model.shape)``: the teacher's state at every candidate, per seed.
+
+    ``X[:, 0]`` is the initial noise of seed ``data_seed + p`` at sigma_max. Cached per seed.
+    """
+    t0 = time.perf_counter()
+    seeds = list(range(cfg.data_seed, cfg.data_seed + cfg.trajectories))
+    x_all = initial_noise(model, seeds, sigma=float(cand[0]), device=device)
+    store = cache if isinstance(cache, TeacherCache) else (TeacherCache() if cache else None)
+    if not model.fingerprint.startswith("sha256:"):
+        store = None
+    key = _trajectory_key(model, cfg, cand, x_all.dtype)
+    shape = (len(cand), *model.shape)
+    found = store.load(key, seeds, shape, x_all.dtype) if store is not None else {}
+    traj = torch.empty((len(seeds), *shape), dtype=x_all.dtype, device=x_all.device)
+    todo = [i for i, s in enumerate(seeds) if s not in found]
+    for i, s in enumerate(seeds):
+        if s in found:
+            traj[i] = found[s].to(traj.device)
+    for start in range(0, len(todo), cfg.batch_size):
+        idx = todo[start : start + cfg.batch_size]
+        t = _compute_trajectories(model, x_all[idx], cand, cfg, [seeds[i] for i in idx])
+        traj[idx] = t.to(traj.dtype)
+        if store is not None:
+            store.store(key, [seeds[i] for i in idx], t)
+    info = {
+        "seeds": f"{seeds[0]}..{seeds[-1]}",
+        "teacher": "exact ODE"
+        if isinstance(model, AnalyticModel)
+        else {"solver": cfg.teacher_solver, "order": cfg.teacher_order, "substeps_per_interval": cfg.teacher_substeps},
+        "cached": len(seeds) - len(todo),
+        "computed": len(todo),
+        "network_evals": 0 if isinstance(model, AnalyticModel) else len(todo) * (len(cand) - 1) * _teacher_nfe(cfg),
+        "seconds": round(time.perf_counter() - t0, 4),
+    }
+    return traj, info
+
+
+def _teacher_nfe(cfg: DPConfig) -> int:
+    spec = get_solver(cfg.teacher_solver)
+    return spec.nfe(spec.identity(cfg.teacher_order), cfg.teacher_substeps)
+
+
+# -- the solver as a transition --------------------------------------------------------------------
+class MemoDenoiser:
+    """A denoiser that never evaluates the same input twice (key: sigma and the bytes of x).
+
+    ``evals`` counts real network evaluations (one per sample). Solvers are deterministic, so
+    replaying a path prefix reproduces the same inputs bit for bit and costs nothing.
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor]) -> None:
+        self.model = model
+        self.evals = 0
+        self.store: dict[tuple[bytes, bytes], torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        key = (
+            hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=20).digest(),
+            sigma.detach().cpu().numpy().tobytes(),
+        )
+        hit = self.store.get(key)
+        if hit is None:
+            hit = self.model(x, sigma, **cond)
+            self.evals += int(x.shape[0])
+            self.store[key] = hit
+        return hit
+
+
+class _Stop(Exception):
+    def __init__(self, x: torch.Tensor) -> None:
+        super().__init__()
+        self.x = x
+
+
+def state_after(
+    identity: SolverIdentity,
+    denoiser: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    grid: Sequence[float],
+    step: int,
+    cond: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """The solver's state at ``grid[step + 1]`` on the full grid ``grid`` (stops there)."""
+
+    def cb(info: dict[str, Any]) -> None:
+        if info["i"] == step:
+            raise _Stop(info["x"])
+
+    try:
+        with torch.no_grad():
+            solve(identity, denoiser, x, torch.as_tensor(np.asarray(grid, dtype=np.float64)), cond=cond, callback=cb)
+    except _Stop as stop:
+        return stop.x
+    raise RuntimeError(f"solver {identity} never reported step {step}")  # pragma: no cover
+
+
+# -- GITS ------------------------------------------------------------------------------------------
+def gits_costs(
+    identity: SolverIdentity,
+    denoiser: Callable[..., torch.Tensor],
+    traj: torch.Tensor,
+    cand: np.ndarray,
+    cond: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """``C[i, j]`` (i < j): mean over trajectories of ||one solver step from X_i at c_i to c_j - X_j||_2.
+
+    The step is the solver started afresh on the two-point grid ``[c_i, c_j]`` from the teacher
+    state (a multistep solver's first, first-order step: the paper's Euler cost). ``inf`` elsewhere.
+    """
+    m = len(cand) - 1
+    cost = np.full((m + 1, m + 1), np.inf)
+    flat = traj.reshape(traj.shape[0], traj.shape[1], -1).to(torch.float64)
+    with torch.no_grad():
+        for i in range(m):
+            x_i = traj[:, i]
+            for j in range(i + 1, m + 1):
+                grid = torch.tensor([cand[i], cand[j]], dtype=torch.float64)
+                out = solve(identity, denoiser, x_i, grid, cond=cond).reshape(flat.shape[0], -1).to(torch.float64)
+                cost[i, j] = float(torch.linalg.vector_norm(out - flat[:, j], dim=1).mean())
+    return cost
+
+
+def gits_objective(cost: np.ndarray, path: Sequence[int], coeff: float) -> float:
+    """``sum_s coeff^s C[p_s, p_{s+1}]``: later steps weigh ``coeff`` times more per step."""
+    return float(sum(coeff**s * cost[a, b] for s, (a, b) in enumerate(itertools.pairwise(path))))
+
+
+def gits_dp(cost: np.ndarray, n_steps: int, coeff: float = 1.0) -> tuple[list[int], float]:
+    """The N-step path 0 = p_0 < ... < p_N = M minimising :func:`gits_objective`; exact, O(N M^2).
+
+    ``V_k[i]`` = the cheapest k-step cost-to-go from candidate i to M, the first of those steps
+    weighted 1 and each later one ``coeff`` more: ``V_1[i] = C[i, M]``,
+    ``V_k[i] = min_{i < j < M} C[i, j] + coeff V_{k-1}[j]``.
+
+    >>> c = np.full((3, 3), np.inf); c[0, 1], c[1, 2], c[0, 2] = 1.0, 1.0, 5.0
+    >>> gits_dp(c, 2)
+    ([0, 1, 2], 2.0)
+    """
+    m = cost.shape[0] - 1
+    if not 1 <= n_steps <= m:
+        raise StepoptError(f"cannot choose {n_steps} steps among {m} candidate intervals")
+    v = cost[:, m].copy()
+    v[m] = np.inf
+    choice: list[np.ndarray] = []
+    inner = cost.copy()
+    inner[:, m] = np.inf  # intermediate nodes are never the end point
+    for _ in range(2, n_steps + 1):
+        total = inner + coeff * v[None, :]
+        arg = np.argmin(total, axis=1)
+        v = total[np.arange(m + 1), arg]
+        choice.append(arg)
+    path = [0]
+    for arg in reversed(choice):
+        path.append(int(arg[path[-1]]))
+    path.append(m)
+    if not np.isfinite(v[0]):
+        raise StepoptError("no finite path through the candidate grid (non-finite costs)")
+    return path, float(v[0])
+
+
+# -- OSS -------------------------------------------------------------------------------------------
+@dataclass
+class OSSResult:
+    path: list[int]
+    value: float
+    table: np.ndarray  # V[k, j]: the best mean squared error at candidate j after k steps (inf: unreachable)
+    back: np.ndarray  # the predecessor i of (k, j) on its best path (-1: none)
+    transitions: int
+
+
+def _tail(sigma: float, n: int) -> list[float]:
+    # Placeholder points below ``sigma`` so that a prefix has the full grid length (the solver's
+    # order pattern depends on N); the solver is stopped before it reaches them.
+    return [sigma * 0.5**t for t in range(1, n + 1)]
+
+
+def oss_dp(
+    identity: SolverIdentity,
+    denoiser: Callable[..., torch.Tensor],
+    traj: torch.Tensor,
+    cand: np.ndarray,
+    n_steps: int,
+    cond: Mapping[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> OSSResult:
+    """OSS (Pei, Hu, Gu 2025, Sec. 3.2): the best student state reachable at each candidate in k steps.
+
+    ``z_k(j)`` is the student's state at c_j after k steps along the path chosen for (k, j);
+    ``V_k(j) = min_i E_p || Phi(z_{k-1}(i); c_i -> c_j) - X_j ||^2`` (mean over trajectories and
+    elements), ``z_k(j)`` the minimiser's state; the schedule is the path of ``(N, M)``. The
+    transition ``Phi`` is one step of the real solver on the real N-step grid, with the solver's full
+    state: a multistep solver carries the data predictions of the path's own earlier nodes (its
+    history), Heun makes its corrector evaluation at c_j, the order pattern (warm-up, lower order at
+    the end) is that of step k of N. It is computed by running the solver along the stored path
+    ``p_0..p_{k-1}, i, j`` (placeholders after j) and stopping after step k; the prefix's evaluations
+    are cached, so each (k, i) costs one new evaluation per trajectory (two-evaluation solvers: one
+    more per (k, i, j)). States at (k, j) from which the remaining N - k steps cannot reach c_M are
+    skipped. Transitions: sum_k |sources| x |targets| <= N M^2 / 2 solver runs.
+    """
+    m = len(cand) - 1
+    if not 1 <= n_steps <= m:
+        raise StepoptError(f"cannot choose {n_steps} steps among {m} candidate intervals")
+    table = np.full((n_steps + 1, m + 1), np.inf)
+    back = np.full((n_steps + 1, m + 1), -1, dtype=np.int64)
+    table[0, 0] = 0.0
+    x0 = traj[:, 0]
+    flat = traj.reshape(traj.shape[0], traj.shape[1], -1).to(torch.float64)
+    runs = 0
+
+    def path_to(k: int, j: int) -> list[int]:
+        p = [j]
+        for kk in range(k, 0, -1):
+            p.append(int(back[kk, p[-1]]))
+        return p[::-1]
+
+    for k in range(1, n_steps + 1):
+        last = m if k == n_steps else m - (n_steps - k)
+        sources = [i for i in range(m + 1) if np.isfinite(table[k - 1, i])]
+        for i in sources:
+            prefix = [float(cand[p]) for p in path_to(k - 1, i)]
+            lo = i + 1 if k < n_steps else m
+            for j in range(lo, last + 1):
+                grid = [*prefix, float(cand[j]), *_tail(float(cand[j]), n_steps - k)]
+                x = state_after(identity, denoiser, x0, grid, k - 1, cond)
+                runs += 1
+                err = float(((x.reshape(x.shape[0], -1).to(torch.float64) - flat[:, j]) ** 2).mean())
+                if err < table[k, j]:
+                    table[k, j] = err
+                    back[k, j] = i
+        if progress is not None:
+            progress(k)
+    if not np.isfinite(table[n_steps, m]):
+        raise StepoptError("oss: no finite path through the candidate grid (non-finite student states)")
+    return OSSResult(path_to(n_steps, m), float(table[n_steps, m]), table, back, runs)
+
+
+def final_error(
+    identity: SolverIdentity,
+    denoiser: Callable[..., torch.Tensor],
+    traj: torch.Tensor,
+    sigmas: Sequence[float],
+    cond: Mapping[str, Any] | None = None,
+) -> float:
+    """Mean squared error (all elements) of the solver's output on ``sigmas`` vs the teacher at sigma_min."""
+    with torch.no_grad():
+        out = solve(identity, denoiser, traj[:, 0], torch.as_tensor(np.asarray(sigmas, dtype=np.float64)), cond=cond)
+    y = traj[:, -1].reshape(traj.shape[0], -1).to(torch.float64)
+    return float(((out.reshape(out.shape[0], -1).to(torch.float64) - y) ** 2).mean())
+
+
+def even_path(m: int, n_steps: int) -> list[int]:
+    """The N-step subset evenly spaced in candidate index (the start a DP result is compared with)."""
+    return [round(float(v)) for v in np.linspace(0, m, n_steps + 1)]

@@ -1,0 +1,118 @@
+"""GITS and OSS: their dynamic programs against exhaustive search, and the optimizer contract."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from stepopt.models import GaussianMixture
+from stepopt.optimizers import optimize
+from stepopt.optimizers.dp import (
+    DPConfig,
+    MemoDenoiser,
+    candidate_grid,
+    final_error,
+    gits_costs,
+    gits_dp,
+    gits_objective,
+    oss_dp,
+    teacher_trajectories,
+)
+from stepopt.optimizers.gits import GITSConfig
+from stepopt.optimizers.oss import OSSConfig
+from stepopt.solvers import get_solver
+
+SMALL = {"candidates": 7, "trajectories": 4}
+
+
+def all_paths(m: int, n: int) -> list[list[int]]:
+    """Every N-step subset of the candidates 0..M that starts at 0 and ends at M."""
+    return [[0, *inner, m] for inner in itertools.combinations(range(1, m), n - 1)]
+
+
+@pytest.mark.parametrize("coeff", [1.0, 1.15, 0.8])
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_gits_dp_is_the_exhaustive_optimum(coeff: float, n: int) -> None:
+    rng = np.random.default_rng(n)
+    m = 8
+    cost = np.triu(rng.uniform(0.1, 2.0, (m + 1, m + 1)), 1)
+    cost[cost == 0] = np.inf
+    path, value = gits_dp(cost, n, coeff)
+    best = min(all_paths(m, n), key=lambda p: gits_objective(cost, p, coeff))
+    assert path == best
+    assert value == pytest.approx(gits_objective(cost, best, coeff), rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def small_setup(gmm: GaussianMixture) -> tuple[np.ndarray, torch.Tensor]:
+    cfg = DPConfig(**SMALL)
+    cand = candidate_grid(gmm, cfg, 3)
+    traj, _ = teacher_trajectories(gmm, cand, cfg)
+    return cand, traj
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp-3m", "heun"])
+def test_oss_dp_against_exhaustive_search(
+    gmm: GaussianMixture, small_setup: tuple[np.ndarray, torch.Tensor], solver: str
+) -> None:
+    """The DP's value is the real final error of its path, and no N-step subset does better.
+
+    OSS is exact for its recursion; equality with the exhaustive optimum of the final error is the
+    paper's optimal-substructure premise, which holds on this grid for these solvers.
+    """
+    cand, traj = small_setup
+    ident = get_solver(solver).identity()
+    n, m = 3, len(cand) - 1
+    memo = MemoDenoiser(gmm)
+    res = oss_dp(ident, memo, traj, cand, n)
+    assert res.value == pytest.approx(final_error(ident, gmm, traj, [cand[p] for p in res.path]), rel=1e-12)
+    errors = {tuple(p): final_error(ident, memo, traj, [cand[q] for q in p]) for p in all_paths(m, n)}
+    assert res.value == pytest.approx(min(errors.values()), rel=1e-12)
+    # Each level's table entry is the best one-step extension of the previous level's states.
+    for k in range(1, n):
+        for j in range(1, m):
+            if np.isfinite(res.table[k, j]):
+                assert res.back[k, j] >= 0
+
+
+def test_oss_evaluations_are_cached(gmm: GaussianMixture, small_setup: tuple[np.ndarray, torch.Tensor]) -> None:
+    """A one-evaluation solver pays at most one evaluation per (level, source) and trajectory."""
+    cand, traj = small_setup
+    memo = MemoDenoiser(gmm)
+    n, m, p = 3, len(cand) - 1, traj.shape[0]
+    oss_dp(get_solver("euler").identity(), memo, traj, cand, n)
+    assert memo.evals <= n * m * p
+
+
+def test_gits_costs_are_local_errors(gmm: GaussianMixture, small_setup: tuple[np.ndarray, torch.Tensor]) -> None:
+    cand, traj = small_setup
+    cost = gits_costs(get_solver("euler").identity(), MemoDenoiser(gmm), traj, cand)
+    m = len(cand) - 1
+    assert np.all(np.isinf(cost[np.tril_indices(m + 1)]))  # only forward jumps i < j
+    assert np.all(np.isfinite(cost[np.triu_indices(m + 1, 1)])) and np.all(cost[np.triu_indices(m + 1, 1)] > 0)
+
+
+@pytest.mark.parametrize(("name", "cfg"), [("gits", GITSConfig(**SMALL)), ("oss", OSSConfig(**SMALL))])
+@pytest.mark.parametrize("solver", ["euler", "dpmpp-3m"])
+def test_optimizer_contract(gmm: GaussianMixture, name: str, cfg: DPConfig, solver: str) -> None:
+    ident = get_solver(solver).identity()
+    a = optimize(name, gmm, ident, 3, cfg)
+    b = optimize(name, gmm, ident, 3, cfg)
+    assert a.sigmas == b.sigmas  # deterministic
+    assert a.sigmas[0] == gmm.sigma_max and a.sigmas[-1] == gmm.sigma_min
+    assert all(x > y for x, y in zip(a.sigmas[:-1], a.sigmas[1:], strict=True))
+    obj = a.method.objective
+    assert obj["final"] <= obj["initial"] + 1e-15  # never worse than the evenly spaced start
+    rep = a.method.config["report"]
+    assert rep["network_evals"]["search"] > 0 and len(rep["path"]) == 4
+    assert a.method.config["candidates"] == SMALL["candidates"]
+
+
+def test_too_few_candidates_is_an_error(gmm: GaussianMixture) -> None:
+    from stepopt.errors import StepoptError
+
+    with pytest.raises(StepoptError, match="candidates"):
+        optimize("oss", gmm, get_solver("euler").identity(), 8, OSSConfig(candidates=4, trajectories=2))
