@@ -116,3 +116,16 @@ def test_too_few_candidates_is_an_error(gmm: GaussianMixture) -> None:
 
     with pytest.raises(StepoptError, match="candidates"):
         optimize("oss", gmm, get_solver("euler").identity(), 8, OSSConfig(candidates=4, trajectories=2))
+
+
+def test_oss_refuses_a_solver_that_skips_grid_points(gmm: GaussianMixture) -> None:
+    from stepopt.errors import StepoptError
+
+    with pytest.raises(StepoptError, match="jumps over grid points"):
+        optimize("oss", gmm, get_solver("pfdiff-euler").identity(), 3, OSSConfig(**SMALL))
+
+
+def test_gits_with_pfdiff(gmm: GaussianMixture) -> None:
+    ident = get_solver("pfdiff-euler").identity()
+    s = optimize("gits", gmm, ident, 3, GITSConfig(candidates=9, trajectories=4))
+    assert len(s.sigmas) == 6  # NFE 3 with K = 1: 2 * 3 - 1 = 5 steps

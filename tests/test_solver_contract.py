@@ -125,8 +125,10 @@ ORDER_NS = (64, 96, 128, 192, 256)
 def test_convergence_order_on_gaussian(gaussian: IsotropicGaussian, identity: SolverIdentity) -> None:
     x = 80.0 * noise((2, *gaussian.shape))
     ref = gaussian.ode_solution(x, 80.0, 0.002)
-    errs = [float((solve(identity, gaussian, x, edm_grid(n)) - ref).abs().max() / ref.abs().max()) for n in ORDER_NS]
-    slope = -np.polyfit(np.log(ORDER_NS), np.log(errs), 1)[0]
+    # Timestep skipping (pfdiff) stands on N/(K+1) of the points: twice the grid sizes keep it asymptotic.
+    ns = [2 * n for n in ORDER_NS] if get_solver(identity.name).skips_points else list(ORDER_NS)
+    errs = [float((solve(identity, gaussian, x, edm_grid(n)) - ref).abs().max() / ref.abs().max()) for n in ns]
+    slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
     declared = get_solver(identity.name).global_order(identity)
     assert abs(slope - declared) <= 0.3, f"{identity}: measured order {slope:.2f}, declared {declared}; errors {errs}"
 
@@ -239,7 +241,8 @@ def test_model_sigmas_reach_the_denoiser(gaussian: IsotropicGaussian, identity: 
     seen_idx = [allowed.index(s) if s in allowed else -1 for s in rec.sigmas]
     assert -1 not in seen_idx, f"denoiser saw sigmas outside model_sigmas: {rec.sigmas}"
     assert seen_idx == sorted(seen_idx), "model sigmas must be visited in grid order"
-    assert set(range(n + 1)) <= set(seen_idx), "every node's model sigma is used (the last by the final denoise)"
+    if not get_solver(identity.name).skips_points:  # pfdiff evaluates only at anchors and springboards
+        assert set(range(n + 1)) <= set(seen_idx), "every node's model sigma is used (the last by the final denoise)"
     assert rec.calls == get_solver(identity.name).nfe(identity, n, "denoise")
     assert not torch.equal(out, solve(identity, gaussian, x, sig, final_step="denoise"))
 

@@ -41,6 +41,7 @@ from stepopt.optimizers.dp import (
     teacher_trajectories,
 )
 from stepopt.sampling import cond_for_seeds
+from stepopt.solvers import get_solver
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class OSSConfig(DPConfig):
 
 def run(ctx: OptimizeContext, cfg: OSSConfig) -> OptimizeResult:
     model, n = ctx.model, ctx.n_steps
-    if ctx.solver.name.startswith("pfdiff"):
+    if get_solver(ctx.solver.name).skips_points:
         raise StepoptError(
             f"oss follows the student's state at every grid point, and '{ctx.solver.name}' jumps over grid points; "
             "optimize the grid of its base solver, or use gits, ays or ld3"

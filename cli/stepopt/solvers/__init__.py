@@ -15,6 +15,7 @@ from stepopt.solvers import dpmpp as _dpmpp  # noqa: F401  (registers)
 from stepopt.solvers import euler as _euler  # noqa: F401  (registers)
 from stepopt.solvers import heun as _heun  # noqa: F401  (registers)
 from stepopt.solvers import ipndm as _ipndm  # noqa: F401  (registers)
+from stepopt.solvers import pfdiff as _pfdiff  # noqa: F401  (registers)
 from stepopt.solvers import unipc as _unipc  # noqa: F401  (registers)
 from stepopt.solvers._common import Callback, Denoiser, as_grid, denoise
 from stepopt.solvers.registry import (

@@ -77,6 +77,11 @@ class SolverSpec:
     # grids lam (B, N+1) the weight of each evaluation D_e in each step, (B, N, M), and the grid
     # node whose sigma each evaluation uses, (M,). Real or complex lam (complex-step derivatives).
     linear_weights: LinearWeightsFn | None = None
+    # Where several step counts give one NFE (timestep skipping): the N to use for an NFE (without
+    # the final denoise). None: the only N with that NFE.
+    steps_rule: Callable[[SolverIdentity, int], int] | None = None
+    # True for solvers that jump over grid points (no state there; the callback reports fewer steps).
+    skips_points: bool = False
 
     def identity(
         self,
@@ -121,6 +126,11 @@ class SolverSpec:
 
     def steps_for_nfe(self, identity: SolverIdentity, nfe: int, final_step: str = "none") -> int:
         """The number of steps N whose NFE is exactly ``nfe``; an error naming the nearest ones."""
+        if self.steps_rule is not None:
+            extra = 1 if final_step == "denoise" else 0
+            n = self.steps_rule(identity, nfe - extra) if nfe - extra >= 1 else 0
+            if n >= 1 and self.nfe(identity, n, final_step) == nfe:
+                return n
         for n in range(1, nfe + 1):
             if self.nfe(identity, n, final_step) == nfe:
                 return n
