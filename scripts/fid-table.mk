@@ -5,9 +5,11 @@
 # For builtin:gmm-digits and NFE 5, 6, 8, 10 it writes
 #   $(OUT)/schedules/<solver>/nfe<N>/<method>.yaml   baselines (edm, logsnr, time-uniform, time-quadratic,
 #                                                    kl-optimal) and optimized schedules for dpmpp-3m
-#                                                    (trust-region, ld3, ays) and euler (ays, with the baselines
-#                                                    for comparison); an optimizer is used only when
-#                                                    registered (`stepopt optimize --optimizer NAME`)
+#                                                    (trust-region, ld3, ays, gits, oss) and euler (ays, gits,
+#                                                    oss, with the baselines for comparison); PFDiff
+#                                                    (pfdiff-euler, pfdiff-dpmpp-2m) and plain dpmpp-2m on
+#                                                    the PFDIFF_BASELINES grids and gits; an optimizer is used
+#                                                    only when registered (`stepopt optimize --optimizer NAME`)
 #   $(OUT)/table.md, $(OUT)/table.json              `stepopt eval` of all of them: ode-error (exact ODE),
 #                                                    fid-digits (torch-fidelity, digits classifier, real
 #                                                    digits), fd-exact (Fréchet distance to the mixture)
@@ -30,14 +32,19 @@ DEVICE ?= cpu
 export OMP_NUM_THREADS ?= 1
 
 REGISTERED := $(shell $(PYTHON) -c 'from stepopt.optimizers import optimizer_names; print(" ".join(optimizer_names()))')
-DPM_OPT := $(filter trust-region ld3 ays,$(REGISTERED))
-EULER_OPT := $(filter ays,$(REGISTERED))
+DPM_OPT := $(filter trust-region ld3 ays gits oss,$(REGISTERED))
+EULER_OPT := $(filter ays gits oss,$(REGISTERED))
+# Timestep skipping at equal NFE: PFDiff on its two base solvers, and plain dpmpp-2m (euler is above).
+PFDIFF_SOLVERS ?= dpmpp-2m pfdiff-euler pfdiff-dpmpp-2m
+PFDIFF_BASELINES ?= logsnr time-quadratic
+PFDIFF_OPT := $(filter gits,$(REGISTERED))
 
 comma := ,
 S := $(OUT)/schedules
 DPM := $(foreach n,$(NFES),$(foreach m,$(BASELINES) $(DPM_OPT),$(S)/dpmpp-3m/nfe$(n)/$(m).yaml))
 EULER := $(if $(EULER_OPT),$(foreach n,$(NFES),$(foreach m,$(BASELINES) $(EULER_OPT),$(S)/euler/nfe$(n)/$(m).yaml)))
-SCHEDULES := $(DPM) $(EULER)
+PFD := $(foreach n,$(NFES),$(foreach s,$(PFDIFF_SOLVERS),$(foreach m,$(PFDIFF_BASELINES) $(PFDIFF_OPT),$(S)/$(s)/nfe$(n)/$(m).yaml)))
+SCHEDULES := $(DPM) $(EULER) $(PFD)
 PLOT_SCHEDULES := $(foreach m,$(BASELINES) $(DPM_OPT),$(S)/dpmpp-3m/nfe$(PLOT_NFE)/$(m).yaml)
 
 .PHONY: all schedules clean
@@ -49,7 +56,7 @@ schedules: $(SCHEDULES)
 $(S)/%.yaml:
 	@set -e; solver=$$(echo '$*' | cut -d/ -f1); nfe=$$(echo '$*' | cut -d/ -f2 | sed 's/^nfe//'); \
 	method=$$(echo '$*' | cut -d/ -f3); \
-	case ' $(BASELINES) ' in \
+	case ' $(BASELINES) $(PFDIFF_BASELINES) ' in \
 	  *" $$method "*) $(STEPOPT) baseline $$method --model $(MODEL) --solver $$solver --nfe $$nfe --out $@ ;; \
 	  *) $(STEPOPT) optimize --model $(MODEL) --solver $$solver --nfe $$nfe --optimizer $$method \
 	       --seed $(SEED) --device $(DEVICE) --out $@ ;; \
