@@ -47,7 +47,9 @@ def bench_optimizers(args: argparse.Namespace) -> dict[str, Any]:
             row: dict[str, Any] = {"solver": solver, "nfe": nfe, "rmse": {}, "seconds": {}, "evals": {}}
             n = get_solver(solver).steps_for_nfe(ident, nfe)
             for b in BASELINES:
-                row["rmse"][b] = rmse(model, ident, baseline_sigmas(b, n, model.sigma_max, model.sigma_min, model.frame), x, y)
+                row["rmse"][b] = rmse(
+                    model, ident, baseline_sigmas(b, n, model.sigma_max, model.sigma_min, model.frame), x, y
+                )
             for m in args.methods:
                 if m == "trust-region" and solver not in ("euler", "dpmpp-2m", "dpmpp-3m", "unipc"):
                     continue
