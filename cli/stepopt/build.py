@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stepopt.baselines import baseline_config, baseline_sigmas
-from stepopt.models.base import DiffusionModel
 from stepopt.provenance import provenance
 from stepopt.schedule import MethodInfo, Schedule
-from stepopt.solvers import SolverIdentity, get_solver
+from stepopt.solvers.registry import SolverIdentity, get_solver
+
+if TYPE_CHECKING:
+    from stepopt.models.base import DiffusionModel
 
 
 def native_timesteps(model: DiffusionModel, sigmas: Sequence[float]) -> list[float] | None:

@@ -29,11 +29,11 @@ import numpy as np
 import platformdirs
 import torch
 
+from stepopt.cache_sections import SECTIONS
 from stepopt.errors import StepoptError
 from stepopt.io import atomic_path, atomic_write_text
 
 ENV_VAR = "STEPOPT_CACHE_DIR"
-SECTIONS = ("teacher", "fidelity")
 KEY_FILE = "key.json"
 
 

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
+from stepopt._lazy import is_tensor
 from stepopt._xp import as_f64, xp
 from stepopt.errors import StepoptError
 
@@ -53,7 +53,7 @@ class NoiseFrame(ABC):
 
     def lam(self, t: Any) -> Any:
         """Half log-SNR ``-log sigma(t)``."""
-        return -xp(t).log(self.sigma(t)) if isinstance(t, torch.Tensor) else -np.log(self.sigma(t))
+        return -xp(t).log(self.sigma(t)) if is_tensor(t) else -np.log(self.sigma(t))
 
     def time_from_lam(self, lam: Any) -> Any:
         lam = as_f64(lam)
@@ -235,7 +235,9 @@ class VPDiscrete(NoiseFrame):
 
     def sigma(self, t: Any) -> Any:
         t = as_f64(t)
-        if isinstance(t, torch.Tensor):
+        if is_tensor(t):
+            import torch
+
             ls = torch.as_tensor(self.log_sigmas, dtype=torch.float64, device=t.device)
             tc = t.clamp(0.0, self.t_max)
             lo = tc.floor().long().clamp(max=len(ls) - 2)
@@ -247,7 +249,9 @@ class VPDiscrete(NoiseFrame):
     def time(self, sigma: Any) -> Any:
         sigma = as_f64(sigma)
         grid = np.arange(len(self.log_sigmas), dtype=np.float64)
-        if isinstance(sigma, torch.Tensor):
+        if is_tensor(sigma):
+            import torch
+
             ls = torch.as_tensor(self.log_sigmas, dtype=torch.float64, device=sigma.device)
             lsig = torch.log(sigma).clamp(float(ls[0]), float(ls[-1]))
             hi = torch.searchsorted(ls, lsig.detach().contiguous()).clamp(1, len(ls) - 1)

@@ -14,17 +14,20 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import yaml
 
+from stepopt._lazy import is_tensor
 from stepopt.errors import ScheduleValidationError
 from stepopt.frames import TIME_DOMAINS
 from stepopt.io import atomic_write_text
-from stepopt.solvers import FINAL_STEPS, SolverIdentity, get_solver
 from stepopt.solvers.dpmpp import LEGACY_VARIANT_3M
+from stepopt.solvers.registry import FINAL_STEPS, SolverIdentity, get_solver
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_V1 = "stepopt.schedule/v1"
 CURRENT_FORMAT = FORMAT_V1
@@ -93,7 +96,7 @@ def _float(key: str, v: Any, *, positive: bool = False) -> float:
 
 
 def _float_list(key: str, v: Any) -> tuple[float, ...]:
-    if isinstance(v, (np.ndarray, torch.Tensor)):
+    if isinstance(v, np.ndarray) or is_tensor(v):
         v = v.tolist()
     if not isinstance(v, (list, tuple)):
         raise _fail(key, v, "a list of numbers")
@@ -241,11 +244,16 @@ class Schedule:
         return len(self.sigmas) - 1
 
     def sigmas_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The grid as a float64 tensor (imports torch)."""
+        import torch
+
         return torch.tensor(self.sigmas, dtype=torch.float64, device=device)
 
     def model_sigmas_tensor(self, device: torch.device | str | None = None) -> torch.Tensor | None:
         if self.model_sigmas is None:
             return None
+        import torch
+
         return torch.tensor(self.model_sigmas, dtype=torch.float64, device=device)
 
     def replace(self, **changes: Any) -> Schedule:
@@ -393,7 +401,7 @@ def _plain(v: Any) -> Any:
         return [_plain(x) for x in v]
     if isinstance(v, np.ndarray):
         return _plain(v.tolist())
-    if isinstance(v, torch.Tensor):
+    if is_tensor(v):
         return _plain(v.detach().cpu().tolist())
     if isinstance(v, np.generic):
         return v.item()

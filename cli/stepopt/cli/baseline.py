@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from stepopt._defaults import DEFAULT_MODEL
 from stepopt.baselines import BASELINES, interpolate_loglinear
-from stepopt.build import baseline_schedule
 from stepopt.cli.app import (
     DebugOpt,
     FinalStep,
@@ -26,7 +26,6 @@ from stepopt.cli.app import (
 )
 from stepopt.cli.common import default_out, schedule_header, schedule_json
 from stepopt.errors import StepoptError
-from stepopt.models import DEFAULT_MODEL, load_model
 from stepopt.provenance import provenance
 from stepopt.schedule import MethodInfo, Schedule
 from stepopt.solvers import get_solver
@@ -54,6 +53,9 @@ def baseline(
     debug: DebugOpt = False,
 ) -> None:
     """Write a hand-crafted schedule (edm, logsnr, time-uniform, time-quadratic, kl-optimal, interpolate)."""
+    from stepopt.build import baseline_schedule
+    from stepopt.model_cards import model_card
+
     if kind not in KINDS:
         raise StepoptError(f"unknown baseline '{kind}'; expected one of {', '.join(KINDS)}")
     spec = get_solver(solver)
@@ -79,7 +81,12 @@ def baseline(
     else:
         if source is not None:
             raise StepoptError(f"--from is only for 'interpolate', not '{kind}'")
-        m = load_model(model, device="cpu")
+        # Built-ins described by a card need no torch; other models are loaded.
+        m: Any = model_card(model)
+        if m is None:
+            from stepopt.models import load_model
+
+            m = load_model(model, device="cpu")
         sched = baseline_schedule(kind, m, ident, n_steps, final_step=final_step.value, rho=rho)
     path = out if out is not None else default_out(sched.model.id, ident.name, sched.nfe, kind)
     sched.save(path)

@@ -9,14 +9,12 @@ from typing import Annotated, Any
 
 import typer
 
-from stepopt.cache import SECTIONS, cache_info, clear_cache
+from stepopt.cache_sections import SECTIONS
 from stepopt.cli.app import DebugOpt, DeviceOpt, JsonOpt, command, emit_json, err
 from stepopt.config import resolve_config
 from stepopt.errors import StepoptError
 from stepopt.metrics import INCEPTION_EXTRACTOR, MANAGED_FIDELITY_OPTIONS, METRIC_NAMES
-from stepopt.models import load_model, resolve_device
 from stepopt.schedule import Schedule
-from stepopt.teacher import TeacherConfig
 
 
 @command("eval")
@@ -73,6 +71,8 @@ def eval_cmd(
     # torch-fidelity (and torchvision behind it) load only when evaluating: other commands stay fast.
     from stepopt.evaluate import EvalConfig, evaluate, render_markdown, rows_json, write_back, write_table
     from stepopt.metrics.fidelity import FidelityOptions
+    from stepopt.models import load_model, resolve_device
+    from stepopt.teacher import TeacherConfig
 
     sets = list(fidelity_set or ())
     keys = [s.partition("=")[0].strip() for s in sets]
@@ -138,6 +138,8 @@ def cache_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Show or clear stepopt's disk cache ($STEPOPT_CACHE_DIR, else the user cache dir): teacher outputs, FID stats."""
+    from stepopt.cache import cache_info, clear_cache
+
     if section is not None and section not in SECTIONS:
         raise StepoptError(f"--section {section}: expected one of {', '.join(SECTIONS)}")
     if action is CacheAction.clear:

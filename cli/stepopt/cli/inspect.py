@@ -12,7 +12,6 @@ from rich.table import Table
 from stepopt.cli.app import DebugOpt, JsonOpt, command, emit_json, err, fail
 from stepopt.cli.common import schedule_header, schedule_table
 from stepopt.errors import StepoptError
-from stepopt.models import BUILTINS, LOADER_SUMMARIES, load_model
 from stepopt.schedule import Schedule
 from stepopt.solvers import all_solvers
 
@@ -66,6 +65,8 @@ def validate(
 @command("models")
 def models(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     """List built-in models, model loaders and solvers."""
+    from stepopt.models import BUILTINS, LOADER_SUMMARIES, load_model
+
     rows: list[dict[str, Any]] = []
     for name, b in BUILTINS.items():
         m = load_model(f"builtin:{name}", device="cpu")

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 
+from stepopt._defaults import DEFAULT_MODEL
 from stepopt.cli.app import (
     DebugOpt,
     DeviceOpt,
@@ -36,9 +36,6 @@ from stepopt.cli.app import (
 from stepopt.cli.common import default_out, schedule_header, schedule_json
 from stepopt.config import resolve_config
 from stepopt.errors import StepoptError
-from stepopt.models import DEFAULT_MODEL, load_model, resolve_device
-from stepopt.models.diffusers import configure_conditioning
-from stepopt.optimizers import get_optimizer, optimize
 from stepopt.schedule import Schedule
 from stepopt.solvers import get_solver
 
@@ -97,6 +94,12 @@ def optimize_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Optimize the time steps for a model, solver and NFE; write a v1 schedule file."""
+    import torch
+
+    from stepopt.models import load_model, resolve_device
+    from stepopt.models.diffusers import configure_conditioning
+    from stepopt.optimizers import get_optimizer, optimize
+
     spec = get_optimizer(optimizer)
     if init is not None and not spec.takes_init:
         raise StepoptError(f"--init: optimizer '{optimizer}' does not take a start schedule (ld3 does)")

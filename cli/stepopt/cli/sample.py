@@ -6,9 +6,8 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -29,12 +28,13 @@ from stepopt.cli.app import (
 )
 from stepopt.cli.common import model_slug
 from stepopt.errors import StepoptError
-from stepopt.images import is_image_shape, save_grid
-from stepopt.models import load_model, resolve_device
-from stepopt.models.base import DiffusionModel
-from stepopt.models.diffusers import DiffusersLatent, conditioning_mismatches, configure_conditioning
-from stepopt.sampling import ProgressFn, sample_schedule, save_samples, schedule_mismatches
 from stepopt.schedule import Schedule
+
+if TYPE_CHECKING:
+    import torch
+
+    from stepopt.models.base import DiffusionModel
+    from stepopt.sampling import ProgressFn
 
 SAMPLES_DIR = Path("samples")
 NPZ_NAME = "samples.npz"
@@ -115,6 +115,13 @@ def sample(
     debug: DebugOpt = False,
 ) -> None:
     """Generate samples with exactly the schedule's solver and grid; write .npz (and a PNG grid)."""
+    import torch
+
+    from stepopt.images import is_image_shape, save_grid
+    from stepopt.models import load_model, resolve_device
+    from stepopt.models.diffusers import DiffusersLatent, conditioning_mismatches, configure_conditioning
+    from stepopt.sampling import save_samples, schedule_mismatches
+
     if n < 1:
         raise StepoptError(f"--n {n}: expected at least 1 sample")
     if batch_size < 1:
@@ -205,6 +212,11 @@ def _sample(
     progress: ProgressFn | None,
 ) -> torch.Tensor:
     """``sample_schedule``; for prompt-conditioned models batch by batch, each with its seeds' prompts."""
+    import torch
+
+    from stepopt.models.diffusers import DiffusersLatent
+    from stepopt.sampling import sample_schedule
+
     if not isinstance(m, DiffusersLatent):
         return sample_schedule(m, sched, seeds, batch_size=batch_size, device=dev, progress=progress)
     outs = []

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from stepopt._defaults import DEFAULT_MODEL
 from stepopt.errors import StepoptError
 from stepopt.models.base import AnalyticModel, DiffusionModel, IsotropicGaussian, PointMass
 from stepopt.models.gmm import GaussianMixture, load_digits, load_gmm_digits
 from stepopt.models.loaders import load_edm_pickle, load_python_factory
-
-DEFAULT_MODEL = "builtin:gmm-digits"
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -8,29 +8,17 @@ them the ground truth for solvers, optimizers and metrics.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
+from stepopt.fingerprint import fingerprint_arrays
 from stepopt.frames import EDM, NoiseFrame
 from stepopt.schedule import ModelRef
 
-
-def fingerprint_arrays(arrays: Iterable[np.ndarray | torch.Tensor]) -> str:
-    """``sha256:<hex>`` over the arrays' shapes, dtypes and little-endian C-order bytes."""
-    h = hashlib.sha256()
-    for a in arrays:
-        arr = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-        arr = np.ascontiguousarray(arr)
-        if arr.dtype.byteorder == ">":
-            arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
-        h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(arr.tobytes())
-    return "sha256:" + h.hexdigest()
+__all__ = ["AnalyticModel", "DiffusionModel", "IsotropicGaussian", "PointMass", "fingerprint_arrays"]
 
 
 class DiffusionModel(ABC):

@@ -7,10 +7,9 @@ applies an optional final denoising jump (``final_step: denoise``, one more eval
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from stepopt._lazy import lazy_module
 from stepopt.solvers import dpmpp as _dpmpp  # noqa: F401  (registers)
 from stepopt.solvers import euler as _euler  # noqa: F401  (registers)
 from stepopt.solvers import heun as _heun  # noqa: F401  (registers)
@@ -26,6 +25,11 @@ from stepopt.solvers.registry import (
     get_solver,
     solver_names,
 )
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 __all__ = [
     "FINAL_STEPS",

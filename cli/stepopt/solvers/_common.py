@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from stepopt._lazy import lazy_module
 
-Denoiser = Callable[..., torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
+
+
+Denoiser = Callable[..., "torch.Tensor"]
 Callback = Callable[[dict[str, Any]], None]
 
 

@@ -45,11 +45,11 @@ simply never reach order K).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from stepopt._lazy import lazy_module
 from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise, scalar, step_order
 from stepopt.solvers.registry import SolverIdentity, SolverSpec, register
 
@@ -59,6 +59,11 @@ VARIANTS_3M = ("reference", "taylor", "exact")
 # A schedule file whose dpmpp-3m identity has no variant was written before the variants existed,
 # when dpmpp-3m was the exact form.
 LEGACY_VARIANT_3M = "exact"
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 def dpmpp_multistep(

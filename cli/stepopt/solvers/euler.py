@@ -7,12 +7,16 @@ x_i + (sigma_{i+1} - sigma_i) (x_i - D_i) / sigma_i of dx/dsigma = (x - D(x, sig
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from stepopt._lazy import lazy_module
 from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise, scalar
 from stepopt.solvers.registry import SolverSpec, register
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 def euler(

@@ -19,12 +19,16 @@ coefficient, including the ``1/sigma`` inside ``d``, uses ``sigmas``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from stepopt._lazy import lazy_module
 from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise, scalar
 from stepopt.solvers.registry import SolverIdentity, SolverSpec, register
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 def heun(

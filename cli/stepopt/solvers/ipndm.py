@@ -26,12 +26,16 @@ One evaluation per step (NFE = N). Decoupled model time: D is evaluated at ``mod
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from stepopt._lazy import lazy_module
 from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise, scalar
 from stepopt.solvers.registry import SolverIdentity, SolverSpec, register
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 # Fixed-step Adams-Bashforth weights for d_i, d_{i-1}, ... (Hairer, Norsett & Wanner, Solving ODEs I, III.1).
 AB_WEIGHTS: dict[int, tuple[float, ...]] = {

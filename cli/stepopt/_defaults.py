@@ -1,0 +1,3 @@
+"""Constants the command line needs before any heavy import (no torch here)."""
+
+DEFAULT_MODEL = "builtin:gmm-digits"

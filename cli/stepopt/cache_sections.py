@@ -1,0 +1,3 @@
+"""The sections of the on-disk cache (a light module: ``stepopt cache --help`` needs the names only)."""
+
+SECTIONS = ("teacher", "fidelity")
