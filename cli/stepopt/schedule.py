@@ -256,6 +256,24 @@ class Schedule:
 
         return torch.tensor(self.model_sigmas, dtype=torch.float64, device=device)
 
+    def diffusers_kwargs(self, force: bool = False) -> dict[str, Any]:
+        """How diffusers reproduces this schedule: scheduler class and kwargs, ``set_timesteps`` call, scales.
+
+        See :func:`stepopt.export.diffusers_export`; raises ``ExportRefused`` where diffusers cannot
+        express the solver identity exactly (``force=True`` lists the differences instead).
+        """
+        from stepopt.export import diffusers_export
+
+        return diffusers_export(self, force)
+
+    def to_k_diffusion(self, device: torch.device | str | None = None, force: bool = False) -> torch.Tensor:
+        """The sigma tensor k-diffusion samplers take (float64; a trailing 0 for ``final_step: denoise``)."""
+        import torch
+
+        from stepopt.export import k_diffusion_sigmas
+
+        return torch.tensor(k_diffusion_sigmas(self, force), dtype=torch.float64, device=device)
+
     def replace(self, **changes: Any) -> Schedule:
         return replace(self, **changes)
 
