@@ -1,7 +1,9 @@
 """Acceptance of ``stepopt export``: the exported schedule, run by diffusers' own schedulers or by an
 independent k-diffusion-style loop, gives the samples ``stepopt sample`` writes.
 
-diffusers side: a tiny random ``UNet2DModel`` + DDPM scheduler folder (built here, offline); the
+diffusers side: a tiny random ``UNet2DModel`` + DDPM scheduler folder (built here, offline), and a
+trust-region schedule optimized for it whose native times are then rounded to integer timesteps
+(diffusers runs DDPM networks at integer timesteps only); the
 scheduler class, keyword arguments and ``set_timesteps`` call come from ``--to diffusers`` only,
 the noise table and ``prediction_type`` from the folder's scheduler config
 (``from_config(config, **kwargs)``), and the loop is the one diffusers' pipelines run
@@ -41,8 +43,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*"
 runner = CliRunner()
 RTOL = 1e-5
 N_SAMPLES = 2
-# An uneven integer-timestep grid (N = 7), ending at timestep 0 (diffusers' sigma_min).
-TIMESTEPS = [999, 800, 610, 430, 260, 120, 40, 0]
 
 
 def _has_variant(solver: str, variant: str) -> bool:
@@ -112,18 +112,44 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def _optimized_integer_schedule(folder: Path, solver: str, variant, lof, final_step: str) -> Schedule:
+    """A trust-region schedule for the tiny DDPM model, its native times rounded to integer timesteps.
+
+    diffusers evaluates DDPM networks at integer timesteps only, so the optimized grid is snapped
+    (rounding the times, then rebuilding the sigmas from the model's own table) before export.
+    """
+    import stepopt
+
+    nfe = 7 + (final_step == "denoise")
+    opt = stepopt.optimize(
+        f"diffusers:{folder}",
+        solver=solver,
+        nfe=nfe,
+        optimizer="trust-region",
+        variant=variant,
+        lower_order_final=lof,
+        final_step=final_step,
+        multistart=False,
+        maxiter=50,
+    )
+    model = load_model(f"diffusers:{folder}", device="cpu")
+    ts = np.round(np.asarray(opt.timesteps, dtype=np.float64))
+    assert len(set(ts.tolist())) == len(ts) and ts[-1] == 0.0
+    sig = [float(x) for x in model.frame.sigma(ts)]
+    method = MethodInfo(opt.method.name, {**opt.method.config, "snapped": "integer timesteps"}, opt.method.objective)
+    return make_schedule(model, opt.solver, sig, method, final_step=final_step)
+
+
 @pytest.mark.parametrize(("solver", "variant", "lof", "final_step"), CASES)
 def test_diffusers_export_reproduces_stepopt_sample(folder, tmp_path, solver, variant, lof, final_step):
-    model = load_model(f"diffusers:{folder}", device="cpu")
-    ident = get_solver(solver).identity(None, variant, lof)
-    sig = [float(s) for s in model.frame.sigma(np.asarray(TIMESTEPS, dtype=np.float64))]
-    s = make_schedule(model, ident, sig, MethodInfo("test-integer-grid"), final_step=final_step)
+    s = _optimized_integer_schedule(folder, solver, variant, lof, final_step)
+    assert np.abs(np.asarray(s.timesteps) - np.round(s.timesteps)).max() < 1e-9  # on integer timesteps
     path = tmp_path / "s.yaml"
     s.save(path)
     ours = _stepopt_sample(path, tmp_path / "ours.npz")
     exp = _export(path, "diffusers", tmp_path)
     assert exp["exact"], exp["differences"]
-    theirs = _diffusers_samples(folder, exp, model.shape)
+    theirs = _diffusers_samples(folder, exp, (2, 8, 8))
     assert _rel(ours, theirs) < RTOL
     if final_step == "none":  # a negative control: the state conversion matters at this tolerance
         assert _rel(ours, theirs / exp["output_scale"]) > RTOL or exp["output_scale"] == 1.0
