@@ -35,13 +35,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from stepopt._lazy import lazy_module
 from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise, scalar, step_order
 from stepopt.solvers.euler import euler
 from stepopt.solvers.registry import SolverIdentity, SolverSpec, register
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 VARIANTS = ("k1h1", "k2h1", "k2h2", "k3h1", "k3h2", "k3h3")
 
