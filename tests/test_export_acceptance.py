@@ -213,3 +213,24 @@ def test_k_diffusion_export_reproduces_stepopt_sample(tmp_path, solver, lof, fin
     with torch.no_grad():
         theirs = loop(model, x, sigmas).to(torch.float64).numpy()
     assert _rel(ours, theirs) < RTOL
+
+
+@pytest.mark.parametrize("solver", ["dpmpp-2m", "unipc"])
+def test_diffusers_python_snippet_runs_and_reproduces_stepopt_sample(folder, tmp_path, solver):
+    """The ``--to diffusers-python`` snippet, executed as written on a DDPMPipeline folder, gives sample 0."""
+    index = {
+        "_class_name": "DDPMPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    s = _optimized_integer_schedule(folder, solver, None, None, "none")
+    path = tmp_path / "s.yaml"
+    s.save(path)
+    ours = _stepopt_sample(path, tmp_path / "ours.npz")[:1]
+    r = runner.invoke(app, ["export", str(path), "--to", "diffusers-python"])
+    assert r.exit_code == 0, r.output
+    ns: dict = {}
+    exec(compile(r.stdout, "snippet.py", "exec"), ns)
+    assert _rel(ours, ns["sample"].to(torch.float64).numpy()) < RTOL

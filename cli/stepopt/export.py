@@ -267,13 +267,18 @@ def diffusers_python(s: Schedule, force: bool = False) -> str:
             f"scheduler.timesteps = torch.tensor({d['override']['timesteps']!r})",
             f"scheduler.sigmas = torch.tensor({d['override']['sigmas']!r}, dtype=torch.float32)",
         ]
+    if d["override"] is None:
+        lines.append(
+            "# Pipelines whose __call__ takes timesteps= (e.g. text-to-image): pipe.scheduler = scheduler; "
+            f"pipe(prompt, {call})"
+        )
     lines += [
         "",
-        "# stepopt's initial noise for seed i: torch.randn(shape, generator=torch.Generator().manual_seed(i))",
+        "# stepopt's initial noise for seed i: float64 randn from torch.Generator().manual_seed(i), one sample each",
         "unet = pipe.unet",
         "shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)",
-        "noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))[None]",
-        f"x = noise * {d['init_latents_scale']!r}",
+        "noise = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)[None]",
+        f"x = (noise * {d['init_latents_scale']!r}).to(unet.dtype)",
         "with torch.no_grad():",
         "    for t in scheduler.timesteps:",
         "        model_input = scheduler.scale_model_input(x, t)",
