@@ -51,7 +51,7 @@ def step_order(s: int, n_steps: int, max_order: int, lower_order_final: bool) ->
     """Order of multistep step ``s`` (0-based) of ``n_steps``: warm-up, then optionally lower at the end.
 
     ``min(s+1, K, N-s)`` with ``lower_order_final`` (orders 1, 2, ..., K, ..., 2, 1: the pattern
-    the trust-region objective assumes, methods.md §1), else ``min(s+1, K)``.
+    the trust-region objective assumes), else ``min(s+1, K)``.
 
     >>> [step_order(s, 5, 3, True) for s in range(5)]
     [1, 2, 3, 2, 1]

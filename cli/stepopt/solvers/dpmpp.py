@@ -108,14 +108,15 @@ def dpmpp_multistep(
     return x
 
 
-def dpmpp_update(lam: Any, s: int, k: int, variant: str, ds: list[Any], mul: Callable[[Any, Any], Any]) -> Any:
+def dpmpp_update(lam: Any, s: Any, k: int, variant: str, ds: list[Any], mul: Callable[[Any, Any], Any]) -> Any:
     """The data-prediction part of step s of order k: ``x_{s+1} = (sigma_{s+1}/sigma_s) x_s + this``.
 
     ``lam``: the grid's lam's (last axis; a torch vector for the solver, a batch of numpy grids for
-    :func:`dpmpp_weights`); ``ds``: D_s, D_{s-1}, D_{s-2} (newest first); ``mul(c, v)``: a
+    :func:`dpmpp_weights`, where ``s`` may be an array of steps of the same order); ``ds``: D_s,
+    D_{s-1}, D_{s-2} (newest first); ``mul(c, v)``: a
     coefficient times a D-like value. The solver and its bound weights both step through here.
     """
-    expm1 = torch.expm1 if isinstance(lam, torch.Tensor) else np.expm1
+    expm1 = np.expm1 if isinstance(lam, np.ndarray) else torch.expm1
     h = lam[..., s + 1] - lam[..., s]
     phi_1 = expm1(-h)
     # First-order (DDIM) part, shared by every order.
@@ -144,22 +145,29 @@ def dpmpp_update(lam: Any, s: int, k: int, variant: str, ds: list[Any], mul: Cal
 
 
 def dpmpp_weights(identity: SolverIdentity, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Bound weights (see ``stepopt.solvers.linear``): step s adds ``e^{lam_{s+1}}`` x its D part to x/sigma."""
+    """Bound weights (see ``stepopt.solvers.linear``): step s adds ``e^{lam_{s+1}}`` x its D part to x/sigma.
+
+    The steps of each order go through :func:`dpmpp_update` together (``s`` an index array, the D's
+    the local unit vectors of D_s, D_{s-1}, D_{s-2}).
+    """
     b, n = lam.shape[0], lam.shape[1] - 1
-    eye = np.eye(n)
     steps = np.zeros((b, n, n), dtype=lam.dtype)
     variant = identity.variant or "reference"  # dpmpp-2m has no variant: its order-2 steps are Alg. 2
     lof = identity.lower_order_final is not False
-    for s in range(n):
-        k = step_order(s, n, identity.order, lof)
-        ds = [eye[s - m] for m in range(k)]
-        steps[:, s] = np.exp(lam[:, s + 1])[:, None] * dpmpp_update(lam, s, k, variant, ds, _mul)
+    orders = np.array([step_order(s, n, identity.order, lof) for s in range(n)])
+    local = list(np.eye(3))
+    for k in np.unique(orders):
+        s = np.nonzero(orders == k)[0]
+        upd = dpmpp_update(lam, s, int(k), variant, local, _mul)  # (B, S, 3): D_s, D_{s-1}, D_{s-2}
+        upd = upd * np.exp(lam[:, s + 1])[..., None]
+        for m in range(int(k)):
+            steps[:, s, s - m] = upd[..., m]
     return steps, np.arange(n)
 
 
 def _mul(c: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Batch of coefficients (B,) times batch of coefficient vectors (B, M) or one vector (M,)."""
-    return c[:, None] * v
+    """Coefficients (B, S) times local coefficient vectors (3,) or (B, S, 3)."""
+    return c[..., None] * v
 
 
 def dpmpp_2m(

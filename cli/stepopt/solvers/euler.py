@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from stepopt._lazy import lazy_module
 from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise, scalar
-from stepopt.solvers.registry import SolverSpec, register
+from stepopt.solvers.registry import SolverIdentity, SolverSpec, register
 
 if TYPE_CHECKING:
     import torch
@@ -40,12 +42,25 @@ def euler(
     return x
 
 
+def euler_weights(identity: SolverIdentity, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bound weights (see ``stepopt.solvers.linear``).
+
+    x_{i+1}/sigma_{i+1} = x_i/sigma_i + (e^{lam_{i+1}} - e^{lam_i}) D_i.
+    """
+    n = lam.shape[1] - 1
+    steps = np.zeros((lam.shape[0], n, n), dtype=lam.dtype)
+    idx = np.arange(n)
+    steps[:, idx, idx] = np.exp(lam[:, 1:]) - np.exp(lam[:, :-1])
+    return steps, idx
+
+
 SPEC = register(
     SolverSpec(
         name="euler",
         fn=euler,
         orders=(1,),
         default_order=1,
+        linear_weights=euler_weights,
         summary="Euler / DDIM, first order, N evaluations",
     )
 )

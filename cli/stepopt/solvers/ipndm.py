@@ -25,8 +25,10 @@ One evaluation per step (NFE = N). Decoupled model time: D is evaluated at ``mod
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from stepopt._lazy import lazy_module
 from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise, scalar
@@ -46,17 +48,39 @@ AB_WEIGHTS: dict[int, tuple[float, ...]] = {
 }
 
 
-def variable_ab_weights(nodes: torch.Tensor) -> torch.Tensor:
+def variable_ab_weights(nodes: Any) -> Any:
     """Weights w with ``sum_j w_j p(tau_j) = integral_0^1 p`` for every polynomial of degree < k.
 
-    ``nodes`` are the k past nodes in units of the current step, ``tau_j = (sigma_{i-j} - sigma_i) /
-    (sigma_{i+1} - sigma_i)`` (tau_0 = 0, the others negative); integer nodes 0, -1, -2, ... give
-    ``AB_WEIGHTS``.
+    ``nodes`` (last axis, torch or numpy, batched or not) are the k past nodes in units of the
+    current step, ``tau_j = (sigma_{i-j} - sigma_i) / (sigma_{i+1} - sigma_i)`` (tau_0 = 0, the others
+    negative); integer nodes 0, -1, -2, ... give ``AB_WEIGHTS``.
     """
-    k = nodes.shape[0]
-    vander = torch.stack([nodes**p for p in range(k)])  # row p: tau_j^p
-    moments = torch.tensor([1.0 / (p + 1) for p in range(k)], dtype=nodes.dtype, device=nodes.device)
-    return torch.linalg.solve(vander, moments)
+    xp = np if isinstance(nodes, np.ndarray) else torch
+    k = nodes.shape[-1]
+    vander = xp.stack([nodes**p for p in range(k)], -2)  # row p: tau_j^p
+    moments = xp.stack([xp.ones_like(nodes[..., 0]) / (p + 1) for p in range(k)], -1)
+    return xp.linalg.solve(vander, moments[..., None])[..., 0]
+
+
+def ipndm_increment(sig: Any, i: int, variable: bool, slopes: list[Any], mul: Callable[[Any, Any], Any]) -> Any:
+    """``x_{i+1} - x_i``: the Adams-Bashforth combination of the slopes d_i, d_{i-1}, ... (newest first).
+
+    ``sig``: the grid (last axis; a torch vector for the solver, a batch of numpy grids for
+    :func:`ipndm_weights`); ``mul(c, v)``: a coefficient times a state-like value. The solver and
+    its bound weights both step through here.
+    """
+    xp = np if isinstance(sig, np.ndarray) else torch
+    k = len(slopes)
+    dt = sig[..., i + 1] - sig[..., i]
+    if variable and k > 1:
+        w = variable_ab_weights(xp.stack([(sig[..., i - j] - sig[..., i]) / dt for j in range(k)], -1))
+        coefs = [dt * w[..., j] for j in range(k)]
+    else:
+        coefs = [dt * c for c in AB_WEIGHTS[k]]
+    inc = mul(coefs[0], slopes[0])
+    for c, slope in zip(coefs[1:], slopes[1:], strict=True):
+        inc = inc + mul(c, slope)
+    return inc
 
 
 def _ipndm(
@@ -75,24 +99,41 @@ def _ipndm(
     sig = as_grid(sigmas, x)
     msig = sig if model_sigmas is None else as_grid(model_sigmas, x)
     check_grid(sig, msig)
+    dtype = x.dtype
+
+    def mul(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return c.to(dtype) * v
+
     slopes: list[torch.Tensor] = []  # d_i, d_{i-1}, ... (newest first)
     for i in range(sig.shape[0] - 1):
         den = denoise(denoiser, x, msig[i], cond)
         slopes = [scalar(1 / sig[i], x) * (x - den), *slopes][:order]
-        k = len(slopes)
-        dt = sig[i + 1] - sig[i]
-        if variable and k > 1:
-            w = dt * variable_ab_weights(torch.stack([(sig[i - j] - sig[i]) / dt for j in range(k)]))
-            step = [scalar(w[j], x) * slopes[j] for j in range(k)]
-        else:
-            step = [scalar(dt * c, x) * slopes[j] for j, c in enumerate(AB_WEIGHTS[k])]
-        inc = step[0]
-        for term in step[1:]:
-            inc = inc + term
-        x = x + inc
+        x = x + ipndm_increment(sig, i, variable, slopes, mul)
         if callback is not None:
-            callback({"i": i, "x": x, "denoised": den, "sigma": sig[i], "sigma_next": sig[i + 1], "order": k})
+            callback({"i": i, "x": x, "denoised": den, "sigma": sig[i], "sigma_next": sig[i + 1], "order": len(slopes)})
     return x
+
+
+def ipndm_weights(identity: SolverIdentity, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bound weights (see ``stepopt.solvers.linear``), by running the steps on coefficient vectors
+    over (x_0, D_0, ..., D_{N-1}): the slopes carry earlier states, so each step weighs every earlier D."""
+    b, n = lam.shape[0], lam.shape[1] - 1
+    sig = np.exp(-lam)
+    unit = np.eye(n + 1)
+    variable = identity.name == "ipndm-v"
+    x = np.broadcast_to(unit[0], (b, n + 1)).astype(lam.dtype)
+    steps = np.zeros((b, n, n), dtype=lam.dtype)
+    slopes: list[np.ndarray] = []
+    for i in range(n):
+        slopes = [(x - unit[1 + i]) / sig[:, i, None], *slopes][: identity.order]
+        x_next = x + ipndm_increment(sig, i, variable, slopes, _mul)
+        steps[:, i] = (x_next / sig[:, i + 1, None] - x / sig[:, i, None])[:, 1:]
+        x = x_next
+    return steps, np.arange(n)
+
+
+def _mul(c: Any, v: np.ndarray) -> np.ndarray:
+    return c[:, None] * v if isinstance(c, np.ndarray) else c * v
 
 
 def ipndm(
@@ -139,6 +180,7 @@ SPEC = register(
         orders=(1, 2, 3, 4),
         default_order=4,
         convergence_order=ipndm_global_order,
+        linear_weights=ipndm_weights,
         summary="iPNDM (Zhang & Chen 2023): fixed-step Adams-Bashforth in sigma, orders 1-4, N evaluations",
     )
 )
@@ -149,6 +191,7 @@ SPEC_V = register(
         fn=ipndm_v,
         orders=(1, 2, 3, 4),
         default_order=4,
+        linear_weights=ipndm_weights,
         summary="iPNDM with variable-step Adams-Bashforth weights, orders 1-4, N evaluations",
     )
 )

@@ -1,4 +1,4 @@
-"""The solver registry: each solver's identity, allowed options and exact NFE rule (design.md §1).
+"""The solver registry: each solver's identity, allowed options and exact NFE rule (see the README, "Solvers").
 
 A solver is a pure function ``(denoiser, x, sigmas, *, model_sigmas=None, cond=None,
 callback=None, **options) -> x`` in the sigma frame. Its *identity* (name, order, variant,

@@ -54,7 +54,7 @@ def unipc_coefficients(h: Any, rks: Any, variant: str, predictor: bool) -> tuple
     nodes along the last axis (float64 or complex, possibly empty). Returns B(h) and the vector a
     (predictor, length k-1) or c (corrector, length k) along the last axis.
     """
-    xp = torch if isinstance(h, torch.Tensor) else np
+    xp = np if isinstance(h, np.ndarray) else torch
     hh = -h
     if variant == "bh1":
         b_h = hh
@@ -80,22 +80,22 @@ def unipc_coefficients(h: Any, rks: Any, variant: str, predictor: bool) -> tuple
 
 
 def unipc_update(
-    lam: Any, s: int, k: int, variant: str, ds: list[Any], d_next: Any, mul: Callable[[Any, Any], Any]
+    lam: Any, s: Any, k: int, variant: str, ds: list[Any], d_next: Any, mul: Callable[[Any, Any], Any]
 ) -> Any:
     """The data-prediction part of UniP-k (``d_next`` None) or UniC-k for step s:
     ``x_{s+1} = (sigma_{s+1}/sigma_s) x_s + this``.
 
     ``lam``: the grid's lam's (last axis; a torch vector for the solver, a batch of numpy grids for
-    :func:`unipc_weights`); ``ds``: D_s, D_{s-1}, ... (newest first); ``d_next``: the evaluation at
-    the predicted point; ``mul(c, v)``: a coefficient times a D-like value. The solver and its
-    bound weights both step through here.
+    :func:`unipc_weights`, where ``s`` may be an array of steps of the same kind); ``ds``: D_s,
+    D_{s-1}, ... (newest first); ``d_next``: the evaluation at the predicted point; ``mul(c, v)``:
+    a coefficient times a D-like value. The solver and its bound weights both step through here.
     """
-    xp = torch if isinstance(lam, torch.Tensor) else np
+    xp = np if isinstance(lam, np.ndarray) else torch
     h = lam[..., s + 1] - lam[..., s]
     if k > 1:
         rks = xp.stack([(lam[..., s - m] - lam[..., s]) / h for m in range(1, k)], -1)
     else:
-        rks = lam[..., :0]
+        rks = h[..., None][..., :0]
     d = ds[0]
     d1s = [mul(1 / rks[..., m - 1], ds[m] - d) for m in range(1, k)]
     # The first-order (DDIM) part shared by predictor and corrector.
@@ -159,22 +159,31 @@ def unipc(
 
 def unipc_weights(identity: SolverIdentity, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bound weights (see ``stepopt.solvers.linear``): evaluation e is at node e; step s < N-1
-    (corrected) weighs D_{s-k+1}, ..., D_s and D_{s+1}, the last (predictor only) D_{N-k}, ..., D_{N-1}."""
+    (corrected) weighs D_{s-k+1}, ..., D_s and D_{s+1}, the last (predictor only) D_{N-k}, ..., D_{N-1}.
+
+    The corrected steps of each order go through :func:`unipc_update` together (``s`` an index
+    array, the D's the local unit vectors of D_{s+1}, D_s, D_{s-1}, D_{s-2}).
+    """
     b, n = lam.shape[0], lam.shape[1] - 1
-    eye = np.eye(n)
     steps = np.zeros((b, n, n), dtype=lam.dtype)
     lof = identity.lower_order_final is not False
     variant = identity.variant or "bh2"
-    for s in range(n):
-        k = step_order(s, n, identity.order, lof)
-        ds = [eye[s - m] for m in range(k)]
-        upd = unipc_update(lam, s, k, variant, ds, eye[s + 1] if s < n - 1 else None, _mul)
-        steps[:, s] = np.exp(lam[:, s + 1])[:, None] * upd
+    orders = np.array([step_order(s, n, identity.order, lof) for s in range(n)])
+    kind = np.where(np.arange(n) < n - 1, orders, -orders)  # negative: the last, uncorrected step
+    local = list(np.eye(4))  # D_{s+1}, D_s, D_{s-1}, D_{s-2}
+    for key in np.unique(kind):
+        s = np.nonzero(kind == key)[0]
+        k = abs(int(key))
+        upd = unipc_update(lam, s, k, variant, local[1:], local[0] if key > 0 else None, _mul)
+        upd = upd * np.exp(lam[:, s + 1])[..., None]
+        for m in range(-1, k):
+            if m >= 0 or key > 0:
+                steps[:, s, s - m] = upd[..., m + 1]
     return steps, np.arange(n)
 
 
 def _mul(c: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return c[:, None] * v
+    return c[..., None] * v
 
 
 def unipc_global_order(identity: SolverIdentity) -> int:

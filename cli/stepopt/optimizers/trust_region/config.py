@@ -1,0 +1,86 @@
+"""Options of the trust-region optimizer (documented defaults: configs/trust-region.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+INITS = ("logsnr", "time-uniform", "edm")
+OBJECTIVE_NAME = "xue2024-error-bound"
+
+
+Tau = int | Literal["auto", "paper", "all"]
+
+
+@dataclass(frozen=True)
+class TrustRegionConfig:
+    """Options of the trust-region optimizer (documented defaults: configs/trust-region.yaml).
+
+    p: exponent of the error model ``sigma_t^p / alpha_t``. Default 2.5, measured on gmm-digits
+       (module docstring); "paper" = 1 for pixel models, 2 for latent ones (the paper's
+       recommendation; its reference code hard-codes 2). A model is latent if ``model.latent``.
+    tau: truncation step of the bound: steps s < tau use the root-sum-square term, the others
+       the per-node sums. "auto" = N-2: only the final lowered-order steps form the tail (the
+       paper's 3 at N = 5); "paper" = 3 for N <= 7 else 0 (the paper's rule, degenerate under a
+       global optimizer for N > 7, see the module docstring); "all" = every step root-sum-square.
+    init: the start whose objective is reported as "initial"; "auto" = logsnr (uniform lam) for
+       pixel models, time-uniform for latent ones (the paper's recommendation).
+    min_gap: minimum lam gap between consecutive nodes.
+    multistart: also start from the other inits (logsnr, time-uniform, edm).
+    perturbed_starts / perturb: extra starts: ``init`` plus seeded Gaussian noise of
+       ``perturb`` x the mean lam gap.
+    finalists / screen_maxiter: every start first runs at most ``screen_maxiter`` iterations;
+       the ``finalists`` best then run to convergence and through the later stages.
+    smoothing: continuation widths mu for the kinks ``|c|``, relative to J(start) / N.
+    screen: "slsqp" screens every start with SLSQP and refines the best with trust-constr;
+       "none" solves every start with trust-constr.
+    maxiter: iteration cap of each solve; refine_maxiter: of the trust-constr refinement.
+    ftol: SLSQP's tolerance; gtol, xtol: trust-constr's.
+    select: choose p, tau and init by the RMSE of the solver against a teacher on
+       ``select_n`` noises (seeds ``select_seed``, ...), among ``select_p`` x ``select_tau`` x
+       both inits plus the logsnr baseline.
+    """
+
+    p: float | Literal["paper"] = 2.5
+    tau: Tau = "auto"
+    init: Literal["auto", "logsnr", "time-uniform", "edm"] = "auto"
+    min_gap: float = 0.05
+    multistart: bool = True
+    perturbed_starts: int = 2
+    perturb: float = 0.2
+    finalists: int = 2
+    screen_maxiter: int = 40
+    smoothing: tuple[float, ...] = (1e-3, 1e-5)
+    screen: Literal["slsqp", "none"] = "slsqp"
+    maxiter: int = 200
+    refine_maxiter: int = 20
+    ftol: float = 1e-14
+    gtol: float = 1e-10
+    xtol: float = 1e-10
+    select: bool = False
+    select_p: tuple[float, ...] = (1.0, 2.0, 2.5, 3.0)
+    select_tau: tuple[Tau, ...] = ("auto", 3, "all")
+    select_n: int = 32
+    select_seed: int = 10_000
+
+    def __post_init__(self) -> None:
+        for p in (self.p, *self.select_p):
+            if p != "paper" and not (isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0):
+                raise ValueError(f"p must be 'paper' or a number > 0, got {p!r}")
+        for tau in (self.tau, *self.select_tau):
+            if tau not in ("auto", "paper", "all") and not (
+                isinstance(tau, int) and not isinstance(tau, bool) and tau >= 0
+            ):
+                raise ValueError(f"tau must be 'auto', 'paper', 'all' or an integer >= 0, got {tau!r}")
+        if not self.min_gap > 0:
+            raise ValueError(f"min_gap must be > 0 (in lam), got {self.min_gap!r}")
+        if self.perturbed_starts < 0 or not self.perturb >= 0 or self.finalists < 1 or self.screen_maxiter < 1:
+            raise ValueError("perturbed_starts and perturb must be >= 0, finalists and screen_maxiter >= 1")
+        if not self.smoothing or any(not m > 0 for m in self.smoothing):
+            raise ValueError(f"smoothing must be a non-empty list of numbers > 0, got {list(self.smoothing)!r}")
+        if self.maxiter < 1 or self.refine_maxiter < 1 or not (self.ftol > 0 and self.gtol > 0 and self.xtol > 0):
+            raise ValueError("maxiter and refine_maxiter must be >= 1 and ftol, gtol, xtol > 0")
+        if not self.select_p or not self.select_tau:
+            raise ValueError("select_p and select_tau must not be empty")
+        if self.select_n < 1:
+            raise ValueError(f"select_n must be >= 1, got {self.select_n}")

@@ -1,0 +1,242 @@
+"""Minimizing the bound: the linear monotonicity constraint, starts, multistart with SLSQP screening and
+the trust-constr refinement (the module docstring of :mod:`stepopt.optimizers.trust_region`)."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import BFGS, LinearConstraint, minimize
+
+from stepopt.baselines import baseline_sigmas
+from stepopt.errors import StepoptError
+from stepopt.models.base import DiffusionModel
+from stepopt.optimizers.trust_region.bound import ErrorBound
+from stepopt.optimizers.trust_region.config import INITS, TrustRegionConfig
+
+# --------------------------------------------------------------------------------------------
+# Solving: linear constraint, starts, multistart.
+
+
+def monotone_constraint(n_steps: int, lam_start: float, lam_end: float, min_gap: float) -> LinearConstraint:
+    """``lam_{i+1} - lam_i >= min_gap`` for i = 0..N-1, as a constraint on the N-1 interior lam's."""
+    # Row i is lam_{i+1} - lam_i; the variables are x_j = lam_{j+1}, j = 0..N-2.
+    a = np.zeros((n_steps, n_steps - 1))
+    idx = np.arange(n_steps - 1)
+    a[idx, idx] = 1.0
+    a[idx + 1, idx] = -1.0
+    lb = np.full(n_steps, float(min_gap))
+    lb[0] += lam_start  # lam_1 >= lam_0 + gap
+    lb[-1] -= lam_end  # -lam_{N-1} >= gap - lam_N
+    return LinearConstraint(a, lb, np.full(n_steps, np.inf))
+
+
+def project_gaps(lam: np.ndarray, min_gap: float) -> np.ndarray:
+    """The grid with every gap at least ``min_gap``: excess gaps shrink proportionally, endpoints kept."""
+    lam = np.asarray(lam, dtype=np.float64)
+    gaps = np.diff(lam)
+    total = lam[-1] - lam[0]
+    if np.all(gaps >= min_gap):
+        return lam.copy()
+    excess = np.maximum(gaps - min_gap, 0.0)
+    room = total - len(gaps) * min_gap
+    gaps = min_gap + (excess * room / excess.sum() if excess.sum() > 0 else np.full(len(gaps), room / len(gaps)))
+    out = lam[0] + np.concatenate(([0.0], np.cumsum(gaps)))
+    out[-1] = lam[-1]
+    return out
+
+
+@dataclass(frozen=True)
+class Solution:
+    """Best grid found (N+1 lam's), its exact objective, the start it came from and the run's log."""
+
+    lam: np.ndarray
+    value: float
+    start: str
+    initial: float
+    runs: tuple[dict[str, Any], ...]
+
+
+def _run_scipy(
+    bound: ErrorBound,
+    x: np.ndarray,
+    mu: float,
+    constraint: LinearConstraint,
+    method: str,
+    cfg: TrustRegionConfig,
+    polish: bool = False,
+    maxiter: int | None = None,
+) -> tuple[np.ndarray, int]:
+    fun = lambda y: bound.value_and_grad(y, mu)  # noqa: E731
+    maxiter = maxiter or (cfg.refine_maxiter if polish else cfg.maxiter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "delta_grad == 0" and bound-clipping notices of scipy
+        if method == "SLSQP":
+            res = minimize(
+                fun,
+                x,
+                jac=True,
+                method="SLSQP",
+                constraints=[constraint],
+                options={"maxiter": maxiter, "ftol": cfg.ftol},
+            )
+        else:
+            res = minimize(
+                fun,
+                x,
+                jac=True,
+                hess=BFGS(),
+                method="trust-constr",
+                constraints=[constraint],
+                options={
+                    "maxiter": maxiter,
+                    "gtol": cfg.gtol,
+                    "xtol": cfg.xtol,
+                    # A small barrier from the start: the gap constraints are rarely active, and a
+                    # large initial barrier only adds subproblems (scipy's default is 0.1).
+                    "initial_barrier_parameter": 1e-8,
+                    "initial_barrier_tolerance": 1e-8,
+                    "initial_tr_radius": 0.1 if polish else 1.0,
+                },
+            )
+    xr = np.asarray(res.x, dtype=np.float64)
+    return xr, int(getattr(res, "nit", 0) or 0)
+
+
+def minimize_bound(
+    bound: ErrorBound,
+    starts: dict[str, np.ndarray],
+    cfg: TrustRegionConfig,
+) -> Solution:
+    """Minimize ``bound`` from every start (N+1 lam's each); keep the best exact objective.
+
+    Each start is screened by SLSQP (same objective, analytic gradient, same linear constraint)
+    when ``cfg.screen == "slsqp"``, else solved by trust-constr; the best screened grid is then
+    refined by trust-constr. Kinked objectives are solved through the smoothing continuation of
+    ``cfg.smoothing`` (relative to the mean term J(start)/N). Every start is itself a candidate,
+    so the result is never worse than the best start.
+    """
+    n = bound.n_steps
+    constraint = monotone_constraint(n, bound.lam_start, bound.lam_end, cfg.min_gap)
+    first = next(iter(starts.values()))
+    initial = bound.value(project_gaps(first, cfg.min_gap)[1:-1])
+
+    def widths(j0: float) -> tuple[float, ...]:
+        # Continuation through the smoothed kinks (widths relative to the start's mean term), then
+        # the exact objective where the minimizer is away from every kink (as for N <= 6 with
+        # tau = 3): that stage makes it exact to solver precision. Next to an active kink the
+        # smoothed result stands (always scored on the exact objective).
+        scale = j0 / n if math.isfinite(j0) and j0 > 0 else 1.0
+        return (0.0,) if bound.smooth else tuple(r * scale for r in cfg.smoothing)
+
+    def exact_stage_mu(lam: np.ndarray, mu_last: float) -> float | None:
+        if mu_last == 0.0:
+            return None
+        c = bound.tail_sums(lam)
+        return 0.0 if c.size == 0 or np.abs(c).min() > 10 * mu_last else None
+
+    screen = "SLSQP" if cfg.screen == "slsqp" else "trust-constr"
+    cands: list[tuple[float, str, np.ndarray]] = []
+    runs: list[dict[str, Any]] = []
+    starts_x = {name: project_gaps(lam0, cfg.min_gap)[1:-1] for name, lam0 in starts.items()}
+
+    def score(x: np.ndarray) -> tuple[float, np.ndarray]:
+        lam = project_gaps(bound.full(x), cfg.min_gap * (1 - 1e-9))
+        return (bound.value(lam[1:-1]) if np.all(np.diff(lam) > 0) else math.inf), lam
+
+    # Every start runs the first stage; only the best ``finalists`` continue through the
+    # remaining smoothing stages and the exact stage (successive halving of the multistart).
+    state: dict[str, dict[str, Any]] = {}
+    for name, x in starts_x.items():
+        v0 = bound.value(x)
+        state[name] = {"x": x, "best": (v0, name, bound.full(x)), "v0": v0, "mus": widths(v0), "nit": 0, "sec": 0.0}
+    # Pass 0: every start, first width, at most ``screen_maxiter`` iterations. Then the
+    # finalists: the first width to convergence, the other widths, and the exact stage.
+    n_stages = max(len(st["mus"]) for st in state.values())
+    for stage in range(-1, n_stages + 1):
+        active = list(state)
+        if stage >= 0:
+            active = sorted(active, key=lambda k: state[k]["best"][0])[: cfg.finalists]
+        for name in active:
+            st = state[name]
+            t0 = time.perf_counter()
+            if stage < len(st["mus"]):
+                mu: float | None = st["mus"][max(stage, 0)]
+            elif stage == len(st["mus"]):
+                mu = exact_stage_mu(bound.full(st["x"]), st["mus"][-1])
+            else:
+                mu = None
+            if mu is not None:
+                cap = min(cfg.screen_maxiter, cfg.maxiter) if stage < 0 else cfg.maxiter
+                st["x"], it = _run_scipy(bound, st["x"], mu, constraint, screen, cfg, maxiter=cap)
+                st["nit"] += it
+                v, lam = score(st["x"])
+                if v < st["best"][0]:
+                    st["best"] = (v, name, lam)
+            st["sec"] += time.perf_counter() - t0
+    for name, st in state.items():
+        cands.append(st["best"])
+        runs.append(
+            {
+                "start": name,
+                "initial": st["v0"],
+                "final": st["best"][0],
+                "iterations": st["nit"],
+                "method": screen,
+                "seconds": st["sec"],
+            }
+        )
+    best = min(cands, key=lambda c: c[0])
+    if screen == "SLSQP":
+        # The solver of record: trust-constr under the linear constraint, from the best screened
+        # grid, on the exact objective unless a kink is (nearly) active there.
+        t0 = time.perf_counter()
+        mu_last = widths(bound.value(starts_x[best[1]]))[-1]
+        mu = mu_last if exact_stage_mu(best[2], mu_last) is None else 0.0
+        x, it = _run_scipy(bound, best[2][1:-1], mu, constraint, "trust-constr", cfg, polish=True)
+        v, lam = score(x)
+        runs.append(
+            {
+                "start": f"{best[1]} (refine)",
+                "initial": best[0],
+                "final": v,
+                "iterations": it,
+                "method": "trust-constr",
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        if v <= best[0] + 1e-12 * abs(best[0]):
+            best = (v, best[1], lam)
+    return Solution(lam=best[2], value=float(best[0]), start=best[1], initial=float(initial), runs=tuple(runs))
+
+
+def start_grid(kind: str, model: DiffusionModel, n_steps: int) -> np.ndarray:
+    """A start (N+1 increasing lam's) from the baseline ``kind`` on the model's own sigma range."""
+    return -np.log(baseline_sigmas(kind, n_steps, model.sigma_max, model.sigma_min, model.frame))
+
+
+def make_starts(
+    model: DiffusionModel, n_steps: int, init: str, cfg: TrustRegionConfig, seed: int
+) -> dict[str, np.ndarray]:
+    """``init`` first, then the other inits (multistart) and seeded perturbations of ``init``."""
+    kinds = [init] + ([k for k in INITS if k != init] if cfg.multistart else [])
+    starts: dict[str, np.ndarray] = {}
+    for kind in kinds:
+        try:
+            starts[kind] = start_grid(kind, model, n_steps)
+        except StepoptError:
+            if kind == init:
+                raise
+    if n_steps >= 2 and cfg.perturbed_starts and cfg.perturb > 0:
+        rng = np.random.default_rng(seed)
+        base = starts[init]
+        gap = (base[-1] - base[0]) / n_steps
+        for i in range(cfg.perturbed_starts):
+            lam = base.copy()
+            lam[1:-1] = np.sort(base[1:-1] + cfg.perturb * gap * rng.standard_normal(n_steps - 1))
+            starts[f"{init}+perturbed{i}"] = project_gaps(np.clip(lam, base[0], base[-1]), cfg.min_gap)
+    return starts
