@@ -43,8 +43,11 @@ DPM3_EXACT = get_solver("dpmpp-3m").identity(variant="exact")
 
 
 def all_identities() -> list[SolverIdentity]:
+    """Every identity of every solver that declares its weights (all built-in multistep/Heun/iPNDM ones)."""
     out = []
     for spec in all_solvers():
+        if spec.linear_weights is None:
+            continue
         for order in spec.orders:
             for variant in spec.variants or (None,):
                 for lof in (True, False) if spec.has_lower_order_final else (None,):
@@ -322,6 +325,10 @@ def test_resolution_records_values(gmm):
 def test_bad_inputs(gmm):
     with pytest.raises(ValueError, match="tau"):
         TrustRegionConfig(tau=-1)
+    undeclared = [spec for spec in all_solvers() if spec.linear_weights is None]
+    for spec in undeclared:  # e.g. pfdiff: a clear error naming the solver
+        with pytest.raises(StepoptError, match=f"solver '{spec.name}' does not declare"):
+            optimize("trust-region", gmm, spec.identity(), 6)
     with pytest.raises(StepoptError, match="min_gap"):
         optimize("trust-region", gmm, DPM3, 6, TrustRegionConfig(min_gap=2.0))
     assert get_optimizer("trust-region").config_cls is TrustRegionConfig
