@@ -39,7 +39,7 @@ from stepopt.optimizers.klub import (
 from stepopt.sampling import sample_grid
 from stepopt.schedule import Schedule
 from stepopt.solvers import get_solver, solve
-from stepopt.teacher import teacher_outputs
+from stepopt.teacher import TeacherConfig, teacher_outputs
 
 EULER = get_solver("euler").identity()
 TOL_SE = 4.0
@@ -436,7 +436,8 @@ class _NetLike(DiffusionModel):
 
 def test_network_models_use_digits_data_and_a_solver_teacher(gmm):
     net = _NetLike(gmm)
-    s = optimize("ays", net, EULER, 4, AYSConfig(**{**FAST, "teacher_steps": 20, "max_sweeps": 1}), seed=0)
+    cfg = AYSConfig(**{**FAST, "teacher": TeacherConfig(steps=20), "max_sweeps": 1})
+    s = optimize("ays", net, EULER, 4, cfg, seed=0)
     rep = s.method.config["report"]
     assert rep["data"]["source"].startswith("shipped 8x8 digits") and rep["data"]["size"] == 1024
     assert rep["validation"]["teacher"]["solver"] == "heun" and rep["validation"]["teacher"]["steps"] == 20

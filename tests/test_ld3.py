@@ -43,7 +43,7 @@ from stepopt.optimizers.ld3 import (
 from stepopt.optimizers.ld3_losses import l2_distance, load_lpips, make_distance
 from stepopt.schedule import Schedule
 from stepopt.solvers import get_solver, solve
-from stepopt.teacher import teacher_outputs
+from stepopt.teacher import TeacherConfig, teacher_outputs
 
 DPM3 = get_solver("dpmpp-3m").identity()
 UNIPC = get_solver("unipc").identity()
@@ -416,7 +416,7 @@ def test_checkpointing_keeps_gradients_and_bounds_memory() -> None:
 
 
 def test_networks_are_checkpointed_by_default(tmp_path: Path) -> None:
-    s = run_ld3(MLPDenoiser(), max_iterations=1, teacher_steps=8, n_train=2, n_valid=2)
+    s = run_ld3(MLPDenoiser(), max_iterations=1, teacher=TeacherConfig(steps=8), n_train=2, n_valid=2)
     assert s.method.config["report"]["checkpoint"] is True
     assert s.method.config["report"]["teacher"]["steps"] == 8
 

@@ -1,6 +1,9 @@
 """Method configurations: dataclasses filled from a YAML file and ``--set KEY=VALUE`` overrides.
 
-Unknown keys and values of the wrong type are errors that list the valid keys (design.md §3).
+Unknown keys and values of the wrong type are errors that list the valid keys. A field whose type
+is itself a dataclass (e.g. ``teacher: TeacherConfig``) is a nested section: a mapping in the file
+(``teacher: {steps: 200}``), a dotted key on the command line (``--set teacher.steps=200``), or,
+for files written before the nesting, the flat key ``teacher_steps``. Sections merge key by key.
 """
 
 from __future__ import annotations
@@ -84,8 +87,6 @@ def resolve_config(
     """Defaults <- config file <- ``--set`` items <- explicit overrides (command-line flags)."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls} is not a dataclass")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
     values: dict[str, Any] = {}
     if file is not None:
         p = Path(file)
@@ -106,11 +107,39 @@ def resolve_config(
     for k, v in (overrides or {}).items():
         if v is not None:
             values[k] = v
+    return _build(cls, values, "")
+
+
+def _nested(tp: Any) -> type | None:
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def _build(cls: type[T], values: Mapping[str, Any], prefix: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+    sections = {n: sub for n in names if (sub := _nested(hints[n])) is not None}
+    flat: dict[str, Any] = {}
+    parts: dict[str, dict[str, Any]] = {}
+    for key, v in values.items():
+        head, dot, rest = key.partition(".")
+        legacy = next((n for n in sections if key.startswith(n + "_") and key not in names), None)
+        if dot and head in sections:
+            parts.setdefault(head, {})[rest] = v
+        elif legacy is not None:  # e.g. teacher_steps -> teacher.steps (files from before the nesting)
+            parts.setdefault(legacy, {})[key[len(legacy) + 1 :]] = v
+        elif key in sections and isinstance(v, Mapping):
+            parts.setdefault(key, {}).update(v)
+        else:
+            flat[key] = v
     out: dict[str, Any] = {}
-    for k, v in values.items():
+    for k, v in flat.items():
         if k not in names:
-            raise ConfigError(f"unknown option '{k}' for {cls.__name__}; valid options: {', '.join(names)}")
-        out[k] = _check_type(cls.__name__, k, v, hints[k])
+            raise ConfigError(f"unknown option '{prefix}{k}' for {cls.__name__}; valid options: {', '.join(names)}")
+        if k in sections and not isinstance(v, sections[k]):
+            raise ConfigError(f"'{prefix}{k}' = {v!r}: expected a mapping of {sections[k].__name__} options")
+        out[k] = v if k in sections else _check_type(cls.__name__, prefix + k, v, hints[k])
+    for k, sub_values in parts.items():
+        out[k] = _build(sections[k], sub_values, f"{prefix}{k}.")
     try:
         return cls(**out)
     except (TypeError, ValueError) as e:
@@ -119,5 +148,12 @@ def resolve_config(
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """The full resolved configuration as plain data (lists for tuples)."""
-    d = dataclasses.asdict(cfg)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -44,11 +44,10 @@ from stepopt.metrics.fidelity import (
     resolve_reference,
     to_images,
 )
-from stepopt.metrics.ode_error import ode_error
-from stepopt.models.base import AnalyticModel, DiffusionModel
-from stepopt.sampling import initial_noise, run_schedule
+from stepopt.models.base import DiffusionModel
+from stepopt.sampling import sample_schedule
 from stepopt.schedule import Schedule
-from stepopt.teacher import TeacherConfig, teacher_outputs
+from stepopt.teacher import GridValidator, TeacherConfig
 
 Progress = Callable[[str, Mapping[str, Any]], None]
 TABLE_FORMATS = (".md", ".csv", ".json")
@@ -138,46 +137,24 @@ def generate(
     model: DiffusionModel, schedule: Schedule, seeds: Sequence[int], batch_size: int, device: torch.device
 ) -> torch.Tensor:
     """The schedule's outputs for ``seeds`` (noise at ``sigmas[0]``), batched, on the CPU."""
-    outs = []
     with torch.no_grad():
-        for start in range(0, len(seeds), batch_size):
-            chunk = list(seeds[start : start + batch_size])
-            x = initial_noise(model, chunk, sigma=schedule.sigmas[0], device=device)
-            outs.append(run_schedule(model, schedule, x).cpu())
-    return torch.cat(outs)
+        return sample_schedule(model, schedule, seeds, batch_size=batch_size, device=device)
 
 
-def teacher_targets(
-    model: DiffusionModel, schedule: Schedule, config: EvalConfig, device: torch.device
-) -> torch.Tensor:
-    """Where the exact ODE from each seed's noise ends for this schedule (see the module docstring)."""
-    _, y = teacher_outputs(
+def ode_validator(model: DiffusionModel, schedule: Schedule, config: EvalConfig, device: torch.device) -> GridValidator:
+    """The teacher's targets for this schedule's sigma range and final step (see the module docstring)."""
+    return GridValidator(
         model,
+        None,
         config.seeds,
         config.teacher,
+        final_step=schedule.final_step,
         sigma_from=schedule.sigmas[0],
         sigma_to=schedule.sigmas[-1],
         batch_size=config.batch_size,
         device=device,
         cache=config.cache,
     )
-    if schedule.final_step == "denoise":
-        with torch.no_grad():
-            parts = [
-                model(y[i : i + config.batch_size], schedule.sigmas[-1]) for i in range(0, len(y), config.batch_size)
-            ]
-        y = torch.cat(parts)
-    return y.cpu()
-
-
-def _teacher_settings(model: DiffusionModel, schedule: Schedule, config: EvalConfig) -> dict[str, Any]:
-    teacher: Any = "exact ODE solution" if isinstance(model, AnalyticModel) else config.teacher.to_dict()
-    return {
-        "teacher": teacher,
-        "sigma_from": schedule.sigmas[0],
-        "sigma_to": schedule.sigmas[-1],
-        "target": "D(teacher, sigma_N)" if schedule.final_step == "denoise" else "teacher state at sigma_N",
-    }
 
 
 def evaluate(
@@ -228,7 +205,7 @@ def evaluate(
 
     order = sorted(range(len(items)), key=lambda i: (items[i][1].solver.name, items[i][1].nfe, i))
     rows: list[EvalRow] = []
-    targets: dict[tuple[float, float, str], torch.Tensor] = {}  # teacher per sigma range, shared by rows
+    validators: dict[tuple[float, float, str], GridValidator] = {}  # teacher per sigma range, shared by rows
     for k, i in enumerate(order):
         path, sched = items[i]
         if progress:
@@ -245,10 +222,10 @@ def evaluate(
         for r in reqs:
             if r.kind == "ode-error":
                 tkey = (sched.sigmas[0], sched.sigmas[-1], sched.final_step)
-                if tkey not in targets:
-                    targets[tkey] = teacher_targets(model, sched, cfg, dev)
-                row.metrics[r.name] = ode_error(samples, targets[tkey])
-                row.settings[r.name] = {**common, **_teacher_settings(model, sched, cfg)}
+                if tkey not in validators:
+                    validators[tkey] = ode_validator(model, sched, cfg, dev)
+                row.metrics[r.name] = validators[tkey].errors(samples)
+                row.settings[r.name] = {**common, **validators[tkey].describe()}
             elif r.kind == "fd-exact":
                 sigma = 0.0 if sched.final_step == "denoise" else sched.sigmas[-1]
                 row.metrics[r.name] = fd_exact(samples, model, sigma)

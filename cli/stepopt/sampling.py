@@ -83,6 +83,54 @@ def run_schedule(
     )
 
 
+def slice_cond(cond: Mapping[str, Any] | None, start: int, stop: int, n: int) -> dict[str, Any] | None:
+    """The rows ``start:stop`` of per-sample conditioning for ``n`` samples (other values are passed whole)."""
+    if cond is None:
+        return None
+    out: dict[str, Any] = {}
+    for k, v in cond.items():
+        per_sample = isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n
+        out[k] = v[start:stop] if per_sample else v
+    return out
+
+
+def batched(
+    model: DiffusionModel,
+    seeds: Sequence[int],
+    run: Callable[[torch.Tensor, dict[str, Any] | None], torch.Tensor],
+    *,
+    sigma: float,
+    batch_size: int,
+    device: torch.device | str | None = None,
+    cond: Mapping[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+    to_cpu: bool = False,
+) -> torch.Tensor:
+    """The one batching loop: ``run(x, cond)`` per batch of seeds, results concatenated in seed order.
+
+    ``x`` is each batch's initial noise at ``sigma`` (:func:`initial_noise`, so it does not depend on
+    the batch size) and ``cond`` its rows of the per-sample conditioning: ``cond`` if given (tensors
+    with one row per seed are sliced, anything else is passed to every batch), else the model's own
+    :meth:`~stepopt.models.base.DiffusionModel.cond_for_seeds`. Each finished batch is reported as
+    ``progress(done, n)`` (and moved to the CPU with ``to_cpu``).
+    """
+    if batch_size < 1:
+        raise StepoptError(f"batch size {batch_size} is invalid; expected an integer >= 1")
+    n = len(seeds)
+    per_seed = cond_for_seeds(model, seeds) if cond is None else cond
+    outs = []
+    if progress is not None:
+        progress(0, n)
+    for start in range(0, n, batch_size):
+        chunk = list(seeds[start : start + batch_size])
+        x = initial_noise(model, chunk, sigma=sigma, device=device)
+        y = run(x, slice_cond(per_seed, start, start + len(chunk), n))
+        outs.append(y.cpu() if to_cpu else y)
+        if progress is not None:
+            progress(start + len(chunk), n)
+    return torch.cat(outs) if outs else torch.empty((0, *model.shape), dtype=model.dtype)
+
+
 def sample_grid(
     model: DiffusionModel,
     solver: SolverIdentity,
@@ -97,14 +145,11 @@ def sample_grid(
 ) -> torch.Tensor:
     """Samples for ``seeds`` (noise at ``sigmas[0]``), batched; identical for any batch size."""
     sig = torch.as_tensor(sigmas, dtype=torch.float64)
-    outs = []
-    for start in range(0, len(seeds), batch_size):
-        chunk = list(seeds[start : start + batch_size])
-        x = initial_noise(model, chunk, sigma=float(sig[0]), device=device)
-        outs.append(
-            solve(solver, model, x, sig.to(x.device), model_sigmas=model_sigmas, cond=cond, final_step=final_step)
-        )
-    return torch.cat(outs) if outs else torch.empty((0, *model.shape))
+
+    def run(x: torch.Tensor, c: dict[str, Any] | None) -> torch.Tensor:
+        return solve(solver, model, x, sig.to(x.device), model_sigmas=model_sigmas, cond=c, final_step=final_step)
+
+    return batched(model, seeds, run, sigma=float(sig[0]), batch_size=batch_size, device=device, cond=cond)
 
 
 def sample_schedule(
@@ -123,23 +168,26 @@ def sample_schedule(
     ``manual_seed(seeds[i])`` and then moved to ``device`` (default: the model's), so its noise
     does not depend on ``batch_size``; the result depends on it only through the floating-point
     batching of the network (none for the default model's float32 samples on the CPU; ~1e-6
-    relative for a float32 UNet). Each finished batch is moved to the CPU (in the model's dtype)
-    and reported as ``progress(done, n)``.
+    relative for a float32 UNet). Each batch gets its seeds' rows of the conditioning (see
+    :func:`batched`). Each finished batch is moved to the CPU (in the model's dtype) and reported as
+    ``progress(done, n)``.
     """
-    if batch_size < 1:
-        raise StepoptError(f"batch size {batch_size} is invalid; expected an integer >= 1")
     dev = torch.device(device) if device is not None else model.device
-    n = len(seeds)
-    outs = []
-    if progress is not None:
-        progress(0, n)
-    for start in range(0, n, batch_size):
-        chunk = list(seeds[start : start + batch_size])
-        x = initial_noise(model, chunk, sigma=schedule.sigmas[0], device=dev)
-        outs.append(run_schedule(model, schedule, x, cond=cond).cpu())
-        if progress is not None:
-            progress(start + len(chunk), n)
-    return torch.cat(outs) if outs else torch.empty((0, *model.shape), dtype=model.dtype)
+
+    def run(x: torch.Tensor, c: dict[str, Any] | None) -> torch.Tensor:
+        return run_schedule(model, schedule, x, cond=c)
+
+    return batched(
+        model,
+        seeds,
+        run,
+        sigma=schedule.sigmas[0],
+        batch_size=batch_size,
+        device=dev,
+        cond=cond,
+        progress=progress,
+        to_cpu=True,
+    )
 
 
 def schedule_mismatches(schedule: Schedule, model: DiffusionModel) -> list[str]:

@@ -1,8 +1,13 @@
-"""Teacher outputs: where the ODE from a given noise really ends (design.md §4; methods.md §3).
+"""The teacher: where the ODE from a given noise really ends, and the error of a grid against it.
 
 For analytic models the teacher is the exact ODE solution (closed form, or DOP853 to ~1e-10 for
-the mixture); for networks it is a many-step solver run (configurable). ``teacher_outputs`` is the
-one entry point used by ``eval``, the optimizers' model-aware selection and LD3.
+the mixture); for networks it is a many-step solver run configured by :class:`TeacherConfig`,
+which every optimizer config nests (``teacher: {solver: heun, steps: 100, ...}``) and ``eval``
+takes (``--teacher-set``). :func:`teacher_outputs` is the one way to the teacher's outputs;
+:class:`GridValidator` is the one way to score a grid against them (trust-region ``select``,
+AYS's stopping measure, LD3's validation and ``eval``'s ode-error all use it). With
+``final_step: denoise`` the sampler's output is ``D(x_N, sigma_N)``, so the target is the teacher's
+state at ``sigma_N`` passed through the same denoising jump (:func:`denoised_target`).
 
 Results are cached on disk per seed (:mod:`stepopt.cache`), keyed by the model fingerprint, the
 teacher (``exact`` for analytic models, else the :class:`TeacherConfig`), the sigma range, dtype
@@ -13,34 +18,22 @@ with no parameters to hash) are never cached: their cached value could be stale.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from stepopt.baselines import baseline_sigmas
 from stepopt.cache import TeacherCache
+from stepopt.errors import StepoptError
 from stepopt.models.base import AnalyticModel, DiffusionModel
-from stepopt.sampling import cond_for_seeds, initial_noise
-from stepopt.solvers import get_solver, solve
+from stepopt.sampling import cond_for_seeds, initial_noise, slice_cond
+from stepopt.solvers import SolverIdentity, get_solver, solve
+from stepopt.teacher_config import TeacherConfig
 
 # Bump when the teacher's computation changes in a way the key does not capture.
 CACHE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    """Many-step teacher for networks (ignored for analytic models, whose teacher is exact)."""
-
-    solver: str = "heun"
-    order: int | None = None
-    steps: int = 100
-    grid: str = "edm"
-    rho: float = 7.0
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def teacher_key(
@@ -124,3 +117,150 @@ def teacher_outputs(
         if store is not None:
             store.store(key, [seeds[i] for i in idx], y)
     return x_all, y_all
+
+
+def denoised_target(model: DiffusionModel, y: torch.Tensor, sigma: float, batch_size: int = 256) -> torch.Tensor:
+    """``D(y, sigma)`` in batches: the target of a sampler whose final step jumps to sigma = 0."""
+    with torch.no_grad():
+        parts = [model(y[i : i + batch_size], sigma) for i in range(0, y.shape[0], batch_size)]
+    return torch.cat(parts) if parts else y
+
+
+class GridValidator:
+    """The error of grids against the teacher on fixed seeds; the teacher's targets are built once.
+
+    ``x_t`` is the noise of ``seeds`` at ``sigma_from`` (default: the model's sigma_max) and
+    ``targets`` the teacher's end states at ``sigma_to`` (default: sigma_min), denoised once when
+    ``final_step`` is ``denoise``. :meth:`outputs` runs ``solver`` on a grid from ``x_t`` (batched,
+    each batch with its seeds' conditioning), :meth:`rmse` scores it, :meth:`errors` gives rmse and
+    max of given outputs (``eval``'s ode-error), :meth:`loss` the mean of any per-sample distance
+    (LD3). ``evals`` counts the network evaluations (rows) spent in :meth:`outputs`.
+    """
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        solver: SolverIdentity | None,
+        seeds: Sequence[int],
+        teacher: TeacherConfig | None = None,
+        *,
+        final_step: str = "none",
+        sigma_from: float | None = None,
+        sigma_to: float | None = None,
+        batch_size: int = 256,
+        device: torch.device | str | None = None,
+        cache: bool | TeacherCache = True,
+    ) -> None:
+        self.model = model
+        self.solver = solver
+        self.seeds = [int(s) for s in seeds]
+        self.teacher = teacher or TeacherConfig()
+        self.final_step = final_step
+        self.batch_size = int(batch_size)
+        self.sigma_from = float(model.sigma_max if sigma_from is None else sigma_from)
+        self.sigma_to = float(model.sigma_min if sigma_to is None else sigma_to)
+        x_t, y = teacher_outputs(
+            model,
+            self.seeds,
+            self.teacher,
+            sigma_from=self.sigma_from,
+            sigma_to=self.sigma_to,
+            batch_size=self.batch_size,
+            device=device,
+            cache=cache,
+        )
+        if final_step == "denoise":
+            y = denoised_target(model, y, self.sigma_to, self.batch_size)
+        self.x_t, self.targets = x_t, y
+        self.cond = cond_for_seeds(model, self.seeds)
+        self.evals = 0
+
+    def subset(self, start: int, stop: int) -> GridValidator:
+        """The same validator restricted to seeds ``start:stop`` (no teacher work)."""
+        sub = object.__new__(GridValidator)
+        sub.__dict__.update(self.__dict__)
+        n = len(self.seeds)
+        sub.seeds = self.seeds[start:stop]
+        sub.x_t, sub.targets = self.x_t[start:stop], self.targets[start:stop]
+        sub.cond = slice_cond(self.cond, start, stop, n)
+        sub.evals = 0
+        return sub
+
+    def describe(self) -> dict[str, Any]:
+        """The settings a report records: the teacher, the sigma range and the target."""
+        return {
+            "teacher": self.teacher.describe(self.model),
+            "sigma_from": self.sigma_from,
+            "sigma_to": self.sigma_to,
+            "target": "D(teacher, sigma_N)" if self.final_step == "denoise" else "teacher state at sigma_N",
+        }
+
+    def outputs(
+        self,
+        sigmas: torch.Tensor | Sequence[float] | np.ndarray,
+        model_sigmas: torch.Tensor | Sequence[float] | None = None,
+        *,
+        denoiser: Callable[..., torch.Tensor] | None = None,
+        x_t: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The solver's outputs on ``sigmas`` from the validation noise (or ``x_t``), without gradients."""
+        if self.solver is None:
+            raise StepoptError("this validator has no solver; it only scores given outputs")
+        x_all = self.x_t if x_t is None else x_t
+        grid = torch.as_tensor(sigmas, dtype=torch.float64).to(x_all.device)
+        net = denoiser or self.model
+        counted = _Counting(net)
+        outs = []
+        n = x_all.shape[0]
+        with torch.no_grad():
+            for start in range(0, n, self.batch_size):
+                stop = min(start + self.batch_size, n)
+                cond = slice_cond(self.cond, start, stop, n)
+                outs.append(
+                    solve(
+                        self.solver,
+                        counted,
+                        x_all[start:stop],
+                        grid,
+                        model_sigmas=model_sigmas,
+                        cond=cond,
+                        final_step=self.final_step,
+                    )
+                )
+        self.evals += counted.evals
+        return torch.cat(outs)
+
+    def rmse(self, sigmas: torch.Tensor | Sequence[float] | np.ndarray, model_sigmas: Any = None) -> float:
+        """Root mean square of ``outputs - targets`` over every sample and coordinate (float64)."""
+        out = self.outputs(sigmas, model_sigmas)
+        return float(((out.to(torch.float64) - self.targets.to(torch.float64)) ** 2).mean().sqrt())
+
+    def errors(self, outputs: torch.Tensor) -> dict[str, float]:
+        """``{"rmse", "max"}`` of given outputs (one row per seed) against the targets (``eval``'s ode-error)."""
+        from stepopt.metrics.ode_error import ode_error
+
+        return ode_error(outputs, self.targets)
+
+    def loss(
+        self,
+        distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        run: Callable[[torch.Tensor], torch.Tensor],
+    ) -> float:
+        """Mean over the seeds of ``distance(run(x_t), target)`` (per-sample values), batch by batch."""
+        total = 0.0
+        with torch.no_grad():
+            for x, y in zip(self.x_t.split(self.batch_size), self.targets.split(self.batch_size), strict=True):
+                total += float(distance(run(x), y).sum())
+        return total / self.x_t.shape[0]
+
+
+class _Counting:
+    """A denoiser wrapper that counts evaluated rows."""
+
+    def __init__(self, net: Callable[..., torch.Tensor]) -> None:
+        self.net = net
+        self.evals = 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        self.evals += x.shape[0]
+        return self.net(x, sigma, **cond)

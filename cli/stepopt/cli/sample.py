@@ -31,9 +31,6 @@ from stepopt.errors import StepoptError
 from stepopt.schedule import Schedule
 
 if TYPE_CHECKING:
-    import torch
-
-    from stepopt.models.base import DiffusionModel
     from stepopt.sampling import ProgressFn
 
 SAMPLES_DIR = Path("samples")
@@ -120,7 +117,7 @@ def sample(
     from stepopt.images import is_image_shape, save_grid
     from stepopt.models import load_model, resolve_device
     from stepopt.models.diffusers import DiffusersLatent, conditioning_mismatches, configure_conditioning
-    from stepopt.sampling import save_samples, schedule_mismatches
+    from stepopt.sampling import sample_schedule, save_samples, schedule_mismatches
 
     if n < 1:
         raise StepoptError(f"--n {n}: expected at least 1 sample")
@@ -162,7 +159,7 @@ def sample(
 
     t0 = time.perf_counter()
     with _ProgressBar(n) as progress, torch.inference_mode():
-        x = _sample(m, sched, seeds, batch_size, dev, progress)
+        x = sample_schedule(m, sched, seeds, batch_size=batch_size, device=dev, progress=progress)
         images = decoder.decode(x, batch_size=batch_size) if decoder is not None else None
     seconds = time.perf_counter() - t0
     arrays: dict[str, object] = {}
@@ -201,31 +198,6 @@ def sample(
         f"wrote {path}{extra}: {n} samples of {m.id}, solver {sched.solver}, NFE {sched.nfe}, in {seconds:.2f} s",
         markup=False,
     )
-
-
-def _sample(
-    m: DiffusionModel,
-    sched: Schedule,
-    seeds: list[int],
-    batch_size: int,
-    dev: torch.device,
-    progress: ProgressFn | None,
-) -> torch.Tensor:
-    """``sample_schedule``; for prompt-conditioned models batch by batch, each with its seeds' prompts."""
-    import torch
-
-    from stepopt.models.diffusers import DiffusersLatent
-    from stepopt.sampling import sample_schedule
-
-    if not isinstance(m, DiffusersLatent):
-        return sample_schedule(m, sched, seeds, batch_size=batch_size, device=dev, progress=progress)
-    outs = []
-    for start in range(0, len(seeds), batch_size):
-        chunk = seeds[start : start + batch_size]
-        outs.append(sample_schedule(m, sched, chunk, batch_size=len(chunk), device=dev, cond=m.cond_for_seeds(chunk)))
-        if progress is not None:
-            progress(start + len(chunk), len(seeds))
-    return torch.cat(outs)
 
 
 class _ProgressBar:

@@ -13,7 +13,7 @@ interior sigmas of the grid by the paper's iterative coordinate search (Sec. 3.3
 * **Early stopping** (the KLUB minimiser is not the KL minimiser; run to convergence the grid
   degenerates: one giant jump from sigma_max, steps piled near sigma_min). After every sweep the
   grid is scored by the real quality measure of the *target* solver: RMSE (over all elements)
-  between its output and the teacher's (:func:`stepopt.teacher.teacher_outputs`: the exact ODE for
+  between its output and the teacher's (:class:`stepopt.teacher.GridValidator`: the exact ODE for
   analytic models) on ``val_noises`` fixed validation noises (seeds ``val_seed ...``, kept apart
   from ``stepopt eval``'s seeds 0, 1, ...). The best sweep (sweep 0 is the start) is kept; the
   search stops after ``patience`` sweeps without improvement or at ``max_sweeps``.
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,9 +43,7 @@ from stepopt.errors import StepoptError
 from stepopt.models import AnalyticModel, DiffusionModel, load_digits
 from stepopt.optimizers import OptimizeContext, OptimizeResult, OptimizerSpec, register
 from stepopt.optimizers.klub import KLUBEstimator, klub_total
-from stepopt.sampling import cond_for_seeds
-from stepopt.solvers import solve
-from stepopt.teacher import TeacherConfig, teacher_outputs
+from stepopt.teacher import GridValidator, TeacherConfig
 
 Init = Literal["auto", "edm", "time-uniform", "logsnr", "kl-optimal"]
 
@@ -72,11 +70,10 @@ class AYSConfig:
     base_steps: int = 10
     klub_samples: int = 1024  # samples per interval for the KLUB before/after (0: skip)
     batch_size: int = 4096  # rows per network call
-    teacher_solver: str = "heun"  # teacher for networks (analytic models use the exact ODE)
-    teacher_steps: int = 100
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # for networks (analytic: the exact ODE)
 
     def __post_init__(self) -> None:
-        positive = ("data_size", "samples", "val_noises", "batch_size", "base_steps", "teacher_steps", "max_sweeps")
+        positive = ("data_size", "samples", "val_noises", "batch_size", "base_steps", "max_sweeps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be >= 1, got {getattr(self, name)}")
@@ -158,45 +155,19 @@ def candidate_values(sigmas: np.ndarray, i: int, k: int) -> tuple[np.ndarray, in
     return np.append(grid, sigmas[i]), k - 1
 
 
-class _Validator:
-    """RMSE of the target solver against the teacher on fixed validation noises."""
-
-    def __init__(self, ctx: OptimizeContext, cfg: AYSConfig) -> None:
-        self.ctx = ctx
-        self.seeds = list(range(cfg.val_seed, cfg.val_seed + cfg.val_noises))
-        self.teacher = TeacherConfig(solver=cfg.teacher_solver, steps=cfg.teacher_steps)
-        x_t, y = teacher_outputs(ctx.model, self.seeds, self.teacher, batch_size=1024, device=ctx.device)
-        if ctx.final_step == "denoise":
-            with torch.no_grad():
-                y = ctx.model(y, ctx.model.sigma_min)
-        self.x_t, self.y = x_t, y.to(torch.float64)
-        self.cond = cond_for_seeds(ctx.model, self.seeds)
-        self.evals = 0
-
-    def __call__(self, sigmas: np.ndarray) -> float:
-        grid = torch.as_tensor(sigmas, dtype=torch.float64, device=self.x_t.device)
-        counted = _Counting(self.ctx.model)
-        with torch.no_grad():
-            out = solve(self.ctx.solver, counted, self.x_t, grid, cond=self.cond, final_step=self.ctx.final_step)
-        self.evals += counted.evals
-        return float(((out.to(torch.float64) - self.y) ** 2).mean().sqrt())
-
-
-class _Counting:
-    def __init__(self, model: DiffusionModel) -> None:
-        self.model = model
-        self.evals = 0
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
-        self.evals += x.shape[0]
-        return self.model(x, sigma, **cond)
+def stop_validator(ctx: OptimizeContext, cfg: AYSConfig) -> GridValidator:
+    """The stopping measure: RMSE of the target solver against the teacher on ``val_noises`` fixed noises."""
+    seeds = list(range(cfg.val_seed, cfg.val_seed + cfg.val_noises))
+    return GridValidator(
+        ctx.model, ctx.solver, seeds, cfg.teacher, final_step=ctx.final_step, batch_size=1024, device=ctx.device
+    )
 
 
 def search(
     est: KLUBEstimator,
     sigmas: np.ndarray,
     free: list[int],
-    validate: _Validator,
+    validate: GridValidator,
     cfg: AYSConfig,
     ctx: OptimizeContext,
     level: int,
@@ -204,7 +175,7 @@ def search(
     """Coordinate search over the ``free`` interior points with early stopping; returns the kept grid."""
     sig = np.asarray(sigmas, dtype=np.float64).copy()
     t0 = time.perf_counter()
-    m0 = validate(sig)
+    m0 = validate.rmse(sig)
     history: list[dict[str, Any]] = [{"sweep": 0, "rmse": m0, "evals": 0, "seconds": 0.0, "sigmas": sig.tolist()}]
     best_m, best_sweep, best_sig = m0, 0, sig.copy()
     ctx.report("log", message=f"ays {len(sig) - 1} steps: start rmse {m0:.6g}")
@@ -226,7 +197,7 @@ def search(
                 if k != r.ref:
                     moved += 1
                 sig[r.index] = r.candidates[k]
-        m = validate(sig)
+        m = validate.rmse(sig)
         rec = {
             "sweep": sweep,
             "rmse": m,
@@ -275,7 +246,7 @@ def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
     model, n = ctx.model, ctx.n_steps
     data, data_info = load_data(model, cfg, ctx.seed)
     est = KLUBEstimator(model, data, c=cfg.c, batch_size=cfg.batch_size, device=ctx.device, seed=ctx.seed)
-    validate = _Validator(ctx, cfg)
+    validate = stop_validator(ctx, cfg)
     start, init_kind = initial_grid(model, n, cfg)
     ctx.report("log", message=f"ays: {data_info['size']} data points ({data_info['source']}), init {init_kind}")
 
@@ -301,7 +272,7 @@ def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
 
     # Early stopping guards each level; the interpolated (or subdivided) final grid is checked once more
     # at the requested step count: the result is never worse than its start on the stopping measure.
-    rmse_start, rmse_final = validate(start), validate(sig)
+    rmse_start, rmse_final = validate.rmse(start), validate.rmse(sig)
     kept_start = cfg.early_stopping and rmse_final > rmse_start
     if kept_start:
         ctx.report(
@@ -332,7 +303,7 @@ def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
         "estimator": cfg.estimator,
         "validation": {
             "seeds": f"{cfg.val_seed}..{cfg.val_seed + cfg.val_noises - 1}",
-            "teacher": "exact ODE" if isinstance(model, AnalyticModel) else validate.teacher.to_dict(),
+            "teacher": cfg.teacher.describe(model),
             "measure": "rmse over all elements of solver output vs teacher output",
         },
         "network_evals": {"klub": est.evals, "validation": validate.evals},

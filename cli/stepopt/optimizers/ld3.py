@@ -48,9 +48,11 @@ classifier of FID-digits); see :mod:`stepopt.optimizers.ld3_losses`. The reporte
 validation mean of d from the original noise.
 
 **Teacher** (the paper's setup): ``n_train + n_valid`` pairs (50/50) from seeds ``data_seed,
-data_seed+1, ...`` via :func:`stepopt.teacher.teacher_outputs` (exact ODE for analytic models; for
-networks the ``teacher_*`` solver, cached on disk). With ``final_step: denoise`` the target is the
-teacher's state at sigma_min passed through the same final denoising jump.
+data_seed+1, ...`` via :class:`stepopt.teacher.GridValidator` (exact ODE for analytic models; for
+networks the ``teacher`` solver, cached on disk). With ``final_step: denoise`` the target is the
+teacher's state at sigma_min passed through the same final denoising jump. The report also gives
+``validation_rmse``: the RMSE of the learned grid against the teacher on the validation pairs, the
+measure trust-region ``select`` and AYS's stopping use.
 
 **Memory**: ``checkpoint`` wraps each network call in :func:`torch.utils.checkpoint.checkpoint`
 (activations recomputed in the backward), so memory does not grow with the NFE.
@@ -68,7 +70,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,7 +88,7 @@ from stepopt.optimizers.ld3_losses import Distance, make_distance
 from stepopt.optimizers.ld3_state import Ld3State
 from stepopt.sampling import unit_noise
 from stepopt.solvers import solve
-from stepopt.teacher import TeacherConfig, teacher_outputs
+from stepopt.teacher import GridValidator, TeacherConfig
 
 BASELINE_STARTS = ("logsnr", "edm", "time-uniform", "time-quadratic", "kl-optimal")
 # Config keys that do not change the trajectory of a run: a resumed run may change them.
@@ -118,7 +120,7 @@ class Ld3Config:
        stop; noise_lr_decay: factor on lr_noise after a round in which no relaxed noise moved.
     max_iterations: stop after this many iterations (a budget; a resumed run may raise it).
     checkpoint: recompute each network call in the backward (auto: for non-analytic models).
-    teacher_*: the many-step teacher for networks (analytic models use the exact ODE).
+    teacher: the many-step teacher for networks (analytic models use the exact ODE).
     """
 
     loss: Literal["l2", "lpips", "features"] = "l2"
@@ -153,11 +155,7 @@ class Ld3Config:
     noise_lr_decay: float = 0.5
     max_iterations: int | None = None
     checkpoint: bool | Literal["auto"] = "auto"
-    teacher_solver: str = TeacherConfig.solver
-    teacher_order: int | None = TeacherConfig.order
-    teacher_steps: int = TeacherConfig.steps
-    teacher_grid: str = TeacherConfig.grid
-    teacher_rho: float = TeacherConfig.rho
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def __post_init__(self) -> None:
         if self.n_train < 1 or self.n_valid < 1:
@@ -185,17 +183,6 @@ class Ld3Config:
             raise ValueError("patience and min_lr_patience must be >= 1")
         if self.max_iterations is not None and self.max_iterations < 0:
             raise ValueError(f"max_iterations must be >= 0 or null, got {self.max_iterations}")
-        if self.teacher_steps < 2:
-            raise ValueError(f"teacher_steps must be >= 2, got {self.teacher_steps}")
-
-    def teacher(self) -> TeacherConfig:
-        return TeacherConfig(
-            solver=self.teacher_solver,
-            order=self.teacher_order,
-            steps=self.teacher_steps,
-            grid=self.teacher_grid,
-            rho=self.teacher_rho,
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,21 +353,20 @@ class _Trainer:
         cfg = self.cfg
         seeds = [cfg.data_seed + i for i in range(cfg.n_train + cfg.n_valid)]
         t0 = time.perf_counter()
-        _, target = teacher_outputs(
-            self.model, seeds, cfg.teacher(), batch_size=cfg.valid_batch_size, device=self.device
+        pairs = GridValidator(
+            self.model,
+            self.ctx.solver,
+            seeds,
+            cfg.teacher,
+            final_step=self.ctx.final_step,
+            batch_size=cfg.valid_batch_size,
+            device=self.device,
         )
-        if self.ctx.final_step == "denoise":
-            with torch.no_grad():
-                target = torch.cat(
-                    [
-                        self.model(chunk, torch.tensor(self.model.sigma_min, dtype=torch.float64))
-                        for chunk in target.split(cfg.valid_batch_size)
-                    ]
-                )
         self.teacher_seconds = time.perf_counter() - t0
+        self.validator = pairs.subset(cfg.n_train, len(seeds))
         eps = unit_noise(self.model.shape, seeds).to(self.device)
         self.eps_train, self.eps_valid = eps[: cfg.n_train], eps[cfg.n_train :]
-        self.y_train, self.y_valid = target[: cfg.n_train], target[cfg.n_train :]
+        self.y_train, self.y_valid = pairs.targets[: cfg.n_train], pairs.targets[cfg.n_train :]
 
     # -- the student ---------------------------------------------------------------------------
     def student(
@@ -390,8 +376,18 @@ class _Trainer:
         xi: torch.Tensor | None,
         callback: Callable[[dict[str, Any]], None] | None = None,
     ) -> torch.Tensor:
-        sig, msig = ld3_grid(theta, xi, self.space, self.cfg.window)
         x = (self.model.sigma_max * eps).to(self.model.dtype)
+        return self.student_from(x, theta, xi, callback)
+
+    def student_from(
+        self,
+        x: torch.Tensor,
+        theta: torch.Tensor,
+        xi: torch.Tensor | None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+    ) -> torch.Tensor:
+        """The solver on the grid of ``(theta, xi)`` from the noise ``x`` at sigma_max."""
+        sig, msig = ld3_grid(theta, xi, self.space, self.cfg.window)
         return solve(
             self.ctx.solver,
             self.denoiser,
@@ -404,12 +400,7 @@ class _Trainer:
 
     def validate(self, theta: torch.Tensor, xi: torch.Tensor | None) -> float:
         """Mean distance to the teacher on the validation pairs, from their original noise."""
-        total = 0.0
-        with torch.no_grad():
-            bs = self.cfg.valid_batch_size
-            for eps, y in zip(self.eps_valid.split(bs), self.y_valid.split(bs), strict=True):
-                total += float(self.distance(self.student(eps, theta, xi), y).sum())
-        return total / self.eps_valid.shape[0]
+        return self.validator.loss(self.distance, lambda x: self.student_from(x, theta, xi))
 
     def non_finite(self, what: str, iteration: int, eps: torch.Tensor, theta: torch.Tensor, xi: Any) -> StepoptError:
         """The error for a non-finite value, naming the iteration and the first bad solver step."""
@@ -564,7 +555,8 @@ class _Trainer:
             "rounds_done": st.round,
             "stop_reason": st.stop_reason,
             "checkpoint": self.checkpointed,
-            "teacher": "exact" if isinstance(self.model, AnalyticModel) else cfg.teacher().to_dict(),
+            "teacher": cfg.teacher.describe(self.model),
+            "validation_rmse": self.validator.rmse(sigmas, model_sigmas),
             "seconds_teacher": round(self.teacher_seconds, 4),
             "seconds_training": round(st.seconds, 4),
         }

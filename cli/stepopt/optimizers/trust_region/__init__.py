@@ -247,29 +247,21 @@ def _sigmas(ctx: OptimizeContext, lam: np.ndarray) -> list[float]:
     return [float(v) for v in s]
 
 
+def select_validator(ctx: OptimizeContext, cfg: TrustRegionConfig) -> Any:
+    """The selection measure: RMSE of the solver against the teacher on ``select_n`` noises."""
+    from stepopt.teacher import GridValidator
+
+    seeds = list(range(cfg.select_seed, cfg.select_seed + cfg.select_n))
+    return GridValidator(ctx.model, ctx.solver, seeds, cfg.teacher, final_step=ctx.final_step, device=ctx.device)
+
+
 def _run_select(ctx: OptimizeContext, cfg: TrustRegionConfig, report: dict[str, Any]) -> OptimizeResult:
     """Model-aware selection: optimize every (p, tau, init) candidate, keep the lowest teacher RMSE."""
-    import torch
-
-    from stepopt.sampling import cond_for_seeds
-    from stepopt.solvers import solve
-    from stepopt.teacher import teacher_outputs
-
     n = ctx.n_steps
-    seeds = list(range(cfg.select_seed, cfg.select_seed + cfg.select_n))
-    x_t, x_ref = teacher_outputs(ctx.model, seeds, device=ctx.device)
-    cond = cond_for_seeds(ctx.model, seeds)
-    if ctx.final_step == "denoise":
-        # The solver's output is D(x_N) at sigma_min, so the target is the denoised teacher state.
-        with torch.no_grad():
-            x_ref = ctx.model(x_ref, ctx.model.sigma_min)
+    validator = select_validator(ctx, cfg)
+    seeds = validator.seeds
+    rmse = validator.rmse
     ctx.report("log", message=f"trust-region select: teacher on {len(seeds)} noises (seeds {seeds[0]}..{seeds[-1]})")
-
-    def rmse(sigmas: list[float]) -> float:
-        grid = torch.tensor(sigmas, dtype=torch.float64, device=x_t.device)
-        with torch.no_grad():
-            x = solve(ctx.solver, ctx.model, x_t, grid, cond=cond, final_step=ctx.final_step)
-        return float(((x.to(torch.float64) - x_ref.to(torch.float64)) ** 2).mean().sqrt())
 
     cands: list[dict[str, Any]] = []
     best: tuple[float, list[float], dict[str, Any]] | None = None
@@ -310,7 +302,7 @@ def _run_select(ctx: OptimizeContext, cfg: TrustRegionConfig, report: dict[str, 
     report.update(
         select={
             "teacher_seeds": [seeds[0], seeds[-1]],
-            "teacher": "exact ODE" if _is_analytic(ctx.model) else "many-step solver (stepopt.teacher.TeacherConfig)",
+            "teacher": cfg.teacher.describe(ctx.model),
             "metric": "rmse vs teacher",
             "candidates": [{k: v for k, v in c.items() if k != "objective"} for c in cands],
             "chosen": chosen["candidate"],
@@ -321,12 +313,6 @@ def _run_select(ctx: OptimizeContext, cfg: TrustRegionConfig, report: dict[str, 
     objective = dict(chosen.get("objective") or {"name": OBJECTIVE_NAME, "initial": None, "final": None})
     objective["select_rmse"] = err
     return OptimizeResult(sigmas=sigmas, objective=objective, report=report)
-
-
-def _is_analytic(model: DiffusionModel) -> bool:
-    from stepopt.models.base import AnalyticModel
-
-    return isinstance(model, AnalyticModel)
 
 
 SPEC = register(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from stepopt.teacher_config import TeacherConfig
 
 INITS = ("logsnr", "time-uniform", "edm")
 OBJECTIVE_NAME = "xue2024-error-bound"
@@ -62,6 +64,7 @@ class TrustRegionConfig:
     select_tau: tuple[Tau, ...] = ("auto", 3, "all")
     select_n: int = 32
     select_seed: int = 10_000
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def __post_init__(self) -> None:
         for p in (self.p, *self.select_p):
