@@ -59,10 +59,14 @@ LofOpt = Annotated[
     ),
 ]
 NfeOpt = Annotated[int, typer.Option("--nfe", "-n", min=1, help="Exact number of network evaluations.")]
-TrustPickleOpt = Annotated[
+TrustCodeOpt = Annotated[
     bool,
-    typer.Option("--trust-pickle", help="Allow loading edm:*.pkl checkpoints (unpickling runs code from the file)."),
+    typer.Option(
+        "--trust-code",
+        help="Allow model loaders that run code: edm:*.pkl checkpoints (unpickling) and python: factories.",
+    ),
 ]
+TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", hidden=True, help="Old name of --trust-code.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
 
 

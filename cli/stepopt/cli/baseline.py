@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,20 +12,29 @@ from stepopt._defaults import DEFAULT_MODEL
 from stepopt.baselines import BASELINES, interpolate_loglinear
 from stepopt.cli.app import (
     DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
     FinalStep,
     FinalStepOpt,
+    GuidanceOpt,
     JsonOpt,
     LofOpt,
     ModelOpt,
+    NegativePromptOpt,
+    NetDtype,
     NfeOpt,
     OrderOpt,
+    PromptFileOpt,
+    PromptOpt,
     SolverOpt,
+    TrustCodeOpt,
+    TrustPickleOpt,
     VariantOpt,
     command,
     emit_json,
     err,
 )
-from stepopt.cli.common import default_out, schedule_header, schedule_json
+from stepopt.cli.common import default_out, load_with_options, schedule_header, schedule_json
 from stepopt.errors import StepoptError
 from stepopt.provenance import provenance
 from stepopt.schedule import MethodInfo, Schedule
@@ -49,6 +59,14 @@ def baseline(
         Path | None,
         typer.Option("--out", "-o", help="Output file [default: schedules/<model>/<solver>/nfe<N>/<kind>.yaml]."),
     ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = NetDtype.float32,
+    trust_code: TrustCodeOpt = False,
+    trust_pickle: TrustPickleOpt = False,
+    prompt: PromptOpt = None,
+    prompt_file: PromptFileOpt = None,
+    negative_prompt: NegativePromptOpt = None,
+    guidance: GuidanceOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -81,13 +99,28 @@ def baseline(
     else:
         if source is not None:
             raise StepoptError(f"--from is only for 'interpolate', not '{kind}'")
-        # Built-ins described by a card need no torch; other models are loaded.
-        m: Any = model_card(model)
+        # Built-ins described by a card need no torch (nor a device); other models are loaded.
+        conditioned = bool(prompt) or prompt_file is not None or negative_prompt is not None or guidance is not None
+        m: Any = None if conditioned else model_card(model)
+        conditioning = None
         if m is None:
-            from stepopt.models import load_model
-
-            m = load_model(model, device="cpu")
+            loaded = load_with_options(
+                model,
+                device=device,
+                dtype=dtype.value,
+                trust_code=trust_code or trust_pickle,
+                prompts=prompt,
+                prompt_file=prompt_file,
+                negative_prompt=negative_prompt,
+                guidance=guidance,
+            )
+            for note in loaded.notes:
+                err.print(f"note: {note}", markup=False)
+            m, conditioning = loaded.model, loaded.conditioning
         sched = baseline_schedule(kind, m, ident, n_steps, final_step=final_step.value, rho=rho)
+        if conditioning is not None:  # the guided ODE the schedule is meant for
+            config = {**sched.method.config, "conditioning": conditioning}
+            sched = sched.replace(method=dataclasses.replace(sched.method, config=config))
     path = out if out is not None else default_out(sched.model.id, ident.name, sched.nfe, kind)
     sched.save(path)
     if json_out:

@@ -1,14 +1,21 @@
-"""Helpers shared by commands: default output paths and schedule summaries."""
+"""Helpers shared by commands: loading a model with the shared options, output paths, schedule summaries."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 from stepopt.schedule import Schedule
+
+if TYPE_CHECKING:
+    import torch
+
+    from stepopt.models.base import DiffusionModel
 
 SCHEDULES_DIR = Path("schedules")
 
@@ -25,7 +32,7 @@ def model_slug(model_id: str) -> str:
 
 
 def default_out(model_id: str, solver: str, nfe: int, method: str) -> Path:
-    """``schedules/<model>/<solver>/nfe<N>/<method>.yaml`` (design.md §3)."""
+    """``schedules/<model>/<solver>/nfe<N>/<method>.yaml``."""
     return SCHEDULES_DIR / model_slug(model_id) / solver / f"nfe{nfe}" / f"{method}.yaml"
 
 
@@ -78,3 +85,53 @@ def schedule_header(s: Schedule) -> str:
         f"{s.method.name} schedule for {s.model.id} ({s.model.fingerprint[:19]}…), solver {s.solver}, "
         f"NFE {s.nfe}, {s.n_steps} steps, final_step {s.final_step}{obj}"
     )
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded with the shared model options, with its conditioning record and notes for stderr."""
+
+    model: DiffusionModel
+    device: torch.device
+    conditioning: dict[str, Any] | None
+    notes: list[str]
+
+
+def load_with_options(
+    model_id: str,
+    *,
+    device: str,
+    dtype: str,
+    trust_code: bool,
+    prompts: Sequence[str] | None = None,
+    prompt_file: Path | None = None,
+    negative_prompt: str | None = None,
+    guidance: float | None = None,
+    recorded: Mapping[str, Any] | None = None,
+) -> LoadedModel:
+    """Load ``model_id`` with the options every model-loading command shares.
+
+    ``--device``, ``--dtype`` (the network's), ``--trust-code`` and the text conditioning
+    (``--prompt``/``--prompt-file``/``--negative-prompt``/``--guidance``). ``recorded`` is the
+    conditioning a schedule was made with: it supplies the defaults, and every option that
+    overrides a recorded value is named in the notes.
+    """
+    import torch
+
+    from stepopt.models import load_model, resolve_device
+    from stepopt.models.diffusers import configure_conditioning
+
+    dev = resolve_device(device)
+    m = load_model(model_id, device=dev, dtype=getattr(torch, dtype), trust_code=trust_code)
+    conditioning = configure_conditioning(m, prompts or (), prompt_file, negative_prompt, guidance, recorded=recorded)
+    notes = list(conditioning[1]) if conditioning else []
+    rec = recorded if isinstance(recorded, Mapping) else None
+    if rec is not None and conditioning is not None:
+        used = conditioning[0]
+        if guidance is not None and rec.get("guidance") is not None and float(rec["guidance"]) != float(guidance):
+            notes.append(f"--guidance {guidance} overrides the schedule's guidance {rec['guidance']}")
+        if negative_prompt is not None and rec.get("negative_prompt") not in (None, negative_prompt):
+            notes.append(f"--negative-prompt overrides the schedule's {rec['negative_prompt']!r}")
+        if (prompts or prompt_file is not None) and rec.get("prompts_sha256") not in (None, used.get("prompts_sha256")):
+            notes.append(f"--prompt/--prompt-file override the schedule's prompt set ({rec.get('n_prompts')} prompts)")
+    return LoadedModel(m, dev, conditioning[0] if conditioning else None, notes)

@@ -10,7 +10,23 @@ from typing import Annotated, Any
 import typer
 
 from stepopt.cache_sections import SECTIONS
-from stepopt.cli.app import DebugOpt, DeviceOpt, JsonOpt, command, emit_json, err
+from stepopt.cli.app import (
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    GuidanceOpt,
+    JsonOpt,
+    NegativePromptOpt,
+    NetDtype,
+    PromptFileOpt,
+    PromptOpt,
+    TrustCodeOpt,
+    TrustPickleOpt,
+    command,
+    emit_json,
+    err,
+)
+from stepopt.cli.common import load_with_options
 from stepopt.config import resolve_config
 from stepopt.errors import StepoptError
 from stepopt.metrics import INCEPTION_EXTRACTOR, MANAGED_FIDELITY_OPTIONS, METRIC_NAMES
@@ -64,6 +80,13 @@ def eval_cmd(
     ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the on-disk cache.")] = False,
     device: DeviceOpt = "auto",
+    dtype: DtypeOpt = NetDtype.float32,
+    trust_code: TrustCodeOpt = False,
+    trust_pickle: TrustPickleOpt = False,
+    prompt: PromptOpt = None,
+    prompt_file: PromptFileOpt = None,
+    negative_prompt: NegativePromptOpt = None,
+    guidance: GuidanceOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -71,7 +94,6 @@ def eval_cmd(
     # torch-fidelity (and torchvision behind it) load only when evaluating: other commands stay fast.
     from stepopt.evaluate import EvalConfig, evaluate, render_markdown, rows_json, write_back, write_table
     from stepopt.metrics.fidelity import FidelityOptions
-    from stepopt.models import load_model, resolve_device
     from stepopt.teacher import TeacherConfig
 
     sets = list(fidelity_set or ())
@@ -98,8 +120,21 @@ def eval_cmd(
         fidelity=fopts,
     )
     items = [(str(p), Schedule.load(p)) for p in schedule]
-    dev = resolve_device(device)
-    model = load_model(items[0][1].model.id, device=dev)
+    recorded = items[0][1].method.config.get("conditioning")
+    loaded = load_with_options(
+        items[0][1].model.id,
+        device=device,
+        dtype=dtype.value,
+        trust_code=trust_code or trust_pickle,
+        prompts=prompt,
+        prompt_file=prompt_file,
+        negative_prompt=negative_prompt,
+        guidance=guidance,
+        recorded=recorded if isinstance(recorded, dict) else None,
+    )
+    model, dev = loaded.model, loaded.device
+    for note in loaded.notes:
+        err.print(f"note: {note}", markup=False)
 
     def progress(event: str, data: Mapping[str, Any]) -> None:
         if event == "schedule":
@@ -110,6 +145,10 @@ def eval_cmd(
             )
 
     rows = evaluate(items, metrics, model, cfg, device=dev, progress=progress)
+    if loaded.conditioning is not None:  # the guided ODE the samples come from
+        for r in rows:
+            for st in r.settings.values():
+                st["conditioning"] = loaded.conditioning
     if write_back_:
         for r in rows:
             write_back(r)

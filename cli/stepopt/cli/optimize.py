@@ -27,13 +27,14 @@ from stepopt.cli.app import (
     PromptFileOpt,
     PromptOpt,
     SolverOpt,
+    TrustCodeOpt,
     TrustPickleOpt,
     VariantOpt,
     command,
     emit_json,
     err,
 )
-from stepopt.cli.common import default_out, schedule_header, schedule_json
+from stepopt.cli.common import default_out, load_with_options, schedule_header, schedule_json
 from stepopt.config import resolve_config
 from stepopt.errors import StepoptError
 from stepopt.schedule import Schedule
@@ -73,6 +74,7 @@ def optimize_cmd(
         bool,
         typer.Option("--resume", help="Continue an interrupted run from its state file <out>.state (ld3)."),
     ] = False,
+    trust_code: TrustCodeOpt = False,
     trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = NetDtype.float32,
     prompt: PromptOpt = None,
@@ -94,10 +96,6 @@ def optimize_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Optimize the time steps for a model, solver and NFE; write a v1 schedule file."""
-    import torch
-
-    from stepopt.models import load_model, resolve_device
-    from stepopt.models.diffusers import configure_conditioning
     from stepopt.optimizers import get_optimizer, optimize
 
     spec = get_optimizer(optimizer)
@@ -109,10 +107,18 @@ def optimize_cmd(
         raise StepoptError(f"--select: optimizer '{optimizer}' has no model-aware selection")
     cfg: Any = resolve_config(spec.config_cls, config, set_ or (), {"select": True} if select else None)
     ident = get_solver(solver).identity(order, variant, lower_order_final)
-    dev = resolve_device(device)
-    m = load_model(model, device=dev, dtype=getattr(torch, dtype.value), trust_pickle=trust_pickle)
-    conditioning = configure_conditioning(m, prompt or (), prompt_file, negative_prompt, guidance)
-    for note in conditioning[1] if conditioning else ():
+    loaded = load_with_options(
+        model,
+        device=device,
+        dtype=dtype.value,
+        trust_code=trust_code or trust_pickle,
+        prompts=prompt,
+        prompt_file=prompt_file,
+        negative_prompt=negative_prompt,
+        guidance=guidance,
+    )
+    m, dev = loaded.model, loaded.device
+    for note in loaded.notes:
         err.print(f"note: {note}", markup=False)
 
     def progress(event: str, data: Mapping[str, Any]) -> None:
@@ -143,8 +149,8 @@ def optimize_cmd(
         if state.exists():
             err.print(f"interrupted: rerun the same command with --resume to continue from '{state}'", markup=False)
         raise
-    if conditioning is not None:  # the prompt set and guidance the schedule was optimized for
-        method = dataclasses.replace(sched.method, config={**sched.method.config, "conditioning": conditioning[0]})
+    if loaded.conditioning is not None:  # the prompt set and guidance the schedule was optimized for
+        method = dataclasses.replace(sched.method, config={**sched.method.config, "conditioning": loaded.conditioning})
         sched = sched.replace(method=method)
     sched.save(path)
     state.unlink(missing_ok=True)  # the run is complete: its schedule is written

@@ -21,12 +21,13 @@ from stepopt.cli.app import (
     NetDtype,
     PromptFileOpt,
     PromptOpt,
+    TrustCodeOpt,
     TrustPickleOpt,
     command,
     emit_json,
     err,
 )
-from stepopt.cli.common import model_slug
+from stepopt.cli.common import load_with_options, model_slug
 from stepopt.errors import StepoptError
 from stepopt.schedule import Schedule
 
@@ -94,6 +95,7 @@ def sample(
             "--force", help="Sample even if the model or solver does not match the schedule (recorded as a warning)."
         ),
     ] = False,
+    trust_code: TrustCodeOpt = False,
     trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = NetDtype.float32,
     prompt: PromptOpt = None,
@@ -115,8 +117,7 @@ def sample(
     import torch
 
     from stepopt.images import is_image_shape, save_grid
-    from stepopt.models import load_model, resolve_device
-    from stepopt.models.diffusers import DiffusersLatent, conditioning_mismatches, configure_conditioning
+    from stepopt.models.diffusers import DiffusersLatent, conditioning_mismatches
     from stepopt.sampling import sample_schedule, save_samples, schedule_mismatches
 
     if n < 1:
@@ -130,8 +131,20 @@ def sample(
         if grid.suffix.lower() != ".png":
             raise StepoptError(f"--grid {grid}: expected a .png file")
         check_writable(grid, "--grid")
-    dev = resolve_device(device)
-    m = load_model(model or sched.model.id, device=dev, dtype=getattr(torch, dtype.value), trust_pickle=trust_pickle)
+    recorded = sched.method.config.get("conditioning")
+    recorded = recorded if isinstance(recorded, dict) else None
+    loaded = load_with_options(
+        model or sched.model.id,
+        device=device,
+        dtype=dtype.value,
+        trust_code=trust_code or trust_pickle,
+        prompts=prompt,
+        prompt_file=prompt_file,
+        negative_prompt=negative_prompt,
+        guidance=guidance,
+        recorded=recorded,
+    )
+    m, dev, record = loaded.model, loaded.device, loaded.conditioning
     lm = m if isinstance(m, DiffusersLatent) else None  # a latent model: prompts, guidance, VAE
     if decode and lm is None:
         raise StepoptError(f"--decode: {m.id} has no decoder (only latent diffusers pipelines have a VAE)")
@@ -140,20 +153,13 @@ def sample(
     if grid is not None and not is_image_shape(out_shape):
         hint = " (decode latents with --decode)" if lm is not None else ""
         raise StepoptError(f"--grid: {m.id} has data of shape {out_shape}, not images (C, H, W) with C = 1 or 3{hint}")
-    recorded = sched.method.config.get("conditioning")
-    recorded = recorded if isinstance(recorded, dict) else None
-    rec_guidance = recorded.get("guidance") if recorded else None
-    conditioning = configure_conditioning(
-        m, prompt or (), prompt_file, negative_prompt, guidance, default_guidance=rec_guidance
-    )
-    record = conditioning[0] if conditioning else None
     problems, notes = conditioning_mismatches(recorded, record)
     warnings = schedule_mismatches(sched, m) + problems
     if warnings and not force:
         raise StepoptError(f"{schedule}: {warnings[0]}; pass --force to sample anyway")
     for w in warnings:
         err.print(f"warning: {w} (--force)", style="yellow", markup=False)
-    for note in (conditioning[1] if conditioning else []) + notes:
+    for note in loaded.notes + notes:
         err.print(f"note: {note}", markup=False)
     seeds = [seed + i for i in range(n)]
 

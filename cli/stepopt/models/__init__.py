@@ -100,9 +100,14 @@ def load_model(
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype | None = None,
     *,
+    trust_code: bool = False,
     trust_pickle: bool = False,
 ) -> DiffusionModel:
-    """Load a model by id (``builtin:NAME`` or ``LOADER:ARG``); errors name the id and the choices."""
+    """Load a model by id (``builtin:NAME`` or ``LOADER:ARG``); errors name the id and the choices.
+
+    ``trust_code`` allows loaders that run code from a file (``edm:`` pickles); ``trust_pickle``
+    is its old name.
+    """
     spec = spec or DEFAULT_MODEL
     dev = resolve_device(device)
     prefix, sep, rest = spec.partition(":")
@@ -114,7 +119,7 @@ def load_model(
         model = BUILTINS[rest].factory()
         return model.to(dev, None if isinstance(model, AnalyticModel) else dtype)
     if prefix == "edm":
-        return load_edm_pickle(rest, dev, dtype, trust_pickle=trust_pickle)
+        return load_edm_pickle(rest, dev, dtype, trust_pickle=trust_code or trust_pickle)
     if prefix in LOADERS:
         return LOADERS[prefix][0](rest, dev, dtype)
     known = ", ".join(["builtin", "edm", *LOADERS])

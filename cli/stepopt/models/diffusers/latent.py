@@ -449,14 +449,24 @@ def configure_conditioning(
     guidance: float | None = None,
     *,
     default_guidance: float | None = None,
+    recorded: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]] | None:
     """Bind ``--prompt``/``--prompt-file``/``--negative-prompt``/``--guidance`` to ``model``.
 
     Returns ``(record, notes)`` for a text-conditioned model (defaults: the prompt ``""``, the
     negative prompt ``""``, ``guidance`` else ``default_guidance`` else 7.5; a model with fixed
     embeddings and no text encoder keeps its prompts and its own guidance unless one is given),
-    ``None`` for any other model, which refuses these options.
+    ``None`` for any other model, which refuses these options. ``recorded`` (a schedule's
+    ``method.config['conditioning']``) supplies the defaults of every option it records: the
+    guidance, the negative prompt and, where the schedule stores them, the prompts.
     """
+    rec = recorded if isinstance(recorded, Mapping) else {}
+    if default_guidance is None and isinstance(rec.get("guidance"), (int, float)):
+        default_guidance = float(rec["guidance"])
+    rec_prompts = rec.get("prompts")
+    default_prompts = tuple(str(p) for p in rec_prompts) if isinstance(rec_prompts, list) and rec_prompts else ("",)
+    rec_negative = rec.get("negative_prompt")
+    default_negative = rec_negative if isinstance(rec_negative, str) else ""
     options = (
         ("--prompt", prompts),
         ("--prompt-file", prompt_file),
@@ -478,9 +488,10 @@ def configure_conditioning(
         record = model.conditioning_record()
         return (record, []) if record is not None else None
     g = guidance if guidance is not None else (default_guidance if default_guidance is not None else DEFAULT_GUIDANCE)
-    ps = PromptSet(read_prompts(prompts, prompt_file) or ("",), negative_prompt or "", g)
+    neg = negative_prompt if negative_prompt is not None else default_negative
+    ps = PromptSet(read_prompts(prompts, prompt_file) or default_prompts, neg, g)
     notes = model.set_prompts(ps)
-    return ps.record(), notes
+    return {**ps.record(), "prompts": list(ps.prompts)}, notes
 
 
 def conditioning_mismatches(
