@@ -25,8 +25,8 @@ class TeacherConfig:
     rho: float = 7.0
 
     def __post_init__(self) -> None:
-        if self.steps < 2:
-            raise ValueError(f"teacher steps must be >= 2, got {self.steps}")
+        if self.steps < 1:
+            raise ValueError(f"teacher steps must be >= 1, got {self.steps}")
         if self.grid not in BASELINES:
             raise ValueError(f"teacher grid '{self.grid}' is not one of {', '.join(BASELINES)}")
 

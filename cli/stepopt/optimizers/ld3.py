@@ -183,6 +183,8 @@ class Ld3Config:
             raise ValueError("patience and min_lr_patience must be >= 1")
         if self.max_iterations is not None and self.max_iterations < 0:
             raise ValueError(f"max_iterations must be >= 0 or null, got {self.max_iterations}")
+        if self.teacher.steps < 2:
+            raise ValueError(f"teacher steps must be >= 2, got {self.teacher.steps}")
 
 
 # --------------------------------------------------------------------------------------------
