@@ -76,11 +76,12 @@ def test_baseline_loads_on_the_requested_device(tmp_path: Path, monkeypatch) -> 
         return real(spec, device, dtype, **kw)
 
     monkeypatch.setattr(models, "load_model", spy)
-    r = run("baseline", "logsnr", "--device", "cpu", "--dtype", "bfloat16", "--out", tmp_path / "s.yaml")
+    model = ["--model", "builtin:unet-digits"]  # a network (gmm-digits needs no loading at all: a model card)
+    r = run("baseline", "logsnr", *model, "--device", "cpu", "--dtype", "bfloat16", "--out", tmp_path / "s.yaml")
     assert r.exit_code == 0, r.stderr
     assert seen == [(torch.device("cpu"), torch.bfloat16)]
     seen.clear()
-    assert run("baseline", "logsnr", "--out", tmp_path / "t.yaml").exit_code == 0
+    assert run("baseline", "logsnr", *model, "--out", tmp_path / "t.yaml").exit_code == 0
     assert seen == [(models.resolve_device("auto"), torch.float32)]  # auto, not a hard-coded CPU
 
 
