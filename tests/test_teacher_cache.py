@@ -75,7 +75,7 @@ def test_cached_values_are_exact_and_reused(cache_dir: Path) -> None:
     assert torch.equal(x, initial_noise(m, list(range(6))))
     assert torch.allclose(y, exact(m, list(range(6))), rtol=0, atol=1e-14)
     files = sorted(p.name for p in next((cache_dir / "teacher").iterdir()).iterdir())
-    assert files == ["0.npy", "1.npy", "2.npy", "3.npy", "4.npy", "5.npy", "key.json"]
+    assert files == sorted([*(f"{i}.npy" for i in range(6)), *(f"{i}.sha256" for i in range(6)), "key.json"])
     # A second call computes nothing and returns the same values bit for bit.
     m.calls.clear()
     x2, y2 = teacher_outputs(m, range(6), batch_size=3)
@@ -140,6 +140,53 @@ def test_corrupt_entries_are_recomputed(cache_dir: Path, damage: str) -> None:
     assert np.load(f).shape == (1, 4, 4) and np.isfinite(np.load(f)).all()  # rewritten
 
 
+@pytest.mark.parametrize("attack", ["planted", "other-seed", "other-entry", "no-digest"])
+def test_cache_verifies_what_it_reads(cache_dir: Path, attack: str) -> None:
+    """A valid .npy that is not what this key and seed stored is never used (it used to change ode-error)."""
+    m = CountingGaussian()
+    _, y = teacher_outputs(m, [0, 1, 2])
+    entry = next((cache_dir / "teacher").iterdir())
+    f = entry / "1.npy"
+    if attack == "planted":  # a well-formed array of the right shape and dtype, with a stale digest
+        np.save(f, np.full((1, 4, 4), 3.0))
+    elif attack == "other-seed":  # seed 2's file and digest copied onto seed 1
+        f.write_bytes((entry / "2.npy").read_bytes())
+        (entry / "1.sha256").write_bytes((entry / "2.sha256").read_bytes())
+    elif attack == "other-entry":  # the same seed from another key (another sigma range)
+        teacher_outputs(m, [1], sigma_to=0.5)
+        other = next(p for p in (cache_dir / "teacher").iterdir() if p != entry)
+        f.write_bytes((other / "1.npy").read_bytes())
+        (entry / "1.sha256").write_bytes((other / "1.sha256").read_bytes())
+    else:
+        (entry / "1.sha256").unlink()
+    m.calls.clear()
+    _, y2 = teacher_outputs(m, [0, 1, 2])
+    assert m.calls == [1]  # only the tampered seed is recomputed, and then rewritten with its digest
+    assert torch.allclose(y2, y, atol=1e-14)
+    m.calls.clear()
+    teacher_outputs(m, [0, 1, 2])
+    assert m.calls == []
+
+
+def test_interrupted_teacher_resumes_from_finished_batches(cache_dir: Path) -> None:
+    class Interrupted(CountingGaussian):
+        stop_after: int | None = 2
+
+        def ode_solution(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
+            if len(self.calls) == self.stop_after:
+                raise KeyboardInterrupt
+            return super().ode_solution(x, sigma_from, sigma_to)
+
+    m = Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        teacher_outputs(m, range(10), batch_size=4)
+    m2 = Interrupted()
+    m2.stop_after = None
+    _, y = teacher_outputs(m2, range(10), batch_size=4)
+    assert m2.calls == [2]  # the two finished batches (8 seeds) were kept
+    assert torch.allclose(y, exact(m2, list(range(10))), atol=1e-14)
+
+
 def test_no_cache_writes_nothing(cache_dir: Path) -> None:
     m = CountingGaussian()
     teacher_outputs(m, [0, 1], cache=False)
@@ -155,13 +202,13 @@ def test_cache_info_and_clear(cache_dir: Path) -> None:
     info = cache_info()
     assert info["root"] == str(cache_dir)
     t = info["sections"]["teacher"]
-    assert t["entries"] == 1 and t["files"] == 6 and t["bytes"] > 5 * 16 * 8
+    assert t["entries"] == 1 and t["files"] == 11 and t["bytes"] > 5 * 16 * 8  # 5 arrays, 5 digests, the key
     assert info["teacher_entries"][0]["seeds"] == 5
     assert info["teacher_entries"][0]["key"]["fingerprint"] == CountingGaussian().fingerprint
     with pytest.raises(StepoptError, match="unknown cache section"):
         clear_cache("teachers")
     removed = clear_cache("teacher")
-    assert removed["files"] == 6 and cache_info()["bytes"] == 0
+    assert removed["files"] == 11 and cache_info()["bytes"] == 0
 
 
 def test_cache_command(cache_dir: Path) -> None:
@@ -170,9 +217,9 @@ def test_cache_command(cache_dir: Path) -> None:
     r = runner.invoke(app, ["cache", "info", "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
-    assert info["sections"]["teacher"]["files"] == 4
+    assert info["sections"]["teacher"]["files"] == 7
     r = runner.invoke(app, ["cache", "clear", "--section", "teacher", "--json"])
-    assert r.exit_code == 0 and json.loads(r.stdout)["removed"]["files"] == 4
+    assert r.exit_code == 0 and json.loads(r.stdout)["removed"]["files"] == 7
     r = runner.invoke(app, ["cache", "clear", "--section", "nope"])
     assert r.exit_code == 1 and "expected one of teacher, fidelity" in r.output
 

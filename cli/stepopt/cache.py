@@ -5,18 +5,22 @@ Location: ``$STEPOPT_CACHE_DIR`` when set, else platformdirs' ``user_cache_dir("
 
     <root>/teacher/<key hash>/key.json      the full key, human-readable
     <root>/teacher/<key hash>/<seed>.npy    one teacher output per seed, shape = the model's shape
+    <root>/teacher/<key hash>/<seed>.sha256 its digest, bound to the full key and the seed
     <root>/fidelity/<extractor>-<weights hash>/...   torch-fidelity's own cache (reference features/stats)
 
 A teacher entry is keyed by everything its value depends on (model fingerprint, teacher
 configuration, sigma range, dtype, shape); seeds are files inside it, so any subset or superset
-of seeds reuses what is there. Every write is atomic (temporary file, then rename); an entry that
-cannot be read, has the wrong shape or dtype, or holds non-finite values counts as missing and is
-recomputed and overwritten.
+of seeds reuses what is there, and outputs are stored batch by batch as they are computed, so an
+interrupted run resumes where it stopped. Every write is atomic (temporary file, then rename). A
+value is used only when its digest (sha256 of the full key, the seed and the file's bytes) matches:
+a file copied from another entry or seed, planted, truncated or edited, or one that has the wrong
+shape or dtype or holds non-finite values, counts as missing and is recomputed and overwritten.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -35,6 +39,7 @@ from stepopt.io import atomic_path, atomic_write_text
 
 ENV_VAR = "STEPOPT_CACHE_DIR"
 KEY_FILE = "key.json"
+DIGEST_SUFFIX = ".sha256"
 
 
 def cache_root() -> Path:
@@ -43,10 +48,22 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("stepopt"))
 
 
+def _key_text(key: Mapping[str, Any]) -> str:
+    return json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
+
+
 def key_hash(key: Mapping[str, Any]) -> str:
     """A stable short hash of a JSON-able key (sorted keys, floats by repr)."""
-    text = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    return hashlib.sha256(_key_text(key).encode()).hexdigest()[:24]
+
+
+def entry_digest(key: Mapping[str, Any], seed: int, data: bytes) -> str:
+    """The digest stored beside a seed's file: binds its bytes to the full key and the seed."""
+    h = hashlib.sha256()
+    h.update(_key_text(key).encode())
+    h.update(b"\0seed=%d\0" % int(seed))
+    h.update(data)
+    return h.hexdigest()
 
 
 _NP_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
@@ -75,7 +92,7 @@ class TeacherCache:
         want_dtype = np.dtype(_NP_DTYPES.get(dtype, np.float64))
         out: dict[int, torch.Tensor] = {}
         for s in seeds:
-            arr = _read_array(folder / f"{int(s)}.npy")
+            arr = _read_verified(folder, key, int(s))
             if arr is None or arr.shape != tuple(shape) or arr.dtype != want_dtype or not np.isfinite(arr).all():
                 continue
             out[int(s)] = torch.from_numpy(arr).to(dtype)
@@ -90,14 +107,25 @@ class TeacherCache:
             atomic_write_text(key_file, json.dumps(key, sort_keys=True, indent=1, default=str) + "\n")
         arr = values.detach().cpu().numpy()
         for s, row in zip(seeds, arr, strict=True):
-            with atomic_path(folder / f"{int(s)}.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, np.ascontiguousarray(row), allow_pickle=False)
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(row), allow_pickle=False)
+            data = buf.getvalue()
+            with atomic_path(folder / f"{int(s)}.npy") as tmp:
+                tmp.write_bytes(data)
+            atomic_write_text(folder / f"{int(s)}{DIGEST_SUFFIX}", entry_digest(key, int(s), data) + "\n")
 
 
-def _read_array(path: Path) -> np.ndarray | None:
+def _read_verified(folder: Path, key: Mapping[str, Any], seed: int) -> np.ndarray | None:
+    """The array of ``seed`` if its file matches its digest; None when missing, corrupt or foreign."""
     try:
-        with open(path, "rb") as f:
-            return np.load(f, allow_pickle=False)
+        data = (folder / f"{seed}.npy").read_bytes()
+        digest = (folder / f"{seed}{DIGEST_SUFFIX}").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if digest != entry_digest(key, seed, data):
+        return None
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from stepopt import safeyaml
 from stepopt.errors import ConfigError
 
 T = TypeVar("T")
@@ -91,9 +92,9 @@ def resolve_config(
     if file is not None:
         p = Path(file)
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"--config {p}: no such file") from None
+            data = safeyaml.load(safeyaml.read_text(p))
+        except safeyaml.InputFileError as e:
+            raise ConfigError(f"--config {p}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"--config {p}: not valid YAML ({' '.join(str(e).split())})") from None
         if data is None:

@@ -6,6 +6,7 @@ No command ever leaves a half-written output file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,8 +22,14 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``."""
-    target = Path(path)
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
+
+    A symlink is written through (its target is replaced, the link stays). An ``OSError`` while
+    writing (a full disk, a lost permission) names ``path``, not the temporary file.
+    """
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory; expected a file path", str(path))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -30,9 +37,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and (e.filename is None or str(e.filename) == tmp):
+            raise OSError(e.errno, f"cannot write: {e.strerror or e}", str(path)) from e
         raise
 
 

@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from stepopt import safeyaml
 from stepopt.errors import StepoptError
 from stepopt.io import atomic_path
 from stepopt.schedule import Schedule
@@ -24,6 +25,7 @@ from stepopt.schedule import Schedule
 # The value a metric-vs-NFE curve shows for metrics with several numbers.
 PRIMARY_KEY = {"ode-error": "rmse", "kid": "mean", "isc": "mean", "prc": "f_score"}
 LINESTYLES = ("-", "--", ":", "-.")
+EVAL_TABLE_MAX_BYTES = 64 << 20
 
 
 class _Styles:
@@ -70,13 +72,32 @@ def metric_value(row: Mapping[str, Any], metric: str) -> float | None:
     if v is None:
         return None
     if isinstance(v, Mapping):
+        if not v:
+            return None
         k = key or PRIMARY_KEY.get(name.removesuffix("-digits"), next(iter(v)))
         if k not in v:
-            raise StepoptError(f"metric '{name}' has no value '{k}'; it has {', '.join(v)}")
+            raise StepoptError(f"metric '{name}' has no value '{k}'; it has {', '.join(map(str, v))}")
         v = v[k]
     elif key:
         raise StepoptError(f"metric '{name}' is a single number; drop ':{key}'")
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        raise StepoptError(f"row '{row.get('schedule', '?')}': metric '{metric}' = {shown} is not a number")
     return float(v)
+
+
+def metric_label(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """The y-axis label: the metric and which of its numbers is shown (``ode-error RMSE``)."""
+    name, _, key = metric.partition(":")
+    if not key:
+        v = next((r.get("metrics", {}).get(name) for r in rows if r.get("metrics", {}).get(name) is not None), None)
+        if isinstance(v, Mapping) and v:
+            key = PRIMARY_KEY.get(name.removesuffix("-digits"), str(next(iter(v))))
+    if not key:
+        return name
+    return f"{name} {key.upper() if key in ('rmse', 'mse') else key}"
 
 
 def metric_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -96,7 +117,7 @@ def plot_metric(ax: Axes, rows: Sequence[Mapping[str, Any]], metric: str, styles
         v = metric_value(r, metric)
         if v is None:
             continue
-        curves.setdefault((str(r.get("method")), str(r.get("solver"))), []).append((int(r["nfe"]), v))
+        curves.setdefault((str(r.get("method")), str(r.get("solver"))), []).append((r["nfe"], v))
     if not curves:
         raise StepoptError(f"no row has metric '{metric}'; present: {', '.join(metric_names(rows)) or 'none'}")
     positive = True
@@ -117,8 +138,9 @@ def plot_metric(ax: Axes, rows: Sequence[Mapping[str, Any]], metric: str, styles
         ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("NFE")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs NFE")
+    label = metric_label(rows, metric)
+    ax.set_ylabel(label)
+    ax.set_title(f"{label} vs NFE")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=2 if len(curves) > 6 else 1)
 
@@ -166,11 +188,18 @@ def load_eval_json(path: str | Path) -> list[dict[str, Any]]:
     """Rows of an ``eval --out X.json`` / ``eval --json`` file (for plots)."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StepoptError(f"{p}: no such file") from None
-    except (OSError, ValueError) as e:
+        data = json.loads(safeyaml.read_text(p, max_bytes=EVAL_TABLE_MAX_BYTES))
+    except safeyaml.InputFileError as e:
+        raise StepoptError(f"{p}: {e}") from None
+    except (ValueError, RecursionError) as e:
         raise StepoptError(f"{p}: not a readable eval JSON file ({e.__class__.__name__})") from None
     if not isinstance(data, Mapping) or not isinstance(data.get("rows"), list):
         raise StepoptError(f"{p}: expected an object with a 'rows' list (the output of stepopt eval --out X.json)")
-    return list(data["rows"])
+    rows = list(data["rows"])
+    for i, r in enumerate(rows):
+        if not isinstance(r, Mapping) or not isinstance(r.get("metrics", {}), Mapping):
+            raise StepoptError(f"{p}: rows[{i}]: expected an object with a 'metrics' object")
+        nfe = r.get("nfe")
+        if isinstance(nfe, bool) or not isinstance(nfe, int):
+            raise StepoptError(f"{p}: rows[{i}].nfe = {nfe!r}: expected an integer")
+    return rows

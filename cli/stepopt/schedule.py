@@ -3,12 +3,14 @@
 A :class:`Schedule` is frozen and validated on construction: the grid is finite, strictly
 decreasing and inside the model's sigma range, and ``nfe`` is exactly what the recorded solver
 makes on it. Files are YAML with a fixed key order and floats written with ``repr`` precision,
-so ``load(save(s)) == s`` and ``dump(load(text)) == text``; they are read with ``yaml.safe_load``
-only. Older format versions are upgraded through :data:`MIGRATIONS`; unknown ones are rejected.
+so ``load(save(s)) == s`` and ``dump(load(text)) == text``; they are read as untrusted data
+(:mod:`stepopt.safeyaml`: safe loader, no aliases, bounded size and depth). Older format versions
+are upgraded through :data:`MIGRATIONS`; unknown ones are rejected.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
+from stepopt import safeyaml
 from stepopt._lazy import is_tensor
 from stepopt.errors import ScheduleValidationError
 from stepopt.frames import TIME_DOMAINS
@@ -347,7 +350,7 @@ class Schedule:
     @classmethod
     def from_yaml(cls, text: str) -> Schedule:
         try:
-            data = yaml.safe_load(text)
+            data = safeyaml.load(text)
         except yaml.YAMLError as e:
             raise ScheduleValidationError(f"not valid YAML: {' '.join(str(e).split())}") from None
         return cls.from_dict(data)
@@ -358,18 +361,47 @@ class Schedule:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Schedule:
-        """Read and validate a schedule file; errors name the file."""
-        p = Path(path)
+        """Read and validate a schedule file (or a shipped one, ``published:NAME``); errors name the file."""
+        p = resolve_schedule_path(path)
         try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ScheduleValidationError(f"{p}: no such file") from None
-        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-            raise ScheduleValidationError(f"{p}: cannot read schedule file ({e.__class__.__name__})") from None
+            text = safeyaml.read_text(p)
+        except safeyaml.InputFileError as e:
+            raise ScheduleValidationError(f"{path}: {e}") from None
         try:
             return cls.from_yaml(text)
         except ScheduleValidationError as e:
-            raise ScheduleValidationError(f"{p}: {e}") from None
+            raise ScheduleValidationError(f"{path}: {e}") from None
+
+
+PUBLISHED_PREFIX = "published:"
+
+
+def data_dir(name: str) -> Path:
+    """A folder of files shipped inside the package (``published``: schedules, ``configs``: method defaults)."""
+    return Path(str(importlib.resources.files("stepopt") / "data" / name))
+
+
+def published_names() -> list[str]:
+    """Names of the published schedules that ship with stepopt (``published:NAME``)."""
+    folder = data_dir("published")
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def is_published(path: str | os.PathLike[str]) -> bool:
+    return str(path).startswith(PUBLISHED_PREFIX)
+
+
+def resolve_schedule_path(path: str | os.PathLike[str]) -> Path:
+    """``published:NAME`` -> the shipped file; any other path as given."""
+    text = str(path)
+    if not is_published(text):
+        return Path(path)
+    name = text[len(PUBLISHED_PREFIX) :].removesuffix(".yaml")
+    if name not in published_names():
+        raise ScheduleValidationError(
+            f"{text}: no published schedule '{name}'; shipped: {', '.join(published_names()) or 'none'}"
+        )
+    return data_dir("published") / f"{name}.yaml"
 
 
 def _section(data: Mapping[str, Any], name: str, keys: Sequence[str], required: Sequence[str]) -> dict[str, Any]:
