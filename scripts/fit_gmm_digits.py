@@ -1,7 +1,7 @@
 """Fit the embedded default model ``builtin:gmm-digits`` and write it as package data.
 
 A 10-component full-covariance Gaussian mixture (covariance regularisation 1e-3, seed 0) fitted
-with scikit-learn to its bundled 8x8 handwritten digits scaled to [-1, 1] (design.md §4). Writes
+with scikit-learn to its bundled 8x8 handwritten digits scaled to [-1, 1]. Writes
 
 * ``cli/stepopt/data/gmm_digits.npz``: weights (K,), means (K, 64), covariances (K, 64, 64);
 * ``cli/stepopt/data/digits.npz``: the 1797 digits as uint8 in 0..16 and their labels (the

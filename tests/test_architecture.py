@@ -56,3 +56,28 @@ def test_each_diffusers_module_imports_first(module: str) -> None:
     """Any module of the package can be the first one imported (what a cycle would break)."""
     code = f"import {module}; import stepopt.models; assert 'diffusers' in stepopt.models.LOADERS"
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(PKG.parent)})
+
+
+def test_no_references_to_documents_outside_the_repository() -> None:
+    root = PKG.parents[1]
+    names = [n + ".md" for n in ("design", "methods", "style")] + ["../" + "shared"]
+    files = [root / "README.md", *[p for d in ("cli", "tests", "scripts", "configs") for p in (root / d).rglob("*")]]
+    bad = []
+    for path in files:
+        if path.is_file() and path.suffix in (".py", ".md", ".yaml", ".toml", ".txt"):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            bad += [f"{path.relative_to(root)}: {n}" for n in names if n in text]
+    assert bad == []
+
+
+def test_models_are_not_probed_for_capabilities() -> None:
+    """Capabilities are members of DiffusionModel; no getattr/hasattr probes on models, no isinstance in the CLI."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for probe in ("getattr(model,", "hasattr(model,", "getattr(m,", "hasattr(m,", "getattr(ctx.model,"):
+            if probe in text:
+                bad.append(f"{path.relative_to(PKG)}: {probe}")
+        if path.parent.name == "cli" and "isinstance(m, Diffusers" in text:
+            bad.append(f"{path.relative_to(PKG)}: isinstance on a model class")
+    assert bad == []

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from stepopt import __version__
 from stepopt.cli import app
+from stepopt.errors import StepoptError
 from stepopt.schedule import Schedule
 
 runner = CliRunner()
@@ -104,6 +105,12 @@ def test_unwritable_output_is_one_line(tmp_path):
 def test_debug_shows_traceback():
     r = runner.invoke(app, ["--debug", "baseline", "nope"])
     assert r.exit_code != 0 and r.exception is not None
+    # --debug re-raises the library error itself (a traceback), instead of the one-line "error:" exit
+    assert isinstance(r.exception, StepoptError) and "unknown baseline 'nope'" in str(r.exception)
+    assert r.exc_info is not None and r.exc_info[2] is not None  # the traceback
+    assert "error:" not in r.output
+    plain = runner.invoke(app, ["baseline", "nope"])
+    assert plain.exit_code == 1 and isinstance(plain.exception, SystemExit)
 
 
 def test_usage_error_exits_2():

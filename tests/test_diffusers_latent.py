@@ -133,7 +133,7 @@ def test_guided_denoiser_is_uncond_plus_s_times_difference(prediction: str, guid
 
 @pytest.mark.parametrize(("guidance", "rows_per_call"), [(7.5, 4), (1.0, 2)])
 def test_guidance_is_one_network_call_per_evaluation(guidance: float, rows_per_call: int) -> None:
-    """design.md §1: CFG counts one evaluation per step; the 2B rows go through ONE UNet call."""
+    """CFG counts one evaluation per step; the 2B rows go through ONE UNet call."""
     m, _, _ = _latent(guidance=guidance)
     ident = get_solver("dpmpp-2m").identity()
     sched = baseline_schedule("time-uniform", m, ident, 5)

@@ -4,7 +4,7 @@ Where the numbers come from:
 * Uniform logits give the uniform-lam (logsnr) grid: ``exp(-linspace(-log sigma_max, -log sigma_min))``,
   written out here independently of :mod:`stepopt.baselines`; in the time coordinate, the uniform-t
   grid ``frame.sigma(linspace(t_max, t_min))``.
-* The xi clamp is half the smallest gap of the grid in lam (methods.md §3): with uniform logits on
+* The xi clamp is half the smallest gap of the grid in lam (LD3, Tong et al. 2025): with uniform logits on
   N steps the gap is ``(lam_N - lam_0) / N``.
 * The teacher of the analytic models is their exact ODE solution (closed form for the Gaussian, DOP853
   for gmm-digits); the slow test measures the held-out RMSE against it on seeds the run never saw.

@@ -1,4 +1,4 @@
-"""``stepopt sample`` and the sampling library behind it (design.md §3).
+"""``stepopt sample`` and the sampling library behind it.
 
 Exact answers come from the point mass (D = x0, so Euler is exact: x_N = x0 + sigma_N/sigma_0
 (x_0 - x0)) with the noise of seed S+i drawn independently here; batch-size independence is checked

@@ -1,4 +1,4 @@
-"""The contract every registered solver identity must satisfy (style.md: one shared suite).
+"""The contract every registered solver identity must satisfy (one shared suite, as diffusers tests its schedulers).
 
 Parametrized over ``all_solvers()`` x orders x variants x lower-order policies, so a newly
 registered solver is tested without touching this file. Ground truth comes from the analytic

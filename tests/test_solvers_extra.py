@@ -39,7 +39,7 @@ def test_gmm_error_decreases_with_n(
     assert all(b < a for a, b in itertools.pairwise(errs)), f"{identity}: RMSE {errs}"
 
 
-# DPM-Solver++(3M) node weights = methods.md §1 -------------------------------------------------------
+# DPM-Solver++(3M) node weights = the trust-region bound's -------------------------------------------------------
 
 
 class NodeProbe:
@@ -72,7 +72,7 @@ def step_weights(identity: SolverIdentity, grid: torch.Tensor) -> list[torch.Ten
 
 
 def methods_md_weights(lam: torch.Tensor, s: int, k: int) -> dict[int, float]:
-    """The weights of methods.md §1 (exact integrals of e^lam times the Lagrange basis), transcribed."""
+    """The weights of the trust-region bound (exact integrals of e^lam times the Lagrange basis), transcribed."""
     e_s, e_next = math.exp(lam[s]), math.exp(lam[s + 1])
     h = float(lam[s + 1] - lam[s])
     h0 = math.expm1(h)
@@ -113,10 +113,10 @@ def test_dpmpp_3m_weights_match_methods_md(lof: bool) -> None:
 
 
 def test_dpmpp_2m_weights_are_algorithm_2_not_exact_integral() -> None:
-    """Alg. 2's weights differ from methods.md's exact k=2 integral by a relative O(h) (O(h^3) absolute).
+    """Alg. 2's weights differ from the exact k=2 integral by a relative O(h) (O(h^3) absolute).
 
     So the trust-region objective's 2M weights describe this solver only to leading order (measured:
-    the weight of the previous node is 18% larger in methods.md at N = 8 on the logSNR grid).
+    the weight of the previous node is 18% larger in the exact integral at N = 8 on the logSNR grid).
     """
     rels = []
     for n in (8, 16, 32, 64):

@@ -310,6 +310,15 @@ def test_seed_changes_only_the_perturbed_starts(gmm):
     starts_a = [r["start"] for r in a.method.config["report"]["runs"]]
     assert starts_a[:3] == ["logsnr", "time-uniform", "edm"]
     assert a.method.objective["initial"] == b.method.objective["initial"]
+    # The deterministic starts begin at the same objective for both seeds, the perturbed ones do not.
+    runs_a = {r["start"]: r["initial"] for r in a.method.config["report"]["runs"] if "refine" not in r["start"]}
+    runs_b = {r["start"]: r["initial"] for r in b.method.config["report"]["runs"] if "refine" not in r["start"]}
+    assert runs_a.keys() == runs_b.keys()
+    fixed = ["logsnr", "time-uniform", "edm"]
+    perturbed = [k for k in runs_a if k not in fixed]
+    assert perturbed, "the default config has perturbed starts"
+    assert all(runs_a[k] == runs_b[k] for k in fixed)
+    assert all(runs_a[k] != runs_b[k] for k in perturbed)
 
 
 def test_resolution_records_values(gmm):
@@ -332,6 +341,12 @@ def test_bad_inputs(gmm):
     with pytest.raises(StepoptError, match="min_gap"):
         optimize("trust-region", gmm, DPM3, 6, TrustRegionConfig(min_gap=2.0))
     assert get_optimizer("trust-region").config_cls is TrustRegionConfig
+    # the registered config class is what validates --set input, so a bad value fails there, named
+    from stepopt.config import resolve_config
+    from stepopt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tau must be 'auto', 'paper', 'all' or an integer >= 0, got -1"):
+        resolve_config(get_optimizer("trust-region").config_cls, None, ["tau=-1"])
 
 
 # -- CLI ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Evaluate schedules side by side: samples, metrics, and the table (``stepopt eval``; design.md §3).
+"""Evaluate schedules side by side: samples, metrics, and the table (``stepopt eval``).
 
 Every schedule in one evaluation belongs to the same model and is run on the same noise: sample
 ``i`` starts from seed ``seed + i`` (:func:`stepopt.sampling.initial_noise`), so rows differ only

@@ -1,7 +1,7 @@
 """Noise frames: a model's native time <-> sigma <-> lam, with explicit inverses, in float64.
 
 Inside stepopt every state lives in the EDM / k-diffusion frame ``x = x0 + sigma * eps``
-(design.md §1). A VP model with ``x_t = alpha_t x0 + s_t eps`` has ``sigma = s_t / alpha_t`` and
+(README: Conventions). A VP model with ``x_t = alpha_t x0 + s_t eps`` has ``sigma = s_t / alpha_t`` and
 its state ``x_t / alpha_t``; ``lam = -log(sigma)`` is half the log-SNR. The model's native time
 (continuous ``t``, or a DDPM index) exists only here and in adapters.
 

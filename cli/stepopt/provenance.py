@@ -1,4 +1,4 @@
-"""Provenance records written into every schedule file (design.md §2)."""
+"""Provenance records written into every schedule file."""
 
 from __future__ import annotations
 

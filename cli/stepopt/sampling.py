@@ -1,4 +1,4 @@
-"""Deterministic initial noise and batched sampling (design.md §1, "Determinism"; §3, ``sample``).
+"""Deterministic initial noise and batched sampling (README: Conventions, "Determinism").
 
 Sample ``i`` always starts from the noise of seed ``i``: one CPU generator per sample, so the
 result does not depend on batch size, device or order of work. :func:`sample_schedule` runs exactly
@@ -35,8 +35,7 @@ NPZ_FORMAT = "stepopt.samples/v1"
 
 def cond_for_seeds(model: DiffusionModel, seeds: Sequence[int]) -> dict[str, Any] | None:
     """Per-sample conditioning of a conditional model (e.g. which prompt each seed uses), else None."""
-    fn = getattr(model, "cond_for_seeds", None)
-    return fn(seeds) if callable(fn) else None
+    return model.cond_for_seeds(seeds)
 
 
 def unit_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The schedule value object and its file format, ``stepopt.schedule/v1`` (design.md §2).
+"""The schedule value object and its file format, ``stepopt.schedule/v1``.
 
 A :class:`Schedule` is frozen and validated on construction: the grid is finite, strictly
 decreasing and inside the model's sigma range, and ``nfe`` is exactly what the recorded solver
@@ -14,7 +14,7 @@ import importlib.resources
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -494,7 +494,3 @@ def dump_yaml(data: Mapping[str, Any]) -> str:
     return yaml.dump(
         _plain(data), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1 << 16, allow_unicode=True
     )
-
-
-def schedule_fields() -> list[str]:
-    return [f.name for f in fields(Schedule)]

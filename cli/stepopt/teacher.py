@@ -50,9 +50,9 @@ def teacher_key(
         "sigma_to": repr(float(sigma_to)),
         "dtype": str(dtype).removeprefix("torch."),
         # The network's own precision (bf16/fp16 runs differ from fp32 ones with the same state dtype).
-        "network_dtype": str(getattr(model, "net_dtype", dtype)).removeprefix("torch."),
+        "network_dtype": str(model.net_dtype).removeprefix("torch."),
         # Prompts, negative prompt and guidance of conditional models change every output.
-        "conditioning": model.conditioning_record() if hasattr(model, "conditioning_record") else None,
+        "conditioning": model.conditioning_record(),
         "shape": list(model.shape),
     }
 
@@ -61,9 +61,8 @@ def _compute(
     model: DiffusionModel, x: torch.Tensor, cfg: TeacherConfig, s_hi: float, s_lo: float, seeds: Sequence[int]
 ) -> torch.Tensor:
     if isinstance(model, AnalyticModel):
-        # The exact ODE (DOP853 for the mixture) makes thousands of tiny right-hand-side calls:
-        # intra-op threads only add synchronisation (measured 13 s with one thread, 200 s with two
-        # on a loaded 2-core machine, 1000 seeds), so it runs on one thread.
+        # The exact ODE (DOP853 for the mixture) makes thousands of tiny right-hand-side calls, on
+        # which intra-op threads only add synchronisation: it runs on one thread.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

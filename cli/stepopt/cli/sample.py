@@ -1,4 +1,4 @@
-"""``stepopt sample``: generate samples with exactly a schedule's solver and grid (design.md §3)."""
+"""``stepopt sample``: generate samples with exactly a schedule's solver and grid."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def sample(
     import torch
 
     from stepopt.images import is_image_shape, save_grid
-    from stepopt.models.diffusers import DiffusersLatent, conditioning_mismatches
+    from stepopt.models.diffusers import conditioning_mismatches
     from stepopt.sampling import sample_schedule, save_samples, schedule_mismatches
 
     if n < 1:
@@ -145,13 +145,13 @@ def sample(
         recorded=recorded,
     )
     m, dev, record = loaded.model, loaded.device, loaded.conditioning
-    lm = m if isinstance(m, DiffusersLatent) else None  # a latent model: prompts, guidance, VAE
-    if decode and lm is None:
+    has_decoder = m.image_shape is not None  # a latent model with its VAE
+    if decode and not has_decoder:
         raise StepoptError(f"--decode: {m.id} has no decoder (only latent diffusers pipelines have a VAE)")
-    decoder = lm if lm is not None and decode is not False else None
-    out_shape = decoder.image_shape if decoder is not None else m.shape
+    decoding = has_decoder and decode is not False
+    out_shape = m.image_shape if decoding and m.image_shape is not None else m.shape
     if grid is not None and not is_image_shape(out_shape):
-        hint = " (decode latents with --decode)" if lm is not None else ""
+        hint = " (decode latents with --decode)" if has_decoder else ""
         raise StepoptError(f"--grid: {m.id} has data of shape {out_shape}, not images (C, H, W) with C = 1 or 3{hint}")
     problems, notes = conditioning_mismatches(recorded, record)
     warnings = schedule_mismatches(sched, m) + problems
@@ -166,15 +166,16 @@ def sample(
     t0 = time.perf_counter()
     with _ProgressBar(n) as progress, torch.inference_mode():
         x = sample_schedule(m, sched, seeds, batch_size=batch_size, device=dev, progress=progress)
-        images = decoder.decode(x, batch_size=batch_size) if decoder is not None else None
+        images = m.decode(x, batch_size=batch_size) if decoding else None
     seconds = time.perf_counter() - t0
     arrays: dict[str, object] = {}
-    if lm is not None:  # which prompt each sample used, the prompt set, and the states before decoding
-        arrays["prompt_index"] = lm.cond_for_seeds(seeds)["prompt_index"].numpy()
-        prompts = list(lm.prompt_set.prompts) if lm.prompt_set is not None else []
-        arrays["conditioning"] = json.dumps({**(record or {}), "prompts": prompts})
-        if images is not None:
-            arrays["latents"] = x.to(torch.float32).numpy()
+    per_seed = m.cond_for_seeds(seeds)
+    if record is not None:  # which prompt each sample used, the prompt set, and the states before decoding
+        if per_seed is not None and "prompt_index" in per_seed:
+            arrays["prompt_index"] = per_seed["prompt_index"].numpy()
+        arrays["conditioning"] = json.dumps({**record, "prompts": m.conditioning_prompts()})
+    if images is not None:
+        arrays["latents"] = x.to(torch.float32).numpy()
     data = images if images is not None else x
     save_samples(path, data, seeds, sched, schedule_path=schedule, model_id=m.id, warnings=warnings, extra=arrays)
     if grid is not None:

@@ -46,7 +46,7 @@ from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGIST
 
 from stepopt.cache import fidelity_cache_dir
 from stepopt.errors import StepoptError
-from stepopt.metrics import INCEPTION_EXTRACTOR, MANAGED_FIDELITY_OPTIONS, digits_features
+from stepopt.metrics import INCEPTION_EXTRACTOR, digits_features
 
 INCEPTION = INCEPTION_EXTRACTOR
 DIGITS = digits_features.EXTRACTOR_NAME
@@ -67,8 +67,6 @@ KEY_F_SCORE = torch_fidelity.KEY_METRIC_F_SCORE
 FEATURE_DTYPES: dict[str, type[np.floating[Any]]] = {INCEPTION: np.float32, DIGITS: np.float64}
 # Feature dimension of (extractor, layer), to check an .npz reference before the call.
 FEATURE_DIMS = {(INCEPTION, "2048"): 2048, (INCEPTION, "768"): 768, (DIGITS, digits_features.FEATURE_PENULTIMATE): 64}
-
-MANAGED_OPTIONS = MANAGED_FIDELITY_OPTIONS
 
 
 @dataclass(frozen=True)

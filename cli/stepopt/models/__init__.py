@@ -1,4 +1,4 @@
-"""Model loaders: ``builtin:NAME`` and the loader registry (design.md §4).
+"""Model loaders: ``builtin:NAME`` and the loader registry.
 
 ``load_model("builtin:gmm-digits")`` returns a :class:`DiffusionModel`. Later loaders
 (``diffusers:PATH``, ``edm:PATH.pkl``, ``python:module:factory``) register here too.

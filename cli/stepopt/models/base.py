@@ -1,4 +1,4 @@
-"""The model contract: a denoiser ``D(x, sigma, **cond) -> x0_hat`` in the EDM frame (design.md §4).
+"""The model contract: a denoiser ``D(x, sigma, **cond) -> x0_hat`` in the EDM frame.
 
 Every loader returns a :class:`DiffusionModel`: the denoiser plus its sigma range, noise frame
 (native time), data shape, parameterization and a fingerprint of its weights. Analytic models
@@ -9,11 +9,13 @@ them the ground truth for solvers, optimizers and metrics.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from stepopt.errors import StepoptError
 from stepopt.fingerprint import fingerprint_arrays
 from stepopt.frames import EDM, NoiseFrame
 from stepopt.schedule import ModelRef
@@ -36,6 +38,37 @@ class DiffusionModel(ABC):
     sigma_max: float
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+
+    # -- capabilities: explicit members with defaults; an adapter overrides what it has -------------
+    latent: bool = False
+    """A latent-space model (the state is an autoencoder's latent); optimizers whose defaults differ read it."""
+    image_shape: tuple[int, ...] | None = None
+    """The shape of one decoded image for a model with a decoder (:meth:`decode`); None without one."""
+
+    @property
+    def net_dtype(self) -> torch.dtype:
+        """The dtype the network runs in (half precision networks keep a float32 state); default: ``dtype``."""
+        return self.__dict__.get("_net_dtype", self.dtype)
+
+    @net_dtype.setter
+    def net_dtype(self, value: torch.dtype) -> None:
+        self.__dict__["_net_dtype"] = value
+
+    def cond_for_seeds(self, seeds: Sequence[int]) -> dict[str, Any] | None:
+        """Per-sample conditioning for the samples of ``seeds`` (e.g. which prompt each uses); None: unconditional."""
+        return None
+
+    def conditioning_record(self) -> dict[str, Any] | None:
+        """What changes every output besides the weights (prompts, guidance); part of the teacher cache key."""
+        return None
+
+    def conditioning_prompts(self) -> list[str]:
+        """The prompts of a text-conditioned model, in prompt-index order; empty for other models."""
+        return []
+
+    def decode(self, x: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Images from final states, for models with a decoder (``image_shape`` is not None)."""
+        raise StepoptError(f"{self.id} has no decoder (only latent models have one)")
 
     @abstractmethod
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:

@@ -35,7 +35,7 @@ to avoid cancellation at large sigma.
 the same ``eps1, eps2`` and the same uniforms. Two estimators of the candidates' two adjacent
 terms are implemented:
 
-* ``independent`` (the paper's way, the default): for each candidate ``v`` between the
+* ``independent`` (the paper's way; the default of ``ays``'s ``estimator`` option): for each candidate ``v`` between the
   neighbours ``lo < v < hi``, draw ``sigma`` from its own ``pi`` on ``[lo, v]`` and on ``[v, hi]``
   (same uniforms for all candidates). The upper term draws ``x_hi`` first and ``x_sigma`` from the
   Brownian bridge, so ``D(x_hi, hi)`` is shared: ``3K + 1`` evaluations per sample.

@@ -306,7 +306,7 @@ class Recompute:
 def _space(cfg: Ld3Config, model: DiffusionModel) -> GridSpace:
     kind = cfg.space
     if kind == "auto":
-        kind = "time" if bool(getattr(model, "latent", False)) else "lam"
+        kind = "time" if model.latent else "lam"
     return GridSpace(kind, model.frame, float(model.sigma_max), float(model.sigma_min))  # type: ignore[arg-type]
 
 

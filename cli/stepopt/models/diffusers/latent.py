@@ -272,6 +272,9 @@ class DiffusersLatent(DiffusersUNet):
     def conditioning_record(self) -> dict[str, Any] | None:
         return None if self.prompt_set is None else self.prompt_set.record()
 
+    def conditioning_prompts(self) -> list[str]:
+        return [] if self.prompt_set is None else list(self.prompt_set.prompts)
+
     # -- the denoiser ------------------------------------------------------------------------------
 
     def _rows(self, cond: Mapping[str, Any], batch: int, device: torch.device) -> torch.Tensor:
@@ -323,13 +326,13 @@ class DiffusersLatent(DiffusersUNet):
             for chunk in x.split(max(1, int(batch_size))):
                 z = chunk.to(device=self.device, dtype=vae_dtype) / self.scaling_factor + self.shift_factor
                 outs.append(self.vae.decode(z).sample.to(torch.float32).clamp(-1.0, 1.0).cpu())
-        return torch.cat(outs) if outs else torch.empty((0, *self.image_shape))
+        return torch.cat(outs) if outs else torch.empty((0, *(self.image_shape or ())))
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d["latent"] = {
             "pipeline": self.pipeline,
-            "image_shape": list(self.image_shape),
+            "image_shape": list(self.image_shape or ()),
             "vae_scaling_factor": self.scaling_factor,
             "vae_shift_factor": self.shift_factor,
             "guidance": self.guidance,

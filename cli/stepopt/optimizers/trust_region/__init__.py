@@ -105,7 +105,7 @@ __all__ = [
 
 def _is_latent(model: DiffusionModel) -> bool:
     """Whether the model declares itself a latent-space model (``model.latent``; pixel otherwise)."""
-    return bool(getattr(model, "latent", False))
+    return model.latent
 
 
 def solver_orders(identity: SolverIdentity, n_steps: int) -> tuple[list[int] | None, bool | None]:
