@@ -75,8 +75,8 @@ for i in "${!MODELS[@]}"; do
   stepopt optimize --model "$m" --solver dpmpp-2m --nfe 6 -O trust-region --device "$GPU" "${extra[@]}" \
     --out "$d/s.yaml"
   # The agreement batch, on both devices (different batch sizes too: results must not depend on them).
-  stepopt sample --schedule "$d/s.yaml" --n "$N_AGREE" --batch-size 8 --device cpu "${extra[@]}" --out "$d/a-cpu.npz"
-  stepopt sample --schedule "$d/s.yaml" --n "$N_AGREE" --device "$GPU" "${extra[@]}" --out "$d/a-gpu.npz"
+  stepopt sample --trust-code --schedule "$d/s.yaml" --n "$N_AGREE" --batch-size 8 --device cpu "${extra[@]}" --out "$d/a-cpu.npz"
+  stepopt sample --trust-code --schedule "$d/s.yaml" --n "$N_AGREE" --device "$GPU" "${extra[@]}" --out "$d/a-gpu.npz"
   diff=$("$PY" - "$d/a-cpu.npz" "$d/a-gpu.npz" <<'PYEOF'
 import sys
 import numpy as np
@@ -93,13 +93,13 @@ PYEOF
     echo "   CPU/GPU agreement FAILED: max|diff|/max|x| = $diff > $TOL"
     status=1
   fi
-  t_cpu=$(stepopt sample --schedule "$d/s.yaml" --n "$N_TIME" --batch-size 256 --device cpu "${extra[@]}" \
+  t_cpu=$(stepopt sample --trust-code --schedule "$d/s.yaml" --n "$N_TIME" --batch-size 256 --device cpu "${extra[@]}" \
     --out "$d/t-cpu.npz" --json | seconds)
-  t_gpu=$(stepopt sample --schedule "$d/s.yaml" --n "$N_TIME" --batch-size 256 --device "$GPU" "${extra[@]}" \
+  t_gpu=$(stepopt sample --trust-code --schedule "$d/s.yaml" --n "$N_TIME" --batch-size 256 --device "$GPU" "${extra[@]}" \
     --out "$d/t-gpu.npz" --grid "$d/grid.png" --json | seconds)
   printf '%s\t%s\t%s\t%s\t%s\n' "$m" "$N_TIME" "$t_cpu" "$t_gpu" "$diff" >>"$ROWS"
   if [[ $HAS_EVAL == 1 ]]; then
-    stepopt eval -S "$d/s.yaml" --metrics ode-error --n "$N_EVAL" --device "$GPU" --no-cache --out "$d/eval.md"
+    stepopt eval --trust-code -S "$d/s.yaml" --metrics ode-error --n "$N_EVAL" --device "$GPU" --no-cache --out "$d/eval.md"
   else
     echo "   stepopt eval is not available: eval step skipped"
   fi

@@ -75,9 +75,9 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _stepopt_sample(schedule_path: Path, out: Path) -> np.ndarray:
-    r = runner.invoke(
-        app, ["sample", "--schedule", str(schedule_path), "--n", str(N_SAMPLES), "--device", "cpu", "--out", str(out)]
-    )
+    # --trust-code: the schedule names a diffusers folder, not a built-in model
+    args = ["sample", "--schedule", str(schedule_path), "--n", str(N_SAMPLES), "--device", "cpu", "--out", str(out)]
+    r = runner.invoke(app, [*args, "--trust-code"])
     assert r.exit_code == 0, r.output
     with np.load(out, allow_pickle=False) as z:
         return np.asarray(z["samples"], dtype=np.float64)

@@ -183,3 +183,56 @@ def test_disk_full_names_the_file(good: Path, tmp_path: Path, monkeypatch: pytes
     r = run("baseline", "edm", "--out", out)
     assert_one_error(r, str(out), "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- A schedule file must never run code: its model id loads only built-in models without --trust-code.
+
+EVIL = """
+from pathlib import Path
+
+def f():
+    Path(__file__).with_name("ran.txt").write_text("ran")
+    raise SystemExit(3)
+"""
+
+
+def _evil_schedule(good: Path, tmp_path: Path, model_id: str) -> Path:
+    (tmp_path / "evil.py").write_text(EVIL)
+
+    def set_id(d: dict) -> None:
+        d["model"]["id"] = model_id
+
+    return edited(good, tmp_path, "evil.yaml", data_edit=set_id)
+
+
+@pytest.mark.parametrize("loader", ["python:{dir}/evil.py:f", "python:os:abort", "edm:{dir}/net.pkl"])
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_schedule_model_id_never_runs_code_without_trust(good: Path, tmp_path: Path, loader: str, command: str) -> None:
+    s = _evil_schedule(good, tmp_path, loader.format(dir=tmp_path))
+    out = tmp_path / "out.npz"
+    args = ("sample", "--schedule", s, "--n", 2, "--out", out) if command == "sample" else ("eval", "-S", s, "--n", 2)
+    r = run(*args)
+    assert_one_error(r, "--trust-code", "not a built-in model")
+    assert not (tmp_path / "ran.txt").exists()
+    assert not out.exists()
+
+
+def test_schedule_model_id_from_a_hub_path_needs_trust_too(good: Path, tmp_path: Path) -> None:
+    s = _evil_schedule(good, tmp_path, "diffusers:/etc")
+    assert_one_error(run("sample", "--schedule", s, "--n", 1), "--trust-code")
+
+
+def test_trust_code_opts_in_to_a_schedule_files_python_model(good: Path, tmp_path: Path) -> None:
+    s = _evil_schedule(good, tmp_path, f"python:{tmp_path}/evil.py:f")
+    run("sample", "--schedule", s, "--n", 1, "--out", tmp_path / "o.npz", "--trust-code")
+    assert (tmp_path / "ran.txt").read_text() == "ran"  # the user opted in: the factory ran
+
+
+def test_api_sample_refuses_a_schedule_files_code(good: Path, tmp_path: Path) -> None:
+    import stepopt
+    from stepopt.errors import StepoptError
+
+    s = _evil_schedule(good, tmp_path, f"python:{tmp_path}/evil.py:f")
+    with pytest.raises(StepoptError, match="--trust-code"):
+        stepopt.sample(s, n=1)
+    assert not (tmp_path / "ran.txt").exists()

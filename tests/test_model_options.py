@@ -57,7 +57,7 @@ def test_baseline_and_eval_load_edm_pickles_when_trusted(tmp_path: Path, edm_pic
     assert r.exit_code == 0, r.stderr
     assert Schedule.load(s).model.id == f"edm:{edm_pickle}"
     r = run("eval", "--schedule", s, "--n", 2, "--device", "cpu", "--no-cache", "--teacher-set", "steps=4", "--json")
-    assert r.exit_code == 1 and "--trust-pickle" in r.stderr
+    assert r.exit_code == 1 and "--trust-code" in r.stderr
     args = ["eval", "--schedule", s, "--n", 2, "--device", "cpu", "--no-cache", "--teacher-set", "steps=4"]
     r = run(*args, flag, "--json")
     assert r.exit_code == 0, r.stderr
@@ -91,6 +91,7 @@ def test_eval_uses_the_schedules_guidance_unless_overridden(tmp_path: Path) -> N
     assert r.exit_code == 0, r.stderr
     assert Schedule.load(s).method.config["conditioning"]["guidance"] == 2.0
     args = ["eval", "--schedule", s, "--n", 2, "--device", "cpu", "--no-cache", "--teacher-set", "steps=4", "--json"]
+    args.append("--trust-code")  # the schedule names a diffusers folder, not a built-in model
 
     def rmse_and_guidance(*extra: Any) -> tuple[float, float, str]:
         r = run(*args, *extra)

@@ -110,19 +110,26 @@ def sample(
     batch_size: int = 64,
     device: str = "cpu",
     force: bool = False,
+    trust_code: bool = False,
 ) -> torch.Tensor:
     """Samples with exactly the schedule's solver and grid, shape ``(n, *model.shape)``.
 
     Sample i starts from the noise of seed ``seed + i`` (or ``seeds[i]``), as ``stepopt sample``
     does, so the same call gives the same samples. The model defaults to the schedule's own; a
     model whose fingerprint or range does not match the schedule is an error unless ``force``.
+    A schedule's own model id loads only if it is built in, unless ``trust_code`` (a shared file
+    must not run code or read arbitrary paths).
     """
     import torch
 
     from stepopt.sampling import sample_schedule, schedule_mismatches
 
     s = schedule if isinstance(schedule, Schedule) else Schedule.load(schedule)
-    m = _model(model if model is not None else s.model.id, device)
+    if model is None:
+        from stepopt.trust import check_file_model
+
+        check_file_model(s.model.id, "schedule", trust_code, model_option=False)
+    m = load_model(s.model.id, device=device, trust_code=trust_code) if model is None else _model(model, device)
     problems = schedule_mismatches(s, m)
     if problems and not force:
         raise StepoptError(f"schedule does not belong to {m.id}: {problems[0]} (pass force=True to sample anyway)")

@@ -31,6 +31,7 @@ from stepopt.config import resolve_config
 from stepopt.errors import StepoptError
 from stepopt.metrics import INCEPTION_EXTRACTOR, MANAGED_FIDELITY_OPTIONS, METRIC_NAMES
 from stepopt.schedule import Schedule
+from stepopt.trust import check_file_model
 
 
 @command("eval")
@@ -120,6 +121,8 @@ def eval_cmd(
         fidelity=fopts,
     )
     items = [(str(p), Schedule.load(p)) for p in schedule]
+    for path_, s_ in items:
+        check_file_model(s_.model.id, path_, trust_code or trust_pickle, model_option=False)
     recorded = items[0][1].method.config.get("conditioning")
     loaded = load_with_options(
         items[0][1].model.id,

@@ -119,6 +119,7 @@ def sample(
     from stepopt.images import is_image_shape, save_grid
     from stepopt.models.diffusers import conditioning_mismatches
     from stepopt.sampling import sample_schedule, save_samples, schedule_mismatches
+    from stepopt.trust import check_file_model
 
     if n < 1:
         raise StepoptError(f"--n {n}: expected at least 1 sample")
@@ -133,6 +134,8 @@ def sample(
         check_writable(grid, "--grid")
     recorded = sched.method.config.get("conditioning")
     recorded = recorded if isinstance(recorded, dict) else None
+    if model is None:
+        check_file_model(sched.model.id, schedule, trust_code or trust_pickle)
     loaded = load_with_options(
         model or sched.model.id,
         device=device,

@@ -1,0 +1,50 @@
+"""Which model ids may load without the user's opt-in (``--trust-code``); imports no torch.
+
+A schedule file is data that people download and share: the model it names must not run code
+(``python:`` factories, ``edm:`` pickles) or read arbitrary paths unless the user opts in. Loaders
+that run code need the opt-in wherever the id comes from; ids read from a file load without it
+only when they are built in.
+"""
+
+from __future__ import annotations
+
+import os
+
+from stepopt.errors import StepoptError
+
+# Loaders that run code named by their argument (unpickling, importing a module): they load only
+# with trust_code=True (``--trust-code``), wherever the model id comes from.
+CODE_LOADERS: dict[str, str] = {
+    "edm": "unpickling runs code named by the checkpoint",
+    "python": "it imports and runs a Python module",
+}
+TRUST_FLAG = "--trust-code"
+PUBLISHED_PREFIX = "published:"
+
+
+def file_model_risk(model_id: str) -> str | None:
+    """Why a model id read from a file needs ``trust_code`` to load, or None (built-in models)."""
+    prefix, sep, _ = str(model_id).partition(":")
+    if sep and prefix == "builtin":
+        return None
+    if prefix in CODE_LOADERS:
+        return CODE_LOADERS[prefix]
+    return "only built-in models load from a file's model id without it"
+
+
+def check_file_model(
+    model_id: str, source: str | os.PathLike[str], trust_code: bool, *, model_option: bool = True
+) -> None:
+    """Refuse a model id read from ``source`` (a schedule file) unless built-in or ``trust_code``.
+
+    A schedule file is data that people share: the model it names must not run code (python:
+    factories, pickles) or read arbitrary paths unless the user opts in.
+    """
+    risk = file_model_risk(model_id)
+    if risk is None or trust_code or str(source).startswith(PUBLISHED_PREFIX):  # shipped files are part of stepopt
+        return
+    other = ", or name the model yourself with --model" if model_option else ""
+    raise StepoptError(
+        f"{source}: model.id '{model_id}' is not a built-in model and loading it needs {TRUST_FLAG} ({risk});"
+        f" pass {TRUST_FLAG} if you trust this file{other}"
+    )
