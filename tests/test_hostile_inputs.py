@@ -236,3 +236,16 @@ def test_api_sample_refuses_a_schedule_files_code(good: Path, tmp_path: Path) ->
     with pytest.raises(StepoptError, match="--trust-code"):
         stepopt.sample(s, n=1)
     assert not (tmp_path / "ran.txt").exists()
+
+
+def test_validate_and_show_say_which_files_need_trust_code(good: Path, tmp_path: Path) -> None:
+    import json
+
+    s = _evil_schedule(good, tmp_path, f"python:{tmp_path}/evil.py:f")
+    r = run("validate", good, s, "--json", ok=True)
+    assert json.loads(r.stdout)["needs_trust_code"] == {str(s): "it imports and runs a Python module"}
+    assert f"ok {good}\n" in r.stderr and "--trust-code" in r.stderr
+    shown = run("show", s, ok=True)
+    assert "--trust-code" in shown.stdout
+    assert "--trust-code" not in run("show", good, ok=True).stdout
+    assert not (tmp_path / "ran.txt").exists()

@@ -14,6 +14,7 @@ from stepopt.cli.common import schedule_header, schedule_table
 from stepopt.errors import StepoptError
 from stepopt.schedule import Schedule
 from stepopt.solvers import all_solvers
+from stepopt.trust import TRUST_FLAG, file_model_risk
 
 
 @command("show")
@@ -34,6 +35,10 @@ def show(
         out.print("config: " + ", ".join(f"{k}={v}" for k, v in s.method.config.items()), markup=False)
     if s.metrics:
         out.print(f"metrics: {s.metrics}", markup=False)
+    risk = None if str(file).startswith("published:") else file_model_risk(s.model.id)
+    if risk is not None:
+        note = f"model {s.model.id}: sample/eval load it from this file only with {TRUST_FLAG} ({risk})"
+        out.print(note, markup=False)
     prov = s.provenance
     if prov:
         out.print(f"provenance: {', '.join(f'{k}={v}' for k, v in prov.items())}", markup=False)
@@ -47,19 +52,25 @@ def validate(
 ) -> None:
     """Validate schedule files; exit 1 on the first invalid one, naming it."""
     ok: list[str] = []
+    trust: dict[str, str] = {}  # files whose model id loads only with --trust-code, and why
     for f in files:
         try:
-            Schedule.load(f)
+            s = Schedule.load(f)
         except StepoptError as e:
             if json_out:
-                emit_json({"valid": ok, "invalid": {"path": str(f), "error": str(e)}})
+                emit_json({"valid": ok, "invalid": {"path": str(f), "error": str(e)}, "needs_trust_code": trust})
             if debug:
                 raise
             fail(str(e) if str(e).startswith(str(f)) else f"{f}: {e}")
         ok.append(str(f))
-        err.print(f"ok {f}", markup=False)
+        risk = None if str(f).startswith("published:") else file_model_risk(s.model.id)
+        if risk is None:
+            err.print(f"ok {f}", markup=False)
+        else:
+            trust[str(f)] = risk
+            err.print(f"ok {f} (model {s.model.id}: sample/eval need {TRUST_FLAG} to load it; {risk})", markup=False)
     if json_out:
-        emit_json({"valid": ok, "invalid": None})
+        emit_json({"valid": ok, "invalid": None, "needs_trust_code": trust})
 
 
 @command("models")
