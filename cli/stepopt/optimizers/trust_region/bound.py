@@ -25,7 +25,7 @@ sigma_t^2)``), and J's own chain rule written out.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,9 @@ from stepopt.solvers.linear import step_weights
 
 # Complex-step size: far below rounding of lam, far above underflow.
 _CSTEP = 1e-30
+
+# (identity, batch of grids) -> (W, nodes), as ``stepopt.solvers.linear.step_weights``.
+WeightFn = Callable[[SolverIdentity, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def error_model(lam: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
@@ -56,13 +59,21 @@ class ErrorBound:
     """
 
     def __init__(
-        self, identity: SolverIdentity, n_steps: int, lam_start: float, lam_end: float, p: float, tau: int
+        self,
+        identity: SolverIdentity,
+        n_steps: int,
+        lam_start: float,
+        lam_end: float,
+        p: float,
+        tau: int,
+        weight_fn: WeightFn | None = None,
     ) -> None:
         self.identity = identity
+        self._weight_fn: WeightFn = weight_fn or step_weights
         self.lam_start, self.lam_end = float(lam_start), float(lam_end)
         self.p, self.tau = float(p), int(tau)
         # Which evaluations each step uses: read off the weights on the uniform grid.
-        w, nodes = step_weights(identity, np.linspace(self.lam_start, self.lam_end, n_steps + 1)[None])
+        w, nodes = self._weight_fn(identity, np.linspace(self.lam_start, self.lam_end, n_steps + 1)[None])
         used = w[0] != 0
         s = np.arange(n_steps)
         self.used = used
@@ -87,7 +98,7 @@ class ErrorBound:
 
     def weights(self, lam: np.ndarray) -> np.ndarray:
         """W (N, M) of the solver on the full grid ``lam``."""
-        return step_weights(self.identity, np.asarray(lam, dtype=np.float64)[None])[0][0]
+        return self._weight_fn(self.identity, np.asarray(lam, dtype=np.float64)[None])[0][0]
 
     def terms(self, lam: np.ndarray) -> np.ndarray:
         """T[s, e] = eps(lam of evaluation e) W[s, e]."""
@@ -120,7 +131,7 @@ class ErrorBound:
         """J (and dJ/d interior lam) on the full grid ``lam``: the one evaluator of the bound."""
         n = self.n_steps
         if with_grad and n > 1:
-            wc = step_weights(self.identity, lam[None] + self._dirs)[0]
+            wc = self._weight_fn(self.identity, lam[None] + self._dirs)[0]
             w, dw = wc[0].real, wc.imag / _CSTEP  # dw[k]: dW / d lam_{k+1}
         else:
             w, dw = self.weights(lam), None
