@@ -156,11 +156,14 @@ def test_exact_nfe(gaussian: IsotropicGaussian, identity: SolverIdentity) -> Non
     assert nfe_mismatches(identity, gaussian, gaussian.shape) == []
 
 
-def test_wrong_nfe_rule_is_caught(gaussian: IsotropicGaussian, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_nfe_rule_is_caught(gaussian: IsotropicGaussian) -> None:
     """A solver registered with a wrong NFE rule (Heun declaring one evaluation per step) fails check 3."""
     wrong = SolverSpec(name="heun-wrong-nfe", fn=heun, orders=(2,), default_order=2)
-    monkeypatch.setitem(registry._REGISTRY, wrong.name, wrong)
-    assert len(nfe_mismatches(wrong.identity(), gaussian, gaussian.shape)) == 12
+    registry.register(wrong)
+    try:
+        assert len(nfe_mismatches(wrong.identity(), gaussian, gaussian.shape)) == 12
+    finally:
+        registry.SOLVERS.unregister(wrong.name)
 
 
 # 4. Gradients ------------------------------------------------------------------------------------

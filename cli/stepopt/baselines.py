@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +24,7 @@ import numpy as np
 
 from stepopt.errors import StepoptError
 from stepopt.frames import NoiseFrame, VPDiscrete, VPLinear
-
-BASELINES = ("edm", "logsnr", "time-uniform", "time-quadratic", "kl-optimal")
-
-
-@dataclass(frozen=True)
-class BaselineParams:
-    rho: float = 7.0
+from stepopt.registry import Registry
 
 
 def _native_frame(frame: NoiseFrame) -> tuple[NoiseFrame, str]:
@@ -52,6 +46,67 @@ def _from_continuous(frame: NoiseFrame, t: np.ndarray) -> np.ndarray:
     return t
 
 
+# (u in [0, 1] with N+1 points, sigma_max, sigma_min, frame, rho) -> N+1 sigmas (endpoints fixed later).
+SigmasFn = Callable[[np.ndarray, float, float, NoiseFrame, float], np.ndarray]
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    """A hand-crafted schedule: its grid as a function of the step fraction u, and what a file records."""
+
+    name: str
+    sigmas: SigmasFn
+    config: Callable[[NoiseFrame, float], dict[str, Any]] = lambda frame, rho: {}
+
+
+def _edm(u: np.ndarray, smax: float, smin: float, frame: NoiseFrame, rho: float) -> np.ndarray:
+    if not rho > 0:
+        raise StepoptError(f"rho must be > 0, got {rho}")
+    a, b = smax ** (1 / rho), smin ** (1 / rho)
+    return (a + u * (b - a)) ** rho
+
+
+def _logsnr(u: np.ndarray, smax: float, smin: float, frame: NoiseFrame, rho: float) -> np.ndarray:
+    return np.exp(np.log(smax) + u * (np.log(smin) - np.log(smax)))
+
+
+def _time(quadratic: bool) -> SigmasFn:
+    def sigmas(u: np.ndarray, smax: float, smin: float, frame: NoiseFrame, rho: float) -> np.ndarray:
+        f, _ = _native_frame(frame)
+        t_hi = _to_continuous(f, np.asarray(f.time(smax)))
+        t_lo = _to_continuous(f, np.asarray(f.time(smin)))
+        if quadratic:
+            t = (np.sqrt(t_hi) + u * (np.sqrt(t_lo) - np.sqrt(t_hi))) ** 2
+        else:
+            t = t_hi + u * (t_lo - t_hi)
+        return np.asarray(f.sigma(_from_continuous(f, t)), dtype=np.float64)
+
+    return sigmas
+
+
+def _kl_optimal(u: np.ndarray, smax: float, smin: float, frame: NoiseFrame, rho: float) -> np.ndarray:
+    return np.tan((1 - u) * math.atan(smax) + u * math.atan(smin))
+
+
+def _time_config(frame: NoiseFrame, rho: float) -> dict[str, Any]:
+    return {"time": _native_frame(frame)[1]}
+
+
+BASELINE_SPECS: Registry[BaselineSpec] = Registry("baseline")
+
+
+def register_baseline(spec: BaselineSpec) -> BaselineSpec:
+    return BASELINE_SPECS.register(spec.name, spec)
+
+
+register_baseline(BaselineSpec("edm", _edm, lambda frame, rho: {"rho": float(rho)}))
+register_baseline(BaselineSpec("logsnr", _logsnr))
+register_baseline(BaselineSpec("time-uniform", _time(quadratic=False), _time_config))
+register_baseline(BaselineSpec("time-quadratic", _time(quadratic=True), _time_config))
+register_baseline(BaselineSpec("kl-optimal", _kl_optimal, lambda frame, rho: {"c": 1.0}))
+BASELINES: tuple[str, ...] = tuple(BASELINE_SPECS.names())
+
+
 def baseline_sigmas(
     kind: str,
     n_steps: int,
@@ -69,28 +124,9 @@ def baseline_sigmas(
         raise StepoptError(f"a schedule needs at least 1 step, got {n_steps}")
     if not 0 < sigma_min < sigma_max:
         raise StepoptError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+    spec = BASELINE_SPECS.get(kind)
     u = np.linspace(0.0, 1.0, n_steps + 1)
-    if kind == "edm":
-        if not rho > 0:
-            raise StepoptError(f"rho must be > 0, got {rho}")
-        a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-        s = (a + u * (b - a)) ** rho
-    elif kind == "logsnr":
-        s = np.exp(np.log(sigma_max) + u * (np.log(sigma_min) - np.log(sigma_max)))
-    elif kind in ("time-uniform", "time-quadratic"):
-        f, _ = _native_frame(frame if frame is not None else VPLinear())
-        t_hi = _to_continuous(f, np.asarray(f.time(sigma_max)))
-        t_lo = _to_continuous(f, np.asarray(f.time(sigma_min)))
-        if kind == "time-uniform":
-            t = t_hi + u * (t_lo - t_hi)
-        else:
-            t = (np.sqrt(t_hi) + u * (np.sqrt(t_lo) - np.sqrt(t_hi))) ** 2
-        s = np.asarray(f.sigma(_from_continuous(f, t)), dtype=np.float64)
-    elif kind == "kl-optimal":
-        s = np.tan((1 - u) * math.atan(sigma_max) + u * math.atan(sigma_min))
-    else:
-        raise StepoptError(f"unknown baseline '{kind}'; expected one of {', '.join(BASELINES)}")
-    s = np.asarray(s, dtype=np.float64)
+    s = np.asarray(spec.sigmas(u, sigma_max, sigma_min, frame if frame is not None else VPLinear(), rho), np.float64)
     s[0], s[-1] = sigma_max, sigma_min
     if not np.all(np.diff(s) < 0):
         raise StepoptError(
@@ -120,11 +156,4 @@ def interpolate_loglinear(sigmas: Sequence[float] | np.ndarray, n_steps: int) ->
 
 def baseline_config(kind: str, frame: NoiseFrame | None, rho: float) -> dict[str, Any]:
     """The resolved configuration a baseline schedule file records."""
-    cfg: dict[str, Any] = {}
-    if kind == "edm":
-        cfg["rho"] = float(rho)
-    if kind in ("time-uniform", "time-quadratic"):
-        cfg["time"] = _native_frame(frame if frame is not None else VPLinear())[1]
-    if kind == "kl-optimal":
-        cfg["c"] = 1.0
-    return cfg
+    return BASELINE_SPECS.get(kind).config(frame if frame is not None else VPLinear(), rho)

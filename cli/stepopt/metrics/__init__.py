@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stepopt.errors import StepoptError
+from stepopt.registry import Registry
 
 ODE_ERROR = "ode-error"
 FD_EXACT = "fd-exact"
@@ -44,17 +45,12 @@ MANAGED_FIDELITY_OPTIONS = (
     "cache_root",
     "input2_cache_name",
 )
-METRIC_NAMES: tuple[str, ...] = (
-    ODE_ERROR,
-    FD_EXACT,
-    *FIDELITY_BASE,
-    *(f"{b}{DIGITS_SUFFIX}" for b in FIDELITY_BASE),
-)
 
 
 @dataclass(frozen=True)
 class MetricRequest:
-    """One requested metric: its CLI name, its kind, and for torch-fidelity metrics the base and extractor.
+    """A metric (an entry of :data:`METRICS`): its CLI name, its kind, and for torch-fidelity metrics
+    the base metric and the feature extractor.
 
     ``extractor`` None means the extractor chosen by ``--feature-extractor``.
     """
@@ -65,23 +61,32 @@ class MetricRequest:
     extractor: str | None = None
 
 
+METRICS: Registry[MetricRequest] = Registry("metric")
+
+
+def register_metric(metric: MetricRequest) -> MetricRequest:
+    return METRICS.register(metric.name, metric)
+
+
+register_metric(MetricRequest(ODE_ERROR, "ode-error"))
+register_metric(MetricRequest(FD_EXACT, "fd-exact"))
+for _base in FIDELITY_BASE:
+    register_metric(MetricRequest(_base, "fidelity", _base, None))
+for _base in FIDELITY_BASE:
+    register_metric(MetricRequest(f"{_base}{DIGITS_SUFFIX}", "fidelity", _base, DIGITS_EXTRACTOR))
+METRIC_NAMES: tuple[str, ...] = tuple(METRICS.names())
+
+
 def parse_metrics(spec: str | Sequence[str]) -> list[MetricRequest]:
     """``"ode-error,fid-digits"`` (or a list of such strings) -> requests, in order, without duplicates."""
     items = [spec] if isinstance(spec, str) else list(spec)
     names = [n.strip() for item in items for n in item.split(",") if n.strip()]
     if not names:
-        raise StepoptError(f"--metrics is empty; expected some of {', '.join(METRIC_NAMES)}")
-    out: list[MetricRequest] = []
-    for n in dict.fromkeys(names):
-        if n not in METRIC_NAMES:
-            raise StepoptError(f"unknown metric '{n}'; expected some of {', '.join(METRIC_NAMES)}")
-        if n in (ODE_ERROR, FD_EXACT):
-            out.append(MetricRequest(n, n))  # type: ignore[arg-type]
-        elif n.endswith(DIGITS_SUFFIX):
-            out.append(MetricRequest(n, "fidelity", n.removesuffix(DIGITS_SUFFIX), DIGITS_EXTRACTOR))
-        else:
-            out.append(MetricRequest(n, "fidelity", n, None))
-    return out
+        raise StepoptError(f"--metrics is empty; expected some of {', '.join(METRICS.names())}")
+    for n in names:
+        if n not in METRICS:
+            raise StepoptError(f"unknown metric '{n}'; expected some of {', '.join(METRICS.names())}")
+    return [METRICS.get(n) for n in dict.fromkeys(names)]
 
 
 __all__ = [
@@ -89,8 +94,10 @@ __all__ = [
     "FD_EXACT",
     "INCEPTION_EXTRACTOR",
     "MANAGED_FIDELITY_OPTIONS",
+    "METRICS",
     "METRIC_NAMES",
     "ODE_ERROR",
     "MetricRequest",
     "parse_metrics",
+    "register_metric",
 ]

@@ -1,7 +1,9 @@
 """Model loaders: ``builtin:NAME`` and the loader registry.
 
-``load_model("builtin:gmm-digits")`` returns a :class:`DiffusionModel`. Later loaders
-(``diffusers:PATH``, ``edm:PATH.pkl``, ``python:module:factory``) register here too.
+``load_model("builtin:gmm-digits")`` returns a :class:`DiffusionModel`. A model id is
+``PREFIX:ARG``; each prefix (``builtin``, ``edm``, ``diffusers``, ``python``) is a
+:class:`LoaderSpec` in :data:`LOADERS`, called as ``load(ARG, LoadOptions)``. Built-in models are
+the entries of :data:`BUILTINS`.
 """
 
 from __future__ import annotations
@@ -13,20 +15,27 @@ import torch
 
 from stepopt._defaults import DEFAULT_MODEL
 from stepopt.errors import StepoptError
-from stepopt.models.base import AnalyticModel, DiffusionModel, IsotropicGaussian, PointMass
+from stepopt.models.base import AnalyticModel, DiffusionModel, IsotropicGaussian, LoadOptions, PointMass
 from stepopt.models.gmm import GaussianMixture, load_digits, load_gmm_digits
 from stepopt.models.loaders import load_edm_pickle, load_python_factory
+from stepopt.registry import Registry
 
 __all__ = [
+    "BUILTINS",
     "DEFAULT_MODEL",
+    "LOADERS",
     "AnalyticModel",
     "DiffusionModel",
     "GaussianMixture",
     "IsotropicGaussian",
+    "LoadOptions",
+    "LoaderSpec",
     "PointMass",
     "builtin_names",
     "load_digits",
     "load_model",
+    "register_builtin",
+    "register_loader",
 ]
 
 
@@ -52,30 +61,44 @@ def _point_mass() -> DiffusionModel:
     return PointMass(x0, id="builtin:point-mass")
 
 
-BUILTINS: dict[str, Builtin] = {
-    b.name: b
-    for b in (
-        Builtin("gmm-digits", load_gmm_digits, "10-component GMM fit to the 8x8 digits; exact denoiser (default)"),
-        Builtin("unet-digits", _unet_digits, "small EDM-preconditioned UNet trained on the 8x8 digits (safetensors)"),
-        Builtin(
-            "gaussian", _gaussian, "isotropic Gaussian N(0, 0.5^2 I) on 8x8; closed-form ODE (analytic test model)"
-        ),
-        Builtin("point-mass", _point_mass, "a single 8x8 point; closed-form ODE (analytic test model)"),
-    )
-}
-
-LoaderFn = Callable[[str, torch.device, "torch.dtype | None"], DiffusionModel]
-LOADERS: dict[str, tuple[LoaderFn, str]] = {}
-# Shown by `stepopt models`; edm: is dispatched by load_model itself because it takes trust_pickle.
-LOADER_SUMMARIES: dict[str, str] = {
-    "edm": "NVIDIA EDM/EDM2 network pickle (dict with 'ema'); needs --trust-pickle",
-}
+BUILTINS: Registry[Builtin] = Registry("built-in model")
 
 
-def register_loader(prefix: str, fn: LoaderFn, summary: str) -> None:
-    """Register ``prefix:...`` model ids (e.g. ``diffusers``); ``fn(rest, device, dtype)``."""
-    LOADERS[prefix] = (fn, summary)
+def register_builtin(name: str, factory: Callable[[], DiffusionModel], summary: str) -> Builtin:
+    """Register ``builtin:NAME``: ``factory()`` builds the model (the loader moves it to the device)."""
+    return BUILTINS.register(name, Builtin(name, factory, summary))
+
+
+register_builtin("gmm-digits", load_gmm_digits, "10-component GMM fit to the 8x8 digits; exact denoiser (default)")
+register_builtin("unet-digits", _unet_digits, "small EDM-preconditioned UNet trained on the 8x8 digits (safetensors)")
+register_builtin(
+    "gaussian", _gaussian, "isotropic Gaussian N(0, 0.5^2 I) on 8x8; closed-form ODE (analytic test model)"
+)
+register_builtin("point-mass", _point_mass, "a single 8x8 point; closed-form ODE (analytic test model)")
+
+
+LoaderFn = Callable[[str, LoadOptions], DiffusionModel]
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """A model-id prefix: ``load(ARG, options)`` for ids ``PREFIX:ARG``, and what ``stepopt models`` shows."""
+
+    prefix: str
+    load: LoaderFn
+    summary: str
+
+
+LOADERS: Registry[LoaderSpec] = Registry("model loader")
+# prefix -> summary, as `stepopt models` lists them (kept in step with LOADERS by register_loader).
+LOADER_SUMMARIES: dict[str, str] = {}
+
+
+def register_loader(prefix: str, fn: LoaderFn, summary: str) -> LoaderSpec:
+    """Register ``prefix:...`` model ids (e.g. ``diffusers``): ``fn(ARG, options)`` returns the model."""
+    spec = LOADERS.register(prefix, LoaderSpec(prefix, fn, summary))
     LOADER_SUMMARIES[prefix] = summary
+    return spec
 
 
 def builtin_names() -> list[str]:
@@ -109,29 +132,30 @@ def load_model(
     is its old name.
     """
     spec = spec or DEFAULT_MODEL
-    dev = resolve_device(device)
+    options = LoadOptions(resolve_device(device), dtype, trust_code=trust_code or trust_pickle)
     prefix, sep, rest = spec.partition(":")
     if not sep:
         raise StepoptError(f"model '{spec}' has no loader prefix; expected e.g. {DEFAULT_MODEL}")
-    if prefix == "builtin":
-        if rest not in BUILTINS:
-            raise StepoptError(f"unknown built-in model '{spec}'; expected one of {', '.join(builtin_names())}")
-        model = BUILTINS[rest].factory()
-        return model.to(dev, None if isinstance(model, AnalyticModel) else dtype)
-    if prefix == "edm":
-        return load_edm_pickle(rest, dev, dtype, trust_pickle=trust_code or trust_pickle)
-    if prefix in LOADERS:
-        return LOADERS[prefix][0](rest, dev, dtype)
-    known = ", ".join(["builtin", "edm", *LOADERS])
-    raise StepoptError(f"unknown model loader '{prefix}' in '{spec}'; expected one of {known}")
+    if prefix not in LOADERS:
+        raise StepoptError(f"unknown model loader '{prefix}' in '{spec}'; expected one of {', '.join(LOADERS.names())}")
+    return LOADERS.get(prefix).load(rest, options)
 
 
-def _load_diffusers(rest: str, device: torch.device, dtype: torch.dtype | None) -> DiffusionModel:
+def _load_builtin(name: str, options: LoadOptions) -> DiffusionModel:
+    if name not in BUILTINS:
+        raise StepoptError(f"unknown built-in model 'builtin:{name}'; expected one of {', '.join(builtin_names())}")
+    model = BUILTINS.get(name).factory()
+    return model.to(options.device, None if isinstance(model, AnalyticModel) else options.dtype)
+
+
+def _load_diffusers(rest: str, options: LoadOptions) -> DiffusionModel:
     from stepopt.models.diffusers import load_diffusers  # imported on use: keeps `import stepopt` light
 
-    return load_diffusers(rest, device, dtype)
+    return load_diffusers(rest, options.device, options.dtype)
 
 
+LOADERS.register("builtin", LoaderSpec("builtin", _load_builtin, "the built-in models: builtin:NAME"))
+register_loader("edm", load_edm_pickle, "NVIDIA EDM/EDM2 network pickle (dict with 'ema'); needs --trust-code")
 register_loader(
     "diffusers",
     _load_diffusers,

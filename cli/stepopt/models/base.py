@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,24 @@ from stepopt.fingerprint import fingerprint_arrays
 from stepopt.frames import EDM, NoiseFrame
 from stepopt.schedule import ModelRef
 
-__all__ = ["AnalyticModel", "DiffusionModel", "IsotropicGaussian", "PointMass", "fingerprint_arrays"]
+__all__ = [
+    "AnalyticModel",
+    "DiffusionModel",
+    "IsotropicGaussian",
+    "LoadOptions",
+    "PointMass",
+    "fingerprint_arrays",
+]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What every model loader receives besides its argument: where and in which precision to load,
+    and ``trust_code``, without which loaders that run code named by a file (``edm:`` pickles) refuse."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype | None = None  # None: the model's own precision
+    trust_code: bool = False
 
 
 class DiffusionModel(ABC):

@@ -4,7 +4,7 @@
 dict whose ``"ema"`` entry is the network (``EDMPrecond``-style: ``net(x, sigma, class_labels)``
 returns ``D(x, sigma)`` directly, with attributes ``sigma_min``, ``sigma_max``, ``sigma_data``,
 ``img_resolution``, ``img_channels``, ``label_dim``). Unpickling runs code that the file names, so
-it needs an explicit ``trust_pickle=True`` (``--trust-pickle``). The classes it names must be
+it needs an explicit ``trust_code=True`` (``--trust-code``). The classes it names must be
 importable: for NVIDIA's pickles that is EDM's ``dnnlib`` and ``torch_utils`` packages (put a
 checkout of NVlabs/edm or edm2 on ``PYTHONPATH``); their ``torch_utils.persistence`` rebuilds the
 network classes from source embedded in the pickle.
@@ -29,7 +29,7 @@ import torch
 
 from stepopt.errors import StepoptError
 from stepopt.frames import EDM
-from stepopt.models.base import DiffusionModel, fingerprint_arrays
+from stepopt.models.base import DiffusionModel, LoadOptions, fingerprint_arrays
 
 TRUST_PICKLE_HELP = (
     "unpickling runs code named by the file; pass --trust-pickle only for checkpoints from a source you trust"
@@ -96,12 +96,10 @@ def _sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def load_edm_pickle(
-    path: str, device: torch.device, dtype: torch.dtype | None, trust_pickle: bool = False
-) -> DiffusionModel:
-    """Load ``edm:PATH.pkl``; requires ``trust_pickle`` because unpickling executes code."""
+def load_edm_pickle(path: str, options: LoadOptions) -> DiffusionModel:
+    """Load ``edm:PATH.pkl``; requires ``options.trust_code`` because unpickling executes code."""
     p = Path(path).expanduser()
-    if not trust_pickle:
+    if not options.trust_code:
         raise StepoptError(f"edm:{path}: refusing to unpickle without --trust-pickle ({TRUST_PICKLE_HELP})")
     if not p.is_file():
         raise StepoptError(f"edm:{path}: no such checkpoint file")
@@ -122,7 +120,7 @@ def load_edm_pickle(
     if missing:
         raise StepoptError(f"edm:{path}: the 'ema' network lacks {', '.join(missing)} (not an EDM network?)")
     fp = _sha256_file(p)
-    return EDMNetwork(net, f"edm:{path}", fp).to(device)
+    return EDMNetwork(net, f"edm:{path}", fp).to(options.device)  # the network keeps the pickle's precision
 
 
 class PythonModel(DiffusionModel):
@@ -181,11 +179,11 @@ def _import_factory(spec: str) -> Any:
     return fn
 
 
-def load_python_factory(spec: str, device: torch.device, dtype: torch.dtype | None) -> DiffusionModel:
+def load_python_factory(spec: str, options: LoadOptions) -> DiffusionModel:
     """Load ``python:module:factory``; checks the denoiser contract with a clear error."""
     obj = _import_factory(spec)()
     if isinstance(obj, DiffusionModel):
-        return obj.to(device, dtype)
+        return obj.to(options.device, options.dtype)
     missing = [a for a in ("sigma_min", "sigma_max", "shape") if not hasattr(obj, a)]
     if not callable(obj):
         missing.insert(0, "__call__(x, sigma)")
@@ -203,4 +201,4 @@ def load_python_factory(spec: str, device: torch.device, dtype: torch.dtype | No
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(probe.shape):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise StepoptError(f"python:{spec}: denoiser returned {got} for input of shape {tuple(probe.shape)}")
-    return model.to(device, dtype)
+    return model.to(options.device, options.dtype)

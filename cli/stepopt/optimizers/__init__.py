@@ -7,7 +7,6 @@ Optimizers report progress through ``ctx.progress(event, data)``; they never pri
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -19,8 +18,8 @@ import torch
 
 from stepopt.build import make_schedule
 from stepopt.config import config_to_dict
-from stepopt.errors import StepoptError
 from stepopt.models.base import DiffusionModel
+from stepopt.registry import Registry
 from stepopt.schedule import MethodInfo, Schedule
 from stepopt.solvers import SolverIdentity, get_solver
 
@@ -67,36 +66,22 @@ class OptimizerSpec:
     resumable: bool = False  # keeps a state file at OptimizeContext.state_path (--resume)
 
 
-_REGISTRY: dict[str, OptimizerSpec] = {}
-# Modules that register the built-in optimizers (imported on first use).
-_BUILTIN_MODULES: tuple[str, ...] = ("ays", "gits", "ld3", "oss", "trust_region")
+# The built-in optimizers register when their modules are imported, on first lookup.
+OPTIMIZERS: Registry[OptimizerSpec] = Registry(
+    "optimizer", modules=[f"stepopt.optimizers.{m}" for m in ("ays", "gits", "ld3", "oss", "trust_region")], sort=True
+)
 
 
 def register(spec: OptimizerSpec) -> OptimizerSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"optimizer '{spec.name}' is registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-def _load_builtins() -> None:
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(f"stepopt.optimizers.{mod}")
+    return OPTIMIZERS.register(spec.name, spec)
 
 
 def optimizer_names() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return OPTIMIZERS.names()
 
 
 def get_optimizer(name: str) -> OptimizerSpec:
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise StepoptError(
-            f"unknown optimizer '{name}'; expected one of {', '.join(sorted(_REGISTRY)) or '(none registered)'}"
-        ) from None
+    return OPTIMIZERS.get(name)
 
 
 def optimize(

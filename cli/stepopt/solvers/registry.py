@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from stepopt.errors import StepoptError
+from stepopt.registry import Registry
 
 FINAL_STEPS = ("none", "denoise")
 
@@ -142,27 +143,21 @@ class SolverSpec:
         )
 
 
-_REGISTRY: dict[str, SolverSpec] = {}
+SOLVERS: Registry[SolverSpec] = Registry("solver", sort=True)
 
 
 def register(spec: SolverSpec) -> SolverSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"solver '{spec.name}' is registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return SOLVERS.register(spec.name, spec)
 
 
 def get_solver(name: str) -> SolverSpec:
     """The registry entry for ``name``; an error listing the known names otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise StepoptError(f"unknown solver '{name}'; expected one of {', '.join(sorted(_REGISTRY))}") from None
+    return SOLVERS.get(name)
 
 
 def solver_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return SOLVERS.names()
 
 
 def all_solvers() -> list[SolverSpec]:
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+    return SOLVERS.values()
