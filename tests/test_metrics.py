@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,6 +158,16 @@ def test_options_are_torch_fidelity_keywords() -> None:
         F.FidelityOptions(kid_kernel="gauss")  # type: ignore[arg-type]
     with pytest.raises(StepoptError, match="unknown feature extractor"):
         F.FidelityOptions(feature_extractor="inception")
+
+
+def test_option_defaults_are_torch_fidelitys() -> None:
+    """Every default is torch-fidelity's own except the few stepopt declares (and says why)."""
+    for f in dataclasses.fields(F.FidelityOptions):
+        want = F.STEPOPT_DEFAULTS[f.name] if f.name in F.STEPOPT_DEFAULTS else TF_DEFAULTS[f.name]
+        assert f.default == want, f.name
+    assert set(F.STEPOPT_DEFAULTS) <= {f.name for f in dataclasses.fields(F.FidelityOptions)}
+    source = Path(F.__file__).read_text(encoding="utf-8")
+    assert "-stat-fid-" not in source and "torch.save" not in source  # no forged cache entries
 
 
 def test_requests_are_checked_before_work(tmp_path) -> None:

@@ -14,10 +14,9 @@ before torch-fidelity could try to download them) and ``stepopt-digits-cnn`` (FI
 
 Reference sets (``input2``): the name of a torch-fidelity registered dataset (``stepopt-digits``,
 ``cifar10-train``, ...; never downloaded here), an image folder, or an ``.npz`` with EDM's keys
-``mu`` and ``sigma`` (FID only). An ``.npz`` is fed through torch-fidelity's statistics cache: the
-statistics are written, in torch-fidelity's own cache format and file name, into a private cache
-folder, and ``input2`` names that cache entry, so torch-fidelity's ``calculate_metrics`` computes
-the FID from them exactly as from statistics it cached itself.
+``mu`` and ``sigma`` (FID only). For an ``.npz`` torch-fidelity computes the statistics of the
+samples with its own feature extractor (``fid_input_id_to_statistics``) and the distance with its
+own ``fid_statistics_to_metric``, the two steps ``calculate_metrics`` takes for FID.
 
 Image convention: torch-fidelity takes ``(B, C, H, W)`` images on the 0..255 scale. Samples in
 [-1, 1] are mapped by ``(x + 1) * 127.5`` and clamped; Inception gets them rounded to ``uint8``
@@ -30,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ import numpy as np
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
+from torch_fidelity import metric_fid
 from torch_fidelity.defaults import DEFAULTS
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGISTRY
@@ -63,57 +62,70 @@ KEY_PRECISION = torch_fidelity.KEY_METRIC_PRECISION
 KEY_RECALL = torch_fidelity.KEY_METRIC_RECALL
 KEY_F_SCORE = torch_fidelity.KEY_METRIC_F_SCORE
 
-# dtype of the FID features each extractor returns (torch-fidelity requires equal dtypes on both sides).
-FEATURE_DTYPES: dict[str, type[np.floating[Any]]] = {INCEPTION: np.float32, DIGITS: np.float64}
 # Feature dimension of (extractor, layer), to check an .npz reference before the call.
 FEATURE_DIMS = {(INCEPTION, "2048"): 2048, (INCEPTION, "768"): 768, (DIGITS, digits_features.FEATURE_PENULTIMATE): 64}
+
+
+# Where stepopt's defaults differ from torch-fidelity's (every other default is torch-fidelity's own).
+STEPOPT_DEFAULTS: dict[str, Any] = {
+    "feature_extractor": INCEPTION,  # torch-fidelity picks by metric; eval's --feature-extractor
+    "cuda": False,  # set from --device
+    "kid_subset_size": None,  # min(1000, number of samples), resolved by fidelity_metrics
+    "datasets_download": False,  # nothing is downloaded
+    "save_cpu_ram": True,  # no DataLoader worker processes for in-memory samples
+    "verbose": False,
+}
+
+
+def _default(name: str) -> Any:
+    return STEPOPT_DEFAULTS[name] if name in STEPOPT_DEFAULTS else DEFAULTS.get(name)
 
 
 @dataclass(frozen=True)
 class FidelityOptions:
     """Keyword arguments of ``torch_fidelity.calculate_metrics``; every field name is torch-fidelity's.
 
-    Defaults are torch-fidelity's except: ``cuda`` False (set from ``--device``),
-    ``datasets_download`` False (nothing is downloaded), ``save_cpu_ram`` True (no DataLoader
-    worker processes for in-memory samples), ``verbose`` False, ``kid_subset_size`` None
-    (= min(1000, number of samples), resolved by :func:`fidelity_metrics`).
+    Defaults are torch-fidelity's (``torch_fidelity.defaults.DEFAULTS``) except those in
+    :data:`STEPOPT_DEFAULTS`.
     """
 
-    isc: bool = False
-    fid: bool = False
-    kid: bool = False
-    prc: bool = False
-    feature_extractor: str = INCEPTION
-    feature_layer_isc: str | None = None
-    feature_layer_fid: str | None = None
-    feature_layer_kid: str | None = None
-    feature_layer_prc: str | None = None
-    feature_extractor_weights_path: str | None = None
-    feature_extractor_internal_dtype: Literal["float32", "float64"] | None = None
-    batch_size: int = 64
-    cuda: bool = False
-    isc_splits: int = 10
-    kid_subsets: int = 100
-    kid_subset_size: int | None = None
-    kid_kernel: Literal["poly", "rbf"] = "poly"
-    kid_kernel_poly_degree: int = 3
-    kid_kernel_poly_gamma: float | None = None
-    kid_kernel_poly_coef0: float = 1.0
-    kid_kernel_rbf_sigma: float = 10.0
-    prc_neighborhood: int = 3
-    prc_batch_size: int = 10000
-    samples_shuffle: bool = True
-    samples_find_deep: bool = False
-    samples_find_ext: str = "png,jpg,jpeg"
-    samples_resize_and_crop: int = 0
-    datasets_root: str | None = None
-    datasets_download: bool = False
-    cache_root: str | None = None
-    cache: bool = True
-    input2_cache_name: str | None = None
-    rng_seed: int = 2020
-    save_cpu_ram: bool = True
-    verbose: bool = False
+    isc: bool = _default("isc")
+    fid: bool = _default("fid")
+    kid: bool = _default("kid")
+    prc: bool = _default("prc")
+    feature_extractor: str = _default("feature_extractor")
+    feature_layer_isc: str | None = _default("feature_layer_isc")
+    feature_layer_fid: str | None = _default("feature_layer_fid")
+    feature_layer_kid: str | None = _default("feature_layer_kid")
+    feature_layer_prc: str | None = _default("feature_layer_prc")
+    feature_extractor_weights_path: str | None = _default("feature_extractor_weights_path")
+    feature_extractor_internal_dtype: Literal["float32", "float64"] | None = _default(
+        "feature_extractor_internal_dtype"
+    )
+    batch_size: int = _default("batch_size")
+    cuda: bool = _default("cuda")
+    isc_splits: int = _default("isc_splits")
+    kid_subsets: int = _default("kid_subsets")
+    kid_subset_size: int | None = _default("kid_subset_size")
+    kid_kernel: Literal["poly", "rbf"] = _default("kid_kernel")
+    kid_kernel_poly_degree: int = _default("kid_kernel_poly_degree")
+    kid_kernel_poly_gamma: float | None = _default("kid_kernel_poly_gamma")
+    kid_kernel_poly_coef0: float = _default("kid_kernel_poly_coef0")
+    kid_kernel_rbf_sigma: float = _default("kid_kernel_rbf_sigma")
+    prc_neighborhood: int = _default("prc_neighborhood")
+    prc_batch_size: int = _default("prc_batch_size")
+    samples_shuffle: bool = _default("samples_shuffle")
+    samples_find_deep: bool = _default("samples_find_deep")
+    samples_find_ext: str = _default("samples_find_ext")
+    samples_resize_and_crop: int = _default("samples_resize_and_crop")
+    datasets_root: str | None = _default("datasets_root")
+    datasets_download: bool = _default("datasets_download")
+    cache_root: str | None = _default("cache_root")
+    cache: bool = _default("cache")
+    input2_cache_name: str | None = _default("input2_cache_name")
+    rng_seed: int = _default("rng_seed")
+    save_cpu_ram: bool = _default("save_cpu_ram")
+    verbose: bool = _default("verbose")
 
     def __post_init__(self) -> None:
         unknown = [f.name for f in dataclasses.fields(self) if f.name not in DEFAULTS]
@@ -290,16 +302,6 @@ def load_npz_statistics(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.nd
     return mu, sigma
 
 
-class _StatisticsOnly(Dataset):
-    """``input2`` placeholder for a reference given only as cached statistics (never read)."""
-
-    def __len__(self) -> int:
-        return 0
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        raise RuntimeError("this reference is statistics only (mu/sigma); it has no images")
-
-
 def _folder_cache_name(folder: str, options: FidelityOptions) -> str:
     """A cache name for an image folder: changes whenever any matching file is added, removed or modified."""
     exts = {e.strip().lower() for e in options.samples_find_ext.split(",") if e.strip()}
@@ -324,25 +326,25 @@ def _call(options: FidelityOptions, input1: Dataset, input2: Any) -> dict[str, f
 
 
 def _npz_fid(options: FidelityOptions, input1: Dataset, ref: Reference) -> dict[str, float]:
-    """FID against an .npz of mu/sigma, via torch-fidelity's statistics cache (see the module docstring)."""
+    """FID against an .npz of mu/sigma, by torch-fidelity's own statistics and distance (module docstring)."""
     mu, sigma = load_npz_statistics(ref.value)
     fe = options.feature_extractor
-    if fe not in FEATURE_DTYPES:
-        raise StepoptError(f"an .npz reference is supported for {', '.join(FEATURE_DTYPES)}, not '{fe}'")
-    layer = options.feature_layer_fid or FEATURE_EXTRACTORS_REGISTRY[fe].get_default_feature_layer_for_metric("fid")
+    kwargs = {**options.replace(fid=True, kid=False, isc=False, prc=False).to_kwargs(), "input1": input1}
+    layer = metric_fid.resolve_feature_layer_for_metric("fid", **kwargs)
     dim = FEATURE_DIMS.get((fe, layer))
     if dim is not None and mu.shape[0] != dim:
         raise StepoptError(
             f"--reference {ref.value}: statistics of dimension {mu.shape[0]}, but {fe} layer {layer} gives {dim}"
         )
-    with open(ref.value, "rb") as f:
-        name = f"stepopt-npz-{hashlib.sha256(f.read()).hexdigest()[:16]}"
-    stats = {"mu": mu.astype(FEATURE_DTYPES[fe]), "sigma": sigma.astype(np.float64)}
-    with tempfile.TemporaryDirectory(prefix="stepopt-fid-") as tmp:
-        # torch-fidelity's file name for cached FID statistics of a named input (metric_fid.py).
-        torch.save(stats, os.path.join(tmp, f"{name}-{fe}-stat-fid-{layer}.pt"))
-        opts = options.replace(fid=True, kid=False, isc=False, prc=False, cache=True, cache_root=tmp)
-        return _call(opts.replace(input2_cache_name=name), input1, _StatisticsOnly())
+    try:
+        extractor = metric_fid.create_feature_extractor(fe, [layer], **kwargs)
+        stats = metric_fid.fid_input_id_to_statistics(1, extractor, layer, **kwargs)
+        # torch-fidelity compares statistics of equal dtypes: the reference takes the samples' ones.
+        ref_stats = {"mu": mu.astype(stats["mu"].dtype), "sigma": sigma.astype(stats["sigma"].dtype)}
+        return dict(metric_fid.fid_statistics_to_metric(stats, ref_stats, options.verbose))
+    except (ValueError, RuntimeError, AssertionError) as e:
+        why = " ".join(str(e).split()) or f"{e.__class__.__name__} (inputs of mismatched shape or dtype?)"
+        raise StepoptError(f"torch-fidelity: {why}") from None
 
 
 def check_request(metrics: Sequence[str], reference: Reference | None, options: FidelityOptions) -> list[str]:
