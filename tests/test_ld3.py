@@ -40,7 +40,7 @@ from stepopt.optimizers.ld3 import (
     ld3_grid,
     params_from_sigmas,
 )
-from stepopt.optimizers.ld3_losses import l2_distance, load_lpips, make_distance
+from stepopt.optimizers.ld3.losses import l2_distance, load_lpips, make_distance
 from stepopt.schedule import Schedule
 from stepopt.solvers import get_solver, solve
 from stepopt.teacher import TeacherConfig, teacher_outputs

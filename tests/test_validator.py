@@ -21,7 +21,7 @@ from stepopt.evaluate import EvalConfig, evaluate
 from stepopt.models import IsotropicGaussian
 from stepopt.optimizers import OptimizeContext, optimize
 from stepopt.optimizers.ays import AYSConfig, stop_validator
-from stepopt.optimizers.ld3 import Ld3Config, _space, _Trainer, params_from_sigmas
+from stepopt.optimizers.ld3 import Ld3Config, Trainer, grid_space, params_from_sigmas
 from stepopt.optimizers.trust_region import TrustRegionConfig, select_validator
 from stepopt.solvers import get_solver
 from stepopt.teacher import GridValidator, TeacherConfig
@@ -45,9 +45,9 @@ def test_select_ays_ld3_and_eval_report_the_same_error(model, tmp_path: Path, fi
     tr = select_validator(ctx, TrustRegionConfig(select_seed=SEED, select_n=N)).rmse(grid)
     ays = stop_validator(ctx, AYSConfig(val_seed=SEED, val_noises=N)).rmse(grid)
     ld3_cfg = Ld3Config(data_seed=SEED - 3, n_train=3, n_valid=N, loss="l2")
-    trainer = _Trainer(ctx, ld3_cfg)
+    trainer = Trainer(ctx, ld3_cfg)
     trainer.load_pairs()
-    theta, _ = params_from_sigmas(grid, _space(ld3_cfg, model))
+    theta, _ = params_from_sigmas(grid, grid_space(ld3_cfg, model))
     ld3_l2 = trainer.validate(theta, None)  # LD3's l2 loss: per-sample mean square, so rmse^2
     ld3_rmse = trainer.validator.rmse(grid)
 

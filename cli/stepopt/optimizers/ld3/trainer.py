@@ -1,67 +1,6 @@
-"""ld3: learn the time steps by backpropagating through the few-step solver.
+"""LD3's trainer: teacher pairs, the student forward, validation and the parameter updates.
 
-Tong, Liu, Hoang, Van den Broeck, Niepert, "Learning to Discretize Denoising Diffusion ODEs",
-ICLR 2025 (arXiv 2405.15506). A student (the target solver on a learnable grid) is trained to land
-where a teacher (the exact ODE for analytic models, a many-step solver for networks) lands from the
-same noise; the gradient flows through every solver step and network call into the grid.
-
-**Grid.** N+1 logits theta (equal at the start): the cumulated ``softmax(theta)``
-``c_0 < ... < c_N`` is normalised, ``u_i = (c_i - c_0) / (c_N - c_0)`` (so the first logit cancels:
-the increments are ``softmax(theta)_{1..N}`` up to a factor), and mapped affinely onto the grid
-coordinate ``s_i = s_0 + u_i (s_N - s_0)``; both ends are fixed at the model's sigma_max and
-sigma_min. The coordinate is ``lam = -log sigma`` for pixel-space models and normalised native
-time ``(t_max - t) / (t_max - t_min)`` for latent models, as in the paper's two modes. The paper
-starts from equal logits (uniform lam / uniform time: ``init: uniform``); by default stepopt starts
-from whichever of that grid, the hand-crafted baselines and the trust-region schedule has the
-lowest validation loss (``init: best``), or from a given schedule (``--init FILE``): on gmm-digits
-the uniform-lam start lands in a poor local minimum for some seeds (see scripts/bench_ld3.py).
-
-**Decoupled model time** (the paper's decoupled, "shifted" model timesteps). N+1 offsets xi (zero
-at the start and always zero at both ends) shift the time fed to the network, ``s'_i = s_i +
-clip(xi_i, -m, m)``, while the solver's coefficients use the plain grid; ``m = window * min_i
-(s_{i+1} - s_i)`` is half the smallest gap *of the grid* in the same coordinate. (The authors' code
-clamps with the gaps between the raw logits, which are all zero at the start, so xi cannot move
-until the logits separate: a bug that stepopt does not reproduce.) The schedule stores
-``sigma(s'_i)`` as ``model_sigmas``.
-
-**Soft teacher loss** (the paper's relaxed, soft surrogate objective). For each training pair
-``(x_T, Psi*(x_T))``, ``min over x'_T in B(x_T, r) of d(Psi_theta(x'_T), Psi*(x_T))`` with the
-radius ``r = gamma D / N^2`` (gamma = 0.001, D the data dimension) on unit-variance noise (before
-the factor sigma_max). One iteration on a batch (2 pairs): forward the student from the relaxed
-noises with autograd, one backward to (theta, xi, x'_T); gradients of theta and of xi clipped to
-norm 1; RMSprop on theta (lr 0.005, momentum 0.9), SGD on xi (lr 0.1/N in lam, 0.001/N in
-normalised time) -- only after ``grid_rounds`` theta-only rounds, as the reference trainer does;
-SGD on x'_T (lr 12/N), projected back onto the ball and kept for a pair only where it lowers that
-pair's loss. ``soft: false`` is the hard loss (x'_T = x_T). After each iteration the validation
-pairs are scored **from their original noise** with the current grid (the reference trainer also
-relaxes the validation noises and scores those; stepopt validates what a user will get); the best
-grid is kept,
-``patience`` iterations without improvement restore it and decay the learning rates (x
-``lr_decay``), each round starts from the best grid, and training stops after ``grid_rounds +
-joint_rounds`` passes over the training pairs or when the learning rate has sat at its minimum
-``min_lr_patience`` times. The validated start is a candidate, so the result is never worse than
-the start on the validation pairs.
-
-**Distance d**: ``l2`` (mean squared difference per sample; default), ``lpips`` (the paper's
-choice; needs user-given VGG16 and LPIPS weights, never downloaded) or ``features`` (the digits
-classifier of FID-digits); see :mod:`stepopt.optimizers.ld3_losses`. The reported objective is the
-validation mean of d from the original noise.
-
-**Teacher** (the paper's setup): ``n_train + n_valid`` pairs (50/50) from seeds ``data_seed,
-data_seed+1, ...`` via :class:`stepopt.teacher.GridValidator` (exact ODE for analytic models; for
-networks the ``teacher`` solver, cached on disk). With ``final_step: denoise`` the target is the
-teacher's state at sigma_min passed through the same final denoising jump. The report also gives
-``validation_rmse``: the RMSE of the learned grid against the teacher on the validation pairs, the
-measure trust-region ``select`` and AYS's stopping use.
-
-**Memory**: ``checkpoint`` wraps each network call in :func:`torch.utils.checkpoint.checkpoint`
-(activations recomputed in the backward), so memory does not grow with the NFE.
-
-**Robustness**: with ``ctx.state_path`` the full training state (see
-:mod:`stepopt.optimizers.ld3_state`) is written atomically after each round and when training stops;
-``ctx.resume`` continues from it exactly (the result equals an uninterrupted run with the same seed).
-A non-finite loss, gradient or parameter stops the run with a :class:`StepoptError` naming the
-iteration and the first solver step whose state was not finite.
+See :mod:`stepopt.optimizers.ld3` ("Soft teacher loss", "Teacher", "Memory", "Robustness").
 """
 
 from __future__ import annotations
@@ -70,9 +9,8 @@ import itertools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,213 +19,15 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from stepopt.baselines import baseline_sigmas
 from stepopt.config import config_to_dict
 from stepopt.errors import StepoptError
-from stepopt.frames import NoiseFrame
-from stepopt.models.base import AnalyticModel, DiffusionModel
-from stepopt.optimizers import OptimizeContext, OptimizeResult, OptimizerSpec, register
-from stepopt.optimizers.ld3_losses import Distance, make_distance
-from stepopt.optimizers.ld3_state import Ld3State
+from stepopt.models.base import AnalyticModel
+from stepopt.optimizers import OptimizeContext, OptimizeResult
+from stepopt.optimizers.ld3.config import BASELINE_STARTS, RESUMABLE_CHANGES, Ld3Config
+from stepopt.optimizers.ld3.grid import grid_space, ld3_grid, params_from_sigmas
+from stepopt.optimizers.ld3.losses import Distance, make_distance
+from stepopt.optimizers.ld3.state import Ld3State
 from stepopt.sampling import unit_noise
 from stepopt.solvers import solve
-from stepopt.teacher import GridValidator, TeacherConfig
-
-BASELINE_STARTS = ("logsnr", "edm", "time-uniform", "time-quadratic", "kl-optimal")
-# Config keys that do not change the trajectory of a run: a resumed run may change them.
-RESUMABLE_CHANGES = ("max_iterations", "checkpoint")
-
-
-@dataclass(frozen=True)
-class Ld3Config:
-    """Options of LD3 (defaults: the paper's and its reference trainer's; see configs/ld3.yaml).
-
-    loss: l2 | lpips | features (see :mod:`stepopt.optimizers.ld3_losses`); lpips needs
-       ``vgg_weights`` and ``lpips_weights`` (paths; nothing is downloaded); ``lpips_resize``: the
-       shorter image side LPIPS sees (smaller images are upsampled).
-    n_train / n_valid: teacher pairs for training and validation, seeds ``data_seed + i``.
-    batch_size: training pairs per iteration; valid_batch_size: pairs per validation (and teacher) forward.
-    space: auto | lam | time: the coordinate of the grid (auto: time for models with a true
-       ``latent`` attribute, else lam). init: the start grid: ``uniform`` in that coordinate (the
-       paper's start), a baseline kind, ``trust-region`` (that optimizer's schedule for the same
-       solver and NFE), or ``best``: whichever of uniform, the baselines and trust-region (where it
-       supports the solver) has the lowest validation loss -- an extension (the reference code can
-       likewise start from a prior schedule). An explicit ``--init FILE`` schedule overrides it.
-    decouple: learn the decoupled model time xi; window: its clamp as a fraction of the smallest gap.
-    soft / gamma: the soft loss and its ball radius ``gamma * D / N^2`` (soft: false = hard loss).
-    lr_theta, momentum_theta: RMSprop on the logits; lr_xi: SGD on xi ("auto": 0.1/N in lam,
-       0.001/N in normalised time); lr_noise: SGD on the relaxed noise ("auto": 12/N).
-    clip_grad: gradient-norm clip of theta and of xi (each).
-    grid_rounds: rounds training theta only; joint_rounds: rounds training theta and xi.
-    patience, lr_decay, min_lr_theta, min_lr_xi, min_lr_patience: validation-based decay and early
-       stop; noise_lr_decay: factor on lr_noise after a round in which no relaxed noise moved.
-    max_iterations: stop after this many iterations (a budget; a resumed run may raise it).
-    checkpoint: recompute each network call in the backward (auto: for non-analytic models).
-    teacher: the many-step teacher for networks (analytic models use the exact ODE).
-    """
-
-    loss: Literal["l2", "lpips", "features"] = "l2"
-    vgg_weights: str | None = None
-    lpips_weights: str | None = None
-    lpips_resize: int = 32
-    n_train: int = 50
-    n_valid: int = 50
-    data_seed: int = 2_000_000
-    batch_size: int = 2
-    valid_batch_size: int = 50
-    space: Literal["auto", "lam", "time"] = "auto"
-    init: Literal[
-        "best", "uniform", "logsnr", "edm", "time-uniform", "time-quadratic", "kl-optimal", "trust-region"
-    ] = "best"
-    decouple: bool = True
-    window: float = 0.5
-    soft: bool = True
-    gamma: float = 0.001
-    lr_theta: float = 0.005
-    momentum_theta: float = 0.9
-    lr_xi: float | Literal["auto"] = "auto"
-    lr_noise: float | Literal["auto"] = "auto"
-    clip_grad: float = 1.0
-    grid_rounds: int = 2
-    joint_rounds: int = 5
-    patience: int = 5
-    lr_decay: float = 0.8
-    min_lr_theta: float = 5e-5
-    min_lr_xi: float = 1e-6
-    min_lr_patience: int = 5
-    noise_lr_decay: float = 0.5
-    max_iterations: int | None = None
-    checkpoint: bool | Literal["auto"] = "auto"
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-
-    def __post_init__(self) -> None:
-        if self.n_train < 1 or self.n_valid < 1:
-            raise ValueError("n_train and n_valid must be >= 1")
-        if self.batch_size < 1 or self.valid_batch_size < 1:
-            raise ValueError("batch_size and valid_batch_size must be >= 1")
-        if not 0 < self.window <= 0.5:
-            raise ValueError(f"window must be in (0, 0.5] (the offsets must not cross a neighbour), got {self.window}")
-        if not self.gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
-        for name in ("lr_theta", "clip_grad", "min_lr_theta", "min_lr_xi"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("lr_xi", "lr_noise"):
-            v = getattr(self, name)
-            if v != "auto" and not (isinstance(v, (int, float)) and v >= 0):
-                raise ValueError(f"{name} must be 'auto' or a number >= 0, got {v!r}")
-        if not 0 <= self.momentum_theta < 1:
-            raise ValueError(f"momentum_theta must be in [0, 1), got {self.momentum_theta}")
-        if not 0 < self.lr_decay <= 1 or not 0 < self.noise_lr_decay <= 1:
-            raise ValueError("lr_decay and noise_lr_decay must be in (0, 1]")
-        if self.grid_rounds < 0 or self.joint_rounds < 0 or self.grid_rounds + self.joint_rounds < 1:
-            raise ValueError("grid_rounds and joint_rounds must be >= 0 with at least one round in all")
-        if self.patience < 1 or self.min_lr_patience < 1:
-            raise ValueError("patience and min_lr_patience must be >= 1")
-        if self.max_iterations is not None and self.max_iterations < 0:
-            raise ValueError(f"max_iterations must be >= 0 or null, got {self.max_iterations}")
-        if self.teacher.steps < 2:
-            raise ValueError(f"teacher steps must be >= 2, got {self.teacher.steps}")
-
-
-# --------------------------------------------------------------------------------------------
-# The grid: logits and offsets -> sigmas and model sigmas (differentiable, float64).
-
-
-@dataclass(frozen=True)
-class GridSpace:
-    """The coordinate s of the grid: increasing along sampling, s_0 at sigma_max and s_N at sigma_min.
-
-    ``lam``: s = -log sigma. ``time``: s = (t_max - t) / (t_max - t_min), t the model's native time.
-    """
-
-    kind: Literal["lam", "time"]
-    frame: NoiseFrame
-    sigma_max: float
-    sigma_min: float
-
-    @property
-    def _t(self) -> tuple[float, float]:
-        return float(self.frame.time(self.sigma_max)), float(self.frame.time(self.sigma_min))
-
-    def s(self, sigma: torch.Tensor) -> torch.Tensor:
-        sigma = sigma.to(torch.float64)
-        if self.kind == "lam":
-            return -torch.log(sigma)
-        t_hi, t_lo = self._t
-        return (t_hi - self.frame.time(sigma)) / (t_hi - t_lo)
-
-    def sigma(self, s: torch.Tensor) -> torch.Tensor:
-        if self.kind == "lam":
-            return torch.exp(-s)
-        t_hi, t_lo = self._t
-        return self.frame.sigma(t_hi - s * (t_hi - t_lo))
-
-    @property
-    def ends(self) -> tuple[float, float]:
-        if self.kind == "lam":
-            return -math.log(self.sigma_max), -math.log(self.sigma_min)
-        return 0.0, 1.0
-
-
-def grid_coordinates(theta: torch.Tensor, space: GridSpace) -> torch.Tensor:
-    """s_i = s_0 + u_i (s_N - s_0) with u the normalised cumulated softmax of the logits, (N+1,)."""
-    c = torch.cumsum(torch.softmax(theta, dim=0), dim=0)
-    u = (c - c[0]) / (c[-1] - c[0])
-    s0, s1 = space.ends
-    return s0 + u * (s1 - s0)
-
-
-def clamped_offsets(xi: torch.Tensor, s: torch.Tensor, window: float) -> torch.Tensor:
-    """xi clipped to ``window`` x the smallest gap of the grid ``s`` (same coordinate), 0 at both ends."""
-    m = window * torch.diff(s.detach()).min()
-    inner = torch.clamp(xi[1:-1], min=-m, max=m)
-    zero = xi.new_zeros(1)
-    return torch.cat([zero, inner, zero])
-
-
-def ld3_grid(
-    theta: torch.Tensor, xi: torch.Tensor | None, space: GridSpace, window: float = 0.5
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(sigmas, model_sigmas) of the parameters; both ends exactly sigma_max and sigma_min."""
-    s = grid_coordinates(theta, space)
-    hi = theta.new_tensor([space.sigma_max])
-    lo = theta.new_tensor([space.sigma_min])
-    sig = torch.cat([hi, space.sigma(s[1:-1]), lo])
-    if xi is None:
-        return sig, None
-    s_model = s + clamped_offsets(xi, s, window)
-    return sig, torch.cat([hi, space.sigma(s_model[1:-1]), lo])
-
-
-def params_from_sigmas(
-    sigmas: Any, space: GridSpace, model_sigmas: Any = None, what: str = "start grid"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(theta, xi) whose grid is ``sigmas`` (and whose model times are ``model_sigmas``), both (N+1,)."""
-    sig = torch.as_tensor(sigmas, dtype=torch.float64)
-    for name, got, want in (
-        ("sigmas[0]", float(sig[0]), space.sigma_max),
-        (f"sigmas[{len(sig) - 1}]", float(sig[-1]), space.sigma_min),
-    ):
-        if abs(got - want) > 1e-6 * want:
-            raise StepoptError(
-                f"{what}: {name} = {got!r} differs from the model's {want!r}; "
-                "LD3 keeps both ends fixed, so the start must span the model's sigma range"
-            )
-    s = space.s(sig)
-    u = (s - s[0]) / (s[-1] - s[0])
-    d = torch.diff(u)
-    if not bool((d > 0).all()):
-        raise StepoptError(f"{what}: the grid is not strictly monotone in the LD3 coordinate")
-    # softmax(theta)_{1..N} proportional to the increments; theta_0 cancels out (set to 0).
-    logd = torch.log(d)
-    theta = torch.cat([logd.new_zeros(1), logd - logd.mean()])
-    xi = torch.zeros_like(theta)
-    if model_sigmas is not None:
-        xi = space.s(torch.as_tensor(model_sigmas, dtype=torch.float64)) - s
-        xi[0] = xi[-1] = 0.0
-    return theta, xi
-
-
-# --------------------------------------------------------------------------------------------
-# Training.
+from stepopt.teacher import GridValidator
 
 
 class Recompute:
@@ -303,14 +43,8 @@ class Recompute:
         return out
 
 
-def _space(cfg: Ld3Config, model: DiffusionModel) -> GridSpace:
-    kind = cfg.space
-    if kind == "auto":
-        kind = "time" if model.latent else "lam"
-    return GridSpace(kind, model.frame, float(model.sigma_max), float(model.sigma_min))  # type: ignore[arg-type]
-
-
-def _run_key(ctx: OptimizeContext, cfg: Ld3Config) -> dict[str, Any]:
+def run_key(ctx: OptimizeContext, cfg: Ld3Config) -> dict[str, Any]:
+    """What a state file must match to be resumed: the run's identity without the resumable options."""
     conf = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
     return {
         "optimizer": "ld3",
@@ -324,7 +58,7 @@ def _run_key(ctx: OptimizeContext, cfg: Ld3Config) -> dict[str, Any]:
     }
 
 
-class _Trainer:
+class Trainer:
     """One LD3 run: teacher pairs, the student forward, validation and the parameter updates."""
 
     def __init__(self, ctx: OptimizeContext, cfg: Ld3Config) -> None:
@@ -332,7 +66,7 @@ class _Trainer:
         self.model = ctx.model
         self.device = ctx.device
         self.n = ctx.n_steps
-        self.space = _space(cfg, self.model)
+        self.space = grid_space(cfg, self.model)
         self.dim = math.prod(self.model.shape)
         self.radius = cfg.gamma * self.dim / self.n**2 if cfg.soft else 0.0
         auto_xi = (0.1 if self.space.kind == "lam" else 0.001) / self.n
@@ -518,7 +252,7 @@ class _Trainer:
 
     def run(self) -> OptimizeResult:
         ctx, cfg = self.ctx, self.cfg
-        key = _run_key(ctx, cfg)
+        key = run_key(ctx, cfg)
         state_path = Path(ctx.state_path) if ctx.state_path is not None else None
         self.load_pairs()
         if ctx.resume:
@@ -730,20 +464,3 @@ class _Trainer:
             st.min_lr_hits += 1
             if st.min_lr_hits >= cfg.min_lr_patience:
                 st.done, st.stop_reason = True, "min_lr"
-
-
-def run(ctx: OptimizeContext, cfg: Ld3Config) -> OptimizeResult:
-    """Train LD3's grid for ``ctx`` (see the module docstring)."""
-    return _Trainer(ctx, cfg).run()
-
-
-SPEC = register(
-    OptimizerSpec(
-        name="ld3",
-        config_cls=Ld3Config,
-        run=run,
-        summary="LD3 (Tong et al. 2025): grid learned by backprop through the solver against a teacher",
-        takes_init=True,
-        resumable=True,
-    )
-)

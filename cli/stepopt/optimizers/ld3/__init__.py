@@ -1,0 +1,114 @@
+"""ld3: learn the time steps by backpropagating through the few-step solver.
+
+Tong, Liu, Hoang, Van den Broeck, Niepert, "Learning to Discretize Denoising Diffusion ODEs",
+ICLR 2025 (arXiv 2405.15506). A student (the target solver on a learnable grid) is trained to land
+where a teacher (the exact ODE for analytic models, a many-step solver for networks) lands from the
+same noise; the gradient flows through every solver step and network call into the grid.
+
+**Grid.** N+1 logits theta (equal at the start): the cumulated ``softmax(theta)``
+``c_0 < ... < c_N`` is normalised, ``u_i = (c_i - c_0) / (c_N - c_0)`` (so the first logit cancels:
+the increments are ``softmax(theta)_{1..N}`` up to a factor), and mapped affinely onto the grid
+coordinate ``s_i = s_0 + u_i (s_N - s_0)``; both ends are fixed at the model's sigma_max and
+sigma_min. The coordinate is ``lam = -log sigma`` for pixel-space models and normalised native
+time ``(t_max - t) / (t_max - t_min)`` for latent models, as in the paper's two modes. The paper
+starts from equal logits (uniform lam / uniform time: ``init: uniform``); by default stepopt starts
+from whichever of that grid, the hand-crafted baselines and the trust-region schedule has the
+lowest validation loss (``init: best``), or from a given schedule (``--init FILE``): on gmm-digits
+the uniform-lam start lands in a poor local minimum for some seeds (see scripts/bench_ld3.py).
+
+**Decoupled model time** (the paper's decoupled, "shifted" model timesteps). N+1 offsets xi (zero
+at the start and always zero at both ends) shift the time fed to the network, ``s'_i = s_i +
+clip(xi_i, -m, m)``, while the solver's coefficients use the plain grid; ``m = window * min_i
+(s_{i+1} - s_i)`` is half the smallest gap *of the grid* in the same coordinate. (The authors' code
+clamps with the gaps between the raw logits, which are all zero at the start, so xi cannot move
+until the logits separate: a bug that stepopt does not reproduce.) The schedule stores
+``sigma(s'_i)`` as ``model_sigmas``.
+
+**Soft teacher loss** (the paper's relaxed, soft surrogate objective). For each training pair
+``(x_T, Psi*(x_T))``, ``min over x'_T in B(x_T, r) of d(Psi_theta(x'_T), Psi*(x_T))`` with the
+radius ``r = gamma D / N^2`` (gamma = 0.001, D the data dimension) on unit-variance noise (before
+the factor sigma_max). One iteration on a batch (2 pairs): forward the student from the relaxed
+noises with autograd, one backward to (theta, xi, x'_T); gradients of theta and of xi clipped to
+norm 1; RMSprop on theta (lr 0.005, momentum 0.9), SGD on xi (lr 0.1/N in lam, 0.001/N in
+normalised time) -- only after ``grid_rounds`` theta-only rounds, as the reference trainer does;
+SGD on x'_T (lr 12/N), projected back onto the ball and kept for a pair only where it lowers that
+pair's loss. ``soft: false`` is the hard loss (x'_T = x_T). After each iteration the validation
+pairs are scored **from their original noise** with the current grid (the reference trainer also
+relaxes the validation noises and scores those; stepopt validates what a user will get); the best
+grid is kept,
+``patience`` iterations without improvement restore it and decay the learning rates (x
+``lr_decay``), each round starts from the best grid, and training stops after ``grid_rounds +
+joint_rounds`` passes over the training pairs or when the learning rate has sat at its minimum
+``min_lr_patience`` times. The validated start is a candidate, so the result is never worse than
+the start on the validation pairs.
+
+**Distance d**: ``l2`` (mean squared difference per sample; default), ``lpips`` (the paper's
+choice; needs user-given VGG16 and LPIPS weights, never downloaded) or ``features`` (the digits
+classifier of FID-digits); see :mod:`stepopt.optimizers.ld3.losses`. The reported objective is the
+validation mean of d from the original noise.
+
+**Teacher** (the paper's setup): ``n_train + n_valid`` pairs (50/50) from seeds ``data_seed,
+data_seed+1, ...`` via :class:`stepopt.teacher.GridValidator` (exact ODE for analytic models; for
+networks the ``teacher`` solver, cached on disk). With ``final_step: denoise`` the target is the
+teacher's state at sigma_min passed through the same final denoising jump. The report also gives
+``validation_rmse``: the RMSE of the learned grid against the teacher on the validation pairs, the
+measure trust-region ``select`` and AYS's stopping use.
+
+**Memory**: ``checkpoint`` wraps each network call in :func:`torch.utils.checkpoint.checkpoint`
+(activations recomputed in the backward), so memory does not grow with the NFE.
+
+**Robustness**: with ``ctx.state_path`` the full training state (see
+:mod:`stepopt.optimizers.ld3.state`) is written atomically after each round and when training stops;
+``ctx.resume`` continues from it exactly (the result equals an uninterrupted run with the same seed).
+A non-finite loss, gradient or parameter stops the run with a :class:`StepoptError` naming the
+iteration and the first solver step whose state was not finite.
+
+**Modules**: :mod:`~stepopt.optimizers.ld3.config` (the options), :mod:`~stepopt.optimizers.ld3.grid`
+(the parameterization), :mod:`~stepopt.optimizers.ld3.trainer` (the training loop),
+:mod:`~stepopt.optimizers.ld3.losses` (the distances) and :mod:`~stepopt.optimizers.ld3.state`
+(the resumable state).
+"""
+
+from __future__ import annotations
+
+from stepopt.optimizers import OptimizeContext, OptimizeResult, OptimizerSpec, register
+from stepopt.optimizers.ld3.config import Ld3Config
+from stepopt.optimizers.ld3.grid import (
+    GridSpace,
+    clamped_offsets,
+    grid_coordinates,
+    grid_space,
+    ld3_grid,
+    params_from_sigmas,
+)
+from stepopt.optimizers.ld3.trainer import Recompute, Trainer
+
+__all__ = [
+    "GridSpace",
+    "Ld3Config",
+    "Recompute",
+    "Trainer",
+    "clamped_offsets",
+    "grid_coordinates",
+    "grid_space",
+    "ld3_grid",
+    "params_from_sigmas",
+    "run",
+]
+
+
+def run(ctx: OptimizeContext, cfg: Ld3Config) -> OptimizeResult:
+    """Train LD3's grid for ``ctx`` (see the module docstring)."""
+    return Trainer(ctx, cfg).run()
+
+
+SPEC = register(
+    OptimizerSpec(
+        name="ld3",
+        config_cls=Ld3Config,
+        run=run,
+        summary="LD3 (Tong et al. 2025): grid learned by backprop through the solver against a teacher",
+        takes_init=True,
+        resumable=True,
+    )
+)

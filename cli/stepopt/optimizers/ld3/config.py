@@ -1,0 +1,104 @@
+"""LD3's options (see :mod:`stepopt.optimizers.ld3` for the method)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from stepopt.teacher import TeacherConfig
+
+BASELINE_STARTS = ("logsnr", "edm", "time-uniform", "time-quadratic", "kl-optimal")
+# Config keys that do not change the trajectory of a run: a resumed run may change them.
+RESUMABLE_CHANGES = ("max_iterations", "checkpoint")
+
+
+@dataclass(frozen=True)
+class Ld3Config:
+    """Options of LD3 (defaults: the paper's and its reference trainer's; see configs/ld3.yaml).
+
+    loss: l2 | lpips | features (see :mod:`stepopt.optimizers.ld3.losses`); lpips needs
+       ``vgg_weights`` and ``lpips_weights`` (paths; nothing is downloaded); ``lpips_resize``: the
+       shorter image side LPIPS sees (smaller images are upsampled).
+    n_train / n_valid: teacher pairs for training and validation, seeds ``data_seed + i``.
+    batch_size: training pairs per iteration; valid_batch_size: pairs per validation (and teacher) forward.
+    space: auto | lam | time: the coordinate of the grid (auto: time for models with a true
+       ``latent`` attribute, else lam). init: the start grid: ``uniform`` in that coordinate (the
+       paper's start), a baseline kind, ``trust-region`` (that optimizer's schedule for the same
+       solver and NFE), or ``best``: whichever of uniform, the baselines and trust-region (where it
+       supports the solver) has the lowest validation loss -- an extension (the reference code can
+       likewise start from a prior schedule). An explicit ``--init FILE`` schedule overrides it.
+    decouple: learn the decoupled model time xi; window: its clamp as a fraction of the smallest gap.
+    soft / gamma: the soft loss and its ball radius ``gamma * D / N^2`` (soft: false = hard loss).
+    lr_theta, momentum_theta: RMSprop on the logits; lr_xi: SGD on xi ("auto": 0.1/N in lam,
+       0.001/N in normalised time); lr_noise: SGD on the relaxed noise ("auto": 12/N).
+    clip_grad: gradient-norm clip of theta and of xi (each).
+    grid_rounds: rounds training theta only; joint_rounds: rounds training theta and xi.
+    patience, lr_decay, min_lr_theta, min_lr_xi, min_lr_patience: validation-based decay and early
+       stop; noise_lr_decay: factor on lr_noise after a round in which no relaxed noise moved.
+    max_iterations: stop after this many iterations (a budget; a resumed run may raise it).
+    checkpoint: recompute each network call in the backward (auto: for non-analytic models).
+    teacher: the many-step teacher for networks (analytic models use the exact ODE).
+    """
+
+    loss: Literal["l2", "lpips", "features"] = "l2"
+    vgg_weights: str | None = None
+    lpips_weights: str | None = None
+    lpips_resize: int = 32
+    n_train: int = 50
+    n_valid: int = 50
+    data_seed: int = 2_000_000
+    batch_size: int = 2
+    valid_batch_size: int = 50
+    space: Literal["auto", "lam", "time"] = "auto"
+    init: Literal[
+        "best", "uniform", "logsnr", "edm", "time-uniform", "time-quadratic", "kl-optimal", "trust-region"
+    ] = "best"
+    decouple: bool = True
+    window: float = 0.5
+    soft: bool = True
+    gamma: float = 0.001
+    lr_theta: float = 0.005
+    momentum_theta: float = 0.9
+    lr_xi: float | Literal["auto"] = "auto"
+    lr_noise: float | Literal["auto"] = "auto"
+    clip_grad: float = 1.0
+    grid_rounds: int = 2
+    joint_rounds: int = 5
+    patience: int = 5
+    lr_decay: float = 0.8
+    min_lr_theta: float = 5e-5
+    min_lr_xi: float = 1e-6
+    min_lr_patience: int = 5
+    noise_lr_decay: float = 0.5
+    max_iterations: int | None = None
+    checkpoint: bool | Literal["auto"] = "auto"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+    def __post_init__(self) -> None:
+        if self.n_train < 1 or self.n_valid < 1:
+            raise ValueError("n_train and n_valid must be >= 1")
+        if self.batch_size < 1 or self.valid_batch_size < 1:
+            raise ValueError("batch_size and valid_batch_size must be >= 1")
+        if not 0 < self.window <= 0.5:
+            raise ValueError(f"window must be in (0, 0.5] (the offsets must not cross a neighbour), got {self.window}")
+        if not self.gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        for name in ("lr_theta", "clip_grad", "min_lr_theta", "min_lr_xi"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lr_xi", "lr_noise"):
+            v = getattr(self, name)
+            if v != "auto" and not (isinstance(v, (int, float)) and v >= 0):
+                raise ValueError(f"{name} must be 'auto' or a number >= 0, got {v!r}")
+        if not 0 <= self.momentum_theta < 1:
+            raise ValueError(f"momentum_theta must be in [0, 1), got {self.momentum_theta}")
+        if not 0 < self.lr_decay <= 1 or not 0 < self.noise_lr_decay <= 1:
+            raise ValueError("lr_decay and noise_lr_decay must be in (0, 1]")
+        if self.grid_rounds < 0 or self.joint_rounds < 0 or self.grid_rounds + self.joint_rounds < 1:
+            raise ValueError("grid_rounds and joint_rounds must be >= 0 with at least one round in all")
+        if self.patience < 1 or self.min_lr_patience < 1:
+            raise ValueError("patience and min_lr_patience must be >= 1")
+        if self.max_iterations is not None and self.max_iterations < 0:
+            raise ValueError(f"max_iterations must be >= 0 or null, got {self.max_iterations}")
+        if self.teacher.steps < 2:
+            raise ValueError(f"teacher steps must be >= 2, got {self.teacher.steps}")
