@@ -81,3 +81,13 @@ def test_models_are_not_probed_for_capabilities() -> None:
         if path.parent.name == "cli" and "isinstance(m, Diffusers" in text:
             bad.append(f"{path.relative_to(PKG)}: isinstance on a model class")
     assert bad == []
+
+
+def test_optimizers_build_start_grids_in_one_place() -> None:
+    """Start grids on a model's sigma range come from stepopt.baselines.start_sigmas, not ad-hoc calls."""
+    ad_hoc = [
+        str(p.relative_to(PKG))
+        for p in (PKG / "optimizers").rglob("*.py")
+        if ".sigma_max, " in p.read_text(encoding="utf-8") and "baseline_sigmas(" in p.read_text(encoding="utf-8")
+    ]
+    assert ad_hoc == []

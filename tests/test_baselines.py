@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from stepopt.baselines import BASELINES, baseline_sigmas, interpolate_loglinear
+from stepopt.baselines import BASELINES, baseline_sigmas, interpolate_loglinear, start_sigmas
 from stepopt.build import baseline_schedule
 from stepopt.errors import StepoptError
 from stepopt.frames import EDM, VPDiscrete, VPLinear
@@ -75,3 +75,10 @@ def test_baseline_schedule_records_identity_and_nfe():
     assert s.nfe == 6 and s.method.config == {"rho": 5.0} and s.model.fingerprint == m.fingerprint
     d = baseline_schedule("edm", m, ident, 6, final_step="denoise")
     assert d.nfe == 7
+
+
+@pytest.mark.parametrize("kind", BASELINES)
+def test_start_sigmas_is_the_baseline_on_the_models_range(kind: str) -> None:
+    gmm = load_model("builtin:gmm-digits")
+    want = baseline_sigmas(kind, 6, gmm.sigma_max, gmm.sigma_min, gmm.frame, rho=5.0)
+    assert np.array_equal(start_sigmas(kind, gmm, 6, rho=5.0), want)

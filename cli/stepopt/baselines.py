@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -134,6 +134,23 @@ def baseline_sigmas(
             f"[{sigma_min}, {sigma_max}] (too many steps for this time grid?)"
         )
     return s
+
+
+class SigmaRange(Protocol):
+    """What a start grid needs of a model: its sigma range and frame (a :class:`DiffusionModel` has them)."""
+
+    sigma_max: float
+    sigma_min: float
+    frame: NoiseFrame
+
+
+def start_sigmas(kind: str, model: SigmaRange, n_steps: int, rho: float = 7.0) -> np.ndarray:
+    """The baseline ``kind`` with ``n_steps`` steps on ``model``'s own sigma range, in its frame.
+
+    The one place where optimizers (trust-region, AYS, LD3, GITS/OSS candidates) and baseline
+    schedules build their start grids.
+    """
+    return baseline_sigmas(kind, n_steps, model.sigma_max, model.sigma_min, model.frame, rho=rho)
 
 
 def interpolate_loglinear(sigmas: Sequence[float] | np.ndarray, n_steps: int) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stepopt.baselines import baseline_config, baseline_sigmas
+from stepopt.baselines import baseline_config, start_sigmas
 from stepopt.provenance import provenance
 from stepopt.schedule import MethodInfo, Schedule
 from stepopt.solvers.registry import SolverIdentity, get_solver
@@ -61,6 +61,6 @@ def baseline_schedule(
     rho: float = 7.0,
 ) -> Schedule:
     """A hand-crafted baseline (see :mod:`stepopt.baselines`) as a schedule value."""
-    sig = baseline_sigmas(kind, n_steps, model.sigma_max, model.sigma_min, model.frame, rho=rho)
+    sig = start_sigmas(kind, model, n_steps, rho=rho)
     method = MethodInfo(name=kind, config=baseline_config(kind, model.frame, rho))
     return make_schedule(model, solver, sig.tolist(), method, final_step=final_step)

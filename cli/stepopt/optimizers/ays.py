@@ -38,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from stepopt.baselines import baseline_sigmas, interpolate_loglinear
+from stepopt.baselines import interpolate_loglinear, start_sigmas
 from stepopt.errors import StepoptError
 from stepopt.models import AnalyticModel, DiffusionModel, load_digits
 from stepopt.optimizers import OptimizeContext, OptimizeResult, OptimizerSpec, register
@@ -145,7 +145,7 @@ def initial_grid(model: DiffusionModel, n_steps: int, cfg: AYSConfig) -> tuple[n
     kind = cfg.init
     if kind == "auto":
         kind = "time-uniform" if model.time_domain == "vp-discrete" else "edm"
-    return baseline_sigmas(kind, n_steps, model.sigma_max, model.sigma_min, model.frame, rho=cfg.rho), kind
+    return start_sigmas(kind, model, n_steps, rho=cfg.rho), kind
 
 
 def candidate_values(sigmas: np.ndarray, i: int, k: int) -> tuple[np.ndarray, int]:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from stepopt.baselines import baseline_sigmas
+from stepopt.baselines import baseline_sigmas, start_sigmas
 from stepopt.cache import TeacherCache
 from stepopt.errors import StepoptError
 from stepopt.models.base import AnalyticModel, DiffusionModel
@@ -81,7 +81,7 @@ def candidate_grid(model: DiffusionModel, cfg: DPConfig, n_steps: int) -> np.nda
             f"candidates = {cfg.candidates} cannot hold {n_steps} steps; use --set candidates={n_steps} or more"
         )
     kind = {"lam": "logsnr", "time": "time-uniform", "edm": "edm"}[cfg.spacing]
-    return baseline_sigmas(kind, cfg.candidates, model.sigma_max, model.sigma_min, model.frame, rho=cfg.rho)
+    return start_sigmas(kind, model, cfg.candidates, rho=cfg.rho)
 
 
 # -- teacher trajectories -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from stepopt.baselines import baseline_sigmas
+from stepopt.baselines import start_sigmas
 from stepopt.config import config_to_dict
 from stepopt.errors import StepoptError
 from stepopt.models.base import AnalyticModel
@@ -209,7 +209,7 @@ class Trainer:
             m = self.model
             uniform = ld3_grid(theta, None, self.space)[0].numpy()
             for kind in kinds:
-                sig = baseline_sigmas(kind, self.n, m.sigma_max, m.sigma_min, m.frame)
+                sig = start_sigmas(kind, m, self.n)
                 if init == "best" and np.allclose(sig, uniform, rtol=1e-9, atol=0):
                     continue  # the uniform start itself (logsnr in lam, time-uniform in time)
                 cands[kind], _ = params_from_sigmas(sig, self.space, what=f"init {kind}")

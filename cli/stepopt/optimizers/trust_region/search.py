@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import BFGS, LinearConstraint, minimize
 
-from stepopt.baselines import baseline_sigmas
+from stepopt.baselines import start_sigmas
 from stepopt.errors import StepoptError
 from stepopt.models.base import DiffusionModel
 from stepopt.optimizers.trust_region.bound import ErrorBound
@@ -216,7 +216,7 @@ def minimize_bound(
 
 def start_grid(kind: str, model: DiffusionModel, n_steps: int) -> np.ndarray:
     """A start (N+1 increasing lam's) from the baseline ``kind`` on the model's own sigma range."""
-    return -np.log(baseline_sigmas(kind, n_steps, model.sigma_max, model.sigma_min, model.frame))
+    return -np.log(start_sigmas(kind, model, n_steps))
 
 
 def make_starts(
