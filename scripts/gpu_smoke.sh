@@ -72,7 +72,7 @@ for i in "${!MODELS[@]}"; do
   extra=()
   [[ "$m" == *tiny-sd ]] && extra=(--prompt "a photo of a cat" --prompt "the red dog" --guidance 3.0)
   echo "== $m"
-  stepopt optimize --model "$m" --solver dpmpp-2m --nfe 6 -O trust-region --device "$GPU" "${extra[@]}" \
+  stepopt optimize --model "$m" --trust-code --solver dpmpp-2m --nfe 6 -O trust-region --device "$GPU" "${extra[@]}" \
     --out "$d/s.yaml"
   # The agreement batch, on both devices (different batch sizes too: results must not depend on them).
   stepopt sample --trust-code --schedule "$d/s.yaml" --n "$N_AGREE" --batch-size 8 --device cpu "${extra[@]}" --out "$d/a-cpu.npz"

@@ -83,7 +83,7 @@ def test_user_errors_exit_1_without_traceback_or_partial_file(tmp_path):
         (("baseline", "nope"), "unknown baseline 'nope'"),
         (("baseline", "edm", "--solver", "zzz"), "unknown solver 'zzz'"),
         (("baseline", "edm", "--model", "builtin:zzz"), "unknown built-in model"),
-        (("baseline", "edm", "--order", "3"), "does not support order 3"),
+        (("baseline", "edm", "--order", "5"), "does not support order 5"),
         (("baseline", "interpolate"), "needs --from"),
         (("baseline", "interpolate", "--from", str(tmp_path / "missing.yaml")), "no such file"),
         (("show", str(tmp_path / "missing.yaml")), "no such file"),
@@ -137,7 +137,7 @@ def test_default_output_path(tmp_path, monkeypatch):
     r = run("--json", "baseline", "kl-optimal", "--nfe", "4")
     assert r.exit_code == 0
     path = json.loads(r.stdout)["path"]
-    assert path == "schedules/gmm-digits/euler/nfe4/kl-optimal.yaml"
+    assert path == "schedules/gmm-digits/dpmpp-3m/nfe4/kl-optimal.yaml"  # the same defaults as optimize
     assert yaml.safe_load((tmp_path / path).read_text())["method"]["name"] == "kl-optimal"
 
 

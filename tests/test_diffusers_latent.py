@@ -69,8 +69,9 @@ runner = CliRunner()
 
 
 def run(*args: Any):
-    # These schedules name diffusers folders: a file's non-built-in model loads only with --trust-code.
-    extra = ["--trust-code"] if args and args[0] in ("sample", "eval") else []
+    # The models here are python: factories (code: --trust-code everywhere) and diffusers: folders (a
+    # file's non-built-in model loads only with --trust-code).
+    extra = ["--trust-code"] if args and args[0] in ("optimize", "sample", "eval", "baseline") else []
     return runner.invoke(app, [str(a) for a in args] + extra, catch_exceptions=False)
 
 
@@ -355,7 +356,7 @@ def test_cli_latent_optimize_sample_decode(tmp_path: Path) -> None:
         assert json.loads(str(f["conditioning"]))["guidance"] == 2.0
     assert grid.stat().st_size > 0
     # The same samples from the library: each seed's noise and prompt, guidance 2.
-    m = load_model(EMBEDDED)
+    m = load_model(EMBEDDED, trust_code=True)
     assert isinstance(m, DiffusersLatent)
     m.set_guidance(2.0)
     with torch.inference_mode():
@@ -391,7 +392,7 @@ def test_cli_several_prompts_teacher_based_selection(tmp_path: Path) -> None:
 
 def test_model_without_prompt_indices_is_refused_with_one_line() -> None:
     """A caller that passes no per-sample prompt index to a two-prompt model gets one clear error."""
-    model = load_model(EMBEDDED)
+    model = load_model(EMBEDDED, trust_code=True)
     x = torch.zeros((2, *model.shape))
     with pytest.raises(StepoptError, match="2 prompts are bound but the caller passed no per-sample prompt_index"):
         model(x, torch.tensor([1.0, 1.0], dtype=torch.float64))

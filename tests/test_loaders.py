@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from functools import partial
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from _edm_like import TinyEDMPrecond
 from stepopt.cli import app
 from stepopt.errors import StepoptError
 from stepopt.models import load_digits, load_model
-from stepopt.models.loaders import EDMNetwork
+from stepopt.models.loaders import EDMNetwork, load_edm_pickle
 
 
 @pytest.fixture
@@ -27,10 +28,16 @@ def edm_pickle(tmp_path):
 
 def test_edm_pickle_needs_trust(edm_pickle):
     p, _ = edm_pickle
-    with pytest.raises(StepoptError, match="refusing to unpickle without --trust-pickle"):
+    with pytest.raises(StepoptError, match="refusing to load without --trust-code"):
         load_model(f"edm:{p}")
+    with pytest.raises(StepoptError, match="refusing to unpickle without --trust-code"):
+        load_edm_pickle(str(p), torch.device("cpu"), None)
     r = CliRunner().invoke(app, ["optimize", "--model", f"edm:{p}", "--optimizer", "trust-region"])
-    assert r.exit_code == 1 and "--trust-pickle" in r.stderr and "Traceback" not in r.output
+    assert r.exit_code == 1 and "--trust-code" in r.stderr and "Traceback" not in r.output
+    # The old flag name still works (hidden alias).
+    out = p.parent / "s.yaml"
+    r = CliRunner().invoke(app, ["baseline", "edm", "--model", f"edm:{p}", "--trust-pickle", "--out", str(out)])
+    assert r.exit_code == 0, r.output
 
 
 def test_edm_pickle_loads_and_denoises(edm_pickle):
@@ -56,20 +63,28 @@ def test_edm_pickle_errors(tmp_path):
         load_model(f"edm:{wrong}", trust_pickle=True)
 
 
+def test_python_factory_needs_trust_code():
+    with pytest.raises(StepoptError, match="refusing to load without --trust-code"):
+        load_model("python:_edm_like:make_user_denoiser")
+    r = CliRunner().invoke(app, ["optimize", "-m", "python:os:system", "-O", "ays"])
+    assert r.exit_code == 1 and "--trust-code" in r.stderr and "Traceback" not in r.output
+
+
 def test_python_factory_contract(tmp_path):
-    m = load_model("python:_edm_like:make_user_denoiser")
+    load = partial(load_model, trust_code=True)
+    m = load("python:_edm_like:make_user_denoiser")
     assert m.shape == (1, 4, 4) and m.sigma_max == 10.0
     x = torch.ones(2, 1, 4, 4)
     torch.testing.assert_close(m(x, torch.tensor([1.0, 1.0], dtype=torch.float64)), x / 2)
     with pytest.raises(StepoptError, match=r"lacks __call__\(x, sigma\), sigma_min, sigma_max, shape"):
-        load_model("python:_edm_like:make_broken")
+        load("python:_edm_like:make_broken")
     with pytest.raises(StepoptError, match="'nope' is not a callable"):
-        load_model("python:_edm_like:nope")
+        load("python:_edm_like:nope")
     with pytest.raises(StepoptError, match="module 'no_such_mod' is not importable"):
-        load_model("python:no_such_mod:f")
+        load("python:no_such_mod:f")
     f = tmp_path / "user.py"
     f.write_text("from _edm_like import UserDenoiser\n\ndef build():\n    return UserDenoiser()\n")
-    assert load_model(f"python:{f}:build").shape == (1, 4, 4)
+    assert load(f"python:{f}:build").shape == (1, 4, 4)
 
 
 def test_unet_digits_loads_from_package_data_and_denoises():

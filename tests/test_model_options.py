@@ -26,7 +26,9 @@ EMBEDDED = "python:_tiny_latent:make_embedded_latent"  # a latent model: 2 promp
 
 
 def run(*args: Any):
-    return CliRunner().invoke(app, [str(a) for a in args])
+    # EMBEDDED is a python: factory: code, so it loads only with --trust-code.
+    extra = ["--trust-code"] if EMBEDDED in args and "--trust-code" not in args else []
+    return CliRunner().invoke(app, [str(a) for a in args] + extra)
 
 
 @pytest.fixture

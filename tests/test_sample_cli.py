@@ -142,9 +142,6 @@ def test_save_grid_writes_png(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (("--n", "0"), "--n 0"),
-        (("--n", "-3"), "--n -3"),
-        (("--batch-size", "0"), "--batch-size 0"),
         (("--out", "OUT/x.txt"), "expected a .npz file or a directory"),
         (("--out", "SCHED/x.npz"), "is not a directory"),
         (("--grid", "OUT/g.jpg"), "expected a .png file"),
@@ -162,6 +159,14 @@ def test_bad_input_one_line_exit_1_no_file(tmp_path: Path, gmm_schedule: Path, a
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0]
     assert files(out) == set()
+
+
+@pytest.mark.parametrize("args", [("--n", "0"), ("--n", "-3"), ("--batch-size", "0"), ("--seed", "-1")])
+def test_out_of_range_counts_are_usage_errors(tmp_path: Path, gmm_schedule: Path, args) -> None:
+    """Like --nfe 0 and eval's --n 1: a value outside an option's range is a usage error (exit 2)."""
+    r = run("sample", "--schedule", gmm_schedule, "--out", str(tmp_path / "s.npz"), *args)
+    assert r.exit_code == 2 and f"Invalid value for '{args[0]}'" in r.stderr
+    assert files(tmp_path) == set()
 
 
 def test_missing_or_invalid_schedule(tmp_path: Path) -> None:
@@ -233,9 +238,13 @@ def test_diffusers_model_end_to_end(tmp_path: Path) -> None:
     folder = make_tiny_diffusers(tmp_path / "tiny", channels=3)
     sched = baseline(tmp_path, f"diffusers:{folder}", "unipc", 4)
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
-    r = run("sample", "--schedule", sched, "--n", 4, "--out", a, "--grid", tmp_path / "g.png", "--device", "cpu")
+    # A model id read from a file loads only built-in models unless the user opts in or names the model.
+    r = run("sample", "--schedule", sched, "--n", 4, "--out", a)
+    assert r.exit_code == 1 and "--trust-code" in r.stderr and not a.exists()
+    grid = tmp_path / "g.png"
+    r = run("sample", "--schedule", sched, "--n", 4, "--out", a, "--grid", grid, "-m", f"diffusers:{folder}")
     assert r.exit_code == 0, r.stderr
-    assert run("sample", "--schedule", sched, "--n", 4, "--out", b, "--batch-size", 3).exit_code == 0
+    assert run("sample", "--schedule", sched, "--n", 4, "--out", b, "--batch-size", 3, "--trust-code").exit_code == 0
     with np.load(a) as fa, np.load(b) as fb:
         assert fa["samples"].shape == (4, 3, 8, 8) and str(fa["model_id"]) == f"diffusers:{folder}"
         scale = np.abs(fa["samples"]).max()

@@ -29,7 +29,7 @@ def _parse_set(item: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. --set p=2")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safeyaml.load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

@@ -45,7 +45,7 @@ from stepopt.metrics.fidelity import (
     to_images,
 )
 from stepopt.models.base import DiffusionModel
-from stepopt.sampling import sample_schedule
+from stepopt.sampling import NonFiniteError, sample_schedule
 from stepopt.schedule import Schedule
 from stepopt.teacher import GridValidator, TeacherConfig
 
@@ -141,7 +141,13 @@ def generate(
         return sample_schedule(model, schedule, seeds, batch_size=batch_size, device=device)
 
 
-def ode_validator(model: DiffusionModel, schedule: Schedule, config: EvalConfig, device: torch.device) -> GridValidator:
+def ode_validator(
+    model: DiffusionModel,
+    schedule: Schedule,
+    config: EvalConfig,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> GridValidator:
     """The teacher's targets for this schedule's sigma range and final step (see the module docstring)."""
     return GridValidator(
         model,
@@ -154,6 +160,7 @@ def ode_validator(model: DiffusionModel, schedule: Schedule, config: EvalConfig,
         batch_size=config.batch_size,
         device=device,
         cache=config.cache,
+        progress=progress,
     )
 
 
@@ -206,13 +213,34 @@ def evaluate(
     order = sorted(range(len(items)), key=lambda i: (items[i][1].solver.name, items[i][1].nfe, i))
     rows: list[EvalRow] = []
     validators: dict[tuple[float, float, str], GridValidator] = {}  # teacher per sigma range, shared by rows
+    if any(r.kind == "ode-error" for r in reqs):
+        # The teacher first, reported on its own (it can take longer than all the rows together and
+        # is not part of any row's time); one per sigma range and final step, shared by rows.
+        for i in order:
+            sched = items[i][1]
+            tkey = (sched.sigmas[0], sched.sigmas[-1], sched.final_step)
+            if tkey in validators:
+                continue
+            t0 = time.perf_counter()
+            info = {"sigma_from": tkey[0], "sigma_to": tkey[1], "n": cfg.n}
+
+            def report(done: int, total: int, info: dict[str, Any] = info) -> None:
+                if progress:
+                    progress("teacher", {**info, "done": done, "total": total})
+
+            validators[tkey] = ode_validator(model, sched, cfg, dev, progress=report)
+            if progress:
+                progress("teacher-done", {**info, "seconds": time.perf_counter() - t0})
     for k, i in enumerate(order):
         path, sched = items[i]
         if progress:
             progress("schedule", {"index": k, "total": len(items), "path": path, "schedule": sched})
         row = EvalRow(path, sched)
         t0 = time.perf_counter()
-        samples = generate(model, sched, cfg.seeds, cfg.batch_size, dev)
+        try:
+            samples = generate(model, sched, cfg.seeds, cfg.batch_size, dev)
+        except NonFiniteError as e:  # name the schedule too
+            raise StepoptError(f"{path}: {e}") from None
         _sync(dev)
         row.seconds["sample"] = time.perf_counter() - t0
         if not torch.isfinite(samples).all():

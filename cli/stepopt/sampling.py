@@ -173,8 +173,27 @@ def sample_schedule(
     """
     dev = torch.device(device) if device is not None else model.device
 
+    done = 0  # seeds of the batches run so far: batched() runs them in order
+
     def run(x: torch.Tensor, c: dict[str, Any] | None) -> torch.Tensor:
-        return run_schedule(model, schedule, x, cond=c)
+        nonlocal done
+        chunk = list(seeds[done : done + x.shape[0]])
+        done += x.shape[0]
+        y = run_schedule(model, schedule, x, cond=c)
+        if not bool(torch.isfinite(y).all()):
+            raise NonFiniteError(
+                locate_non_finite(
+                    model,
+                    schedule.solver,
+                    schedule.sigmas_tensor(x.device),
+                    x,
+                    chunk,
+                    model_sigmas=schedule.model_sigmas_tensor(x.device),
+                    cond=c,
+                    final_step=schedule.final_step,
+                )
+            )
+        return y
 
     return batched(
         model,
@@ -186,6 +205,49 @@ def sample_schedule(
         cond=cond,
         progress=progress,
         to_cpu=True,
+    )
+
+
+class NonFiniteError(StepoptError):
+    """The model produced NaN or inf: the message names the seed and the step where it first appeared."""
+
+
+def locate_non_finite(
+    model: DiffusionModel,
+    solver: SolverIdentity,
+    sigmas: torch.Tensor,
+    x: torch.Tensor,
+    seeds: Sequence[int],
+    *,
+    model_sigmas: torch.Tensor | None = None,
+    cond: Mapping[str, Any] | None = None,
+    final_step: str = "none",
+) -> str:
+    """Rerun a batch whose output is not finite and say which seed went bad first, at which step."""
+    first: dict[int, tuple[int, float]] = {}
+
+    def watch(info: dict[str, Any]) -> None:
+        d = info.get("denoised")
+        if d is None:
+            return
+        bad = ~torch.isfinite(d.detach()).flatten(1).all(dim=1)
+        for j in torch.nonzero(bad).flatten().tolist():
+            first.setdefault(int(j), (int(info["i"]), float(info["sigma"])))
+
+    with torch.no_grad():
+        y = solve(solver, model, x, sigmas, model_sigmas=model_sigmas, cond=cond, callback=watch, final_step=final_step)
+    rows = torch.nonzero(~torch.isfinite(y).flatten(1).all(dim=1)).flatten().tolist()
+    where = sorted(first.items(), key=lambda kv: (kv[1][0], kv[0]))
+    if where:
+        j, (i, sigma) = where[0]
+        return (
+            f"the model returned non-finite values (NaN/inf) for seed {seeds[j]} at step {i} (sigma {sigma:.6g})"
+            f"; {len(rows) or len(first)} of {len(seeds)} samples in its batch are affected; nothing was written"
+        )
+    j = rows[0] if rows else 0
+    return (
+        f"sampling produced non-finite values (NaN/inf) for seed {seeds[j]}"
+        f"{' in the final denoising step' if final_step == 'denoise' else ''}; nothing was written"
     )
 
 

@@ -28,7 +28,7 @@ from stepopt.baselines import baseline_sigmas
 from stepopt.cache import TeacherCache
 from stepopt.errors import StepoptError
 from stepopt.models.base import AnalyticModel, DiffusionModel
-from stepopt.sampling import cond_for_seeds, initial_noise, slice_cond
+from stepopt.sampling import NonFiniteError, cond_for_seeds, initial_noise, locate_non_finite, slice_cond
 from stepopt.solvers import SolverIdentity, get_solver, solve
 from stepopt.teacher_config import TeacherConfig
 
@@ -88,11 +88,14 @@ def teacher_outputs(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     cache: bool | TeacherCache = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_T, x_end) for the given seeds: noise at ``sigma_from`` and the ODE state at ``sigma_to``.
 
     Defaults: from the model's sigma_max to its sigma_min. ``cache``: True uses the default
     on-disk cache, False computes everything, a :class:`TeacherCache` uses that one.
+    ``progress(done, total)`` is called once the cache is read and after every computed batch
+    (``done`` counts cached seeds too); each batch is cached as soon as it is computed.
     """
     cfg = config or TeacherConfig()
     s_hi = float(model.sigma_max if sigma_from is None else sigma_from)
@@ -109,12 +112,23 @@ def teacher_outputs(
     for i, s in enumerate(seeds):
         if s in found:
             y_all[i] = found[s].to(device=x_all.device)
+    if progress is not None:
+        progress(len(seeds) - len(todo), len(seeds))
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
         y = _compute(model, x_all[idx], cfg, s_hi, s_lo, [seeds[i] for i in idx])
+        rows_ok = torch.isfinite(y).flatten(1).all(dim=1)
+        if not bool(rows_ok.all()):
+            j = int(torch.nonzero(~rows_ok)[0])
+            raise NonFiniteError(
+                f"the model returned non-finite values (NaN/inf) in the teacher solution for seed {seeds[idx[j]]}"
+                f" (from sigma {s_hi:.6g} to {s_lo:.6g}); its batch was not cached"
+            )
         y_all[idx] = y.to(y_all.dtype)
         if store is not None:
             store.store(key, [seeds[i] for i in idx], y)
+        if progress is not None:
+            progress(len(seeds) - len(todo) + start + len(idx), len(seeds))
     return x_all, y_all
 
 
@@ -133,7 +147,8 @@ class GridValidator:
     ``final_step`` is ``denoise``. :meth:`outputs` runs ``solver`` on a grid from ``x_t`` (batched,
     each batch with its seeds' conditioning), :meth:`rmse` scores it, :meth:`errors` gives rmse and
     max of given outputs (``eval``'s ode-error), :meth:`loss` the mean of any per-sample distance
-    (LD3). ``evals`` counts the network evaluations (rows) spent in :meth:`outputs`.
+    (LD3). ``evals`` counts the network evaluations (rows) spent in :meth:`outputs`. ``progress``
+    reports the teacher's work as in :func:`teacher_outputs`.
     """
 
     def __init__(
@@ -149,6 +164,7 @@ class GridValidator:
         batch_size: int = 256,
         device: torch.device | str | None = None,
         cache: bool | TeacherCache = True,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.model = model
         self.solver = solver
@@ -167,6 +183,7 @@ class GridValidator:
             batch_size=self.batch_size,
             device=device,
             cache=cache,
+            progress=progress,
         )
         if final_step == "denoise":
             y = denoised_target(model, y, self.sigma_to, self.batch_size)
@@ -230,9 +247,38 @@ class GridValidator:
         return torch.cat(outs)
 
     def rmse(self, sigmas: torch.Tensor | Sequence[float] | np.ndarray, model_sigmas: Any = None) -> float:
-        """Root mean square of ``outputs - targets`` over every sample and coordinate (float64)."""
+        """Root mean square of ``outputs - targets`` over every sample and coordinate (float64).
+
+        Non-finite outputs (the model returned NaN/inf) are an error naming the seed and the step.
+        """
         out = self.outputs(sigmas, model_sigmas)
+        if not bool(torch.isfinite(out).all()):
+            self._refuse_non_finite(sigmas, model_sigmas)
         return float(((out.to(torch.float64) - self.targets.to(torch.float64)) ** 2).mean().sqrt())
+
+    def _refuse_non_finite(self, sigmas: Any, model_sigmas: Any) -> None:
+        assert self.solver is not None
+        grid = torch.as_tensor(sigmas, dtype=torch.float64).to(self.x_t.device)
+        ms = None if model_sigmas is None else torch.as_tensor(model_sigmas, dtype=torch.float64).to(grid.device)
+        for start in range(0, len(self.seeds), self.batch_size):
+            stop = min(start + self.batch_size, len(self.seeds))
+            x = self.x_t[start:stop]
+            cond = slice_cond(self.cond, start, stop, len(self.seeds))
+            with torch.no_grad():
+                y = solve(self.solver, self.model, x, grid, model_sigmas=ms, cond=cond, final_step=self.final_step)
+            if not bool(torch.isfinite(y).all()):
+                where = locate_non_finite(
+                    self.model,
+                    self.solver,
+                    grid,
+                    x,
+                    self.seeds[start:stop],
+                    model_sigmas=ms,
+                    cond=cond,
+                    final_step=self.final_step,
+                )
+                raise NonFiniteError(f"validation against the teacher: {where.removesuffix('; nothing was written')}")
+        raise NonFiniteError("validation against the teacher: the solver's outputs are not finite (NaN/inf)")
 
     def errors(self, outputs: torch.Tensor) -> dict[str, float]:
         """``{"rmse", "max"}`` of given outputs (one row per seed) against the targets (``eval``'s ode-error)."""

@@ -34,6 +34,25 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _metavar_without_python_type() -> None:
+    """typer writes an argument's Python type after its metavar (``FILE... <list[Path]>``); keep the metavar."""
+    try:
+        from typer.core import TyperArgument
+    except ImportError:  # another typer layout: its default help stands
+        return
+    original = getattr(TyperArgument, "display_type_rich", None)
+    if original is None:
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> Any:
+        return None if self.metavar is not None else original(self, ctx)
+
+    TyperArgument.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_metavar_without_python_type()
+
+
 class _Globals:
     json: bool = False
     debug: bool = False
@@ -48,6 +67,9 @@ ModelOpt = Annotated[
     str,
     typer.Option("--model", "-m", help="Model id: builtin:NAME, or LOADER:ARG (see `stepopt models`)."),
 ]
+# The same defaults for every command that makes a schedule (optimize, baseline).
+DEFAULT_SOLVER = "dpmpp-3m"
+DEFAULT_NFE = 6
 SolverOpt = Annotated[str, typer.Option("--solver", "-s", help="Solver registry name (see `stepopt models`).")]
 OrderOpt = Annotated[int | None, typer.Option("--order", help="Solver order [default: the solver's default].")]
 VariantOpt = Annotated[str | None, typer.Option("--variant", help="Solver variant, e.g. bh1/bh2 for unipc.")]
@@ -63,10 +85,26 @@ TrustCodeOpt = Annotated[
     bool,
     typer.Option(
         "--trust-code",
-        help="Allow model loaders that run code: edm:*.pkl checkpoints (unpickling) and python: factories.",
+        help="Allow model loaders that run code (python: factories, edm: pickles) and non-built-in model ids"
+        " read from a schedule file. Only for files and checkpoints you trust.",
     ),
 ]
+# The old name of --trust-code, still accepted (hidden from --help).
 TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", hidden=True, help="Old name of --trust-code.")]
+# Seeds are non-negative 64-bit integers (numpy, torch and the .npz files store them as int64); a
+# command that uses seeds SEED..SEED+N-1 checks the last one too (check_seed_range).
+SEED_MAX = 2**63 - 1
+
+
+def check_seed_range(seed: int, n: int, option: str = "--seed") -> None:
+    """Usage error (exit 2) when the seeds ``seed .. seed + n - 1`` leave [0, 2^63 - 1]."""
+    if seed + n - 1 > SEED_MAX:
+        raise typer.BadParameter(
+            f"{seed} + {n} samples runs past the largest seed {SEED_MAX}; use a smaller {option}",
+            param_hint=f"'{option}'",
+        )
+
+
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
 
 
@@ -83,7 +121,11 @@ DtypeOpt = Annotated[
 # Text conditioning (latent text-to-image diffusers pipelines; other models refuse these options).
 PromptOpt = Annotated[
     list[str] | None,
-    typer.Option("--prompt", help="Text prompt, repeatable; the sample of seed s uses prompt s mod P [default: '']."),
+    typer.Option(
+        "--prompt",
+        metavar="TEXT",
+        help="Text prompt, repeatable; the sample of seed s uses prompt s mod P [default: ''].",
+    ),
 ]
 PromptFileOpt = Annotated[
     Path | None, typer.Option("--prompt-file", help="UTF-8 file of prompts, one a line (after any --prompt).")
@@ -155,6 +197,10 @@ def command(name: str | None = None, **kw: Any) -> Callable[[F], F]:
                 if debug:
                     raise
                 fail(_one_line(e))
+            except MemoryError:
+                if debug:
+                    raise
+                fail("out of memory; use a smaller --n or --batch-size")
 
         app.command(name, **kw)(wrapper)
         return fn

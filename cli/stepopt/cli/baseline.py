@@ -11,6 +11,8 @@ import typer
 from stepopt._defaults import DEFAULT_MODEL
 from stepopt.baselines import BASELINES, interpolate_loglinear
 from stepopt.cli.app import (
+    DEFAULT_NFE,
+    DEFAULT_SOLVER,
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
@@ -34,7 +36,7 @@ from stepopt.cli.app import (
     emit_json,
     err,
 )
-from stepopt.cli.common import default_out, load_with_options, schedule_header, schedule_json
+from stepopt.cli.common import check_writable, default_out, load_with_options, schedule_header, schedule_json
 from stepopt.errors import StepoptError
 from stepopt.provenance import provenance
 from stepopt.schedule import MethodInfo, Schedule
@@ -47,13 +49,13 @@ KINDS = (*BASELINES, "interpolate")
 def baseline(
     kind: Annotated[str, typer.Argument(help=f"One of: {', '.join(KINDS)}.")],
     model: ModelOpt = DEFAULT_MODEL,
-    solver: SolverOpt = "euler",
-    nfe: NfeOpt = 10,
+    solver: SolverOpt = DEFAULT_SOLVER,
+    nfe: NfeOpt = DEFAULT_NFE,
     order: OrderOpt = None,
     variant: VariantOpt = None,
     lower_order_final: LofOpt = None,
     final_step: FinalStepOpt = FinalStep.none,
-    rho: Annotated[float, typer.Option("--rho", help="EDM rho (kind edm).")] = 7.0,
+    rho: Annotated[float | None, typer.Option("--rho", help="EDM rho (kind edm only) [default: 7.0].")] = None,
     source: Annotated[Path | None, typer.Option("--from", help="Schedule file to resample (kind interpolate).")] = None,
     out: Annotated[
         Path | None,
@@ -76,6 +78,8 @@ def baseline(
 
     if kind not in KINDS:
         raise StepoptError(f"unknown baseline '{kind}'; expected one of {', '.join(KINDS)}")
+    if rho is not None and kind != "edm":
+        raise StepoptError(f"--rho is only used by the 'edm' baseline, not '{kind}'")
     spec = get_solver(solver)
     ident = spec.identity(order, variant, lower_order_final)
     n_steps = spec.steps_for_nfe(ident, nfe, final_step.value)
@@ -117,11 +121,12 @@ def baseline(
             for note in loaded.notes:
                 err.print(f"note: {note}", markup=False)
             m, conditioning = loaded.model, loaded.conditioning
-        sched = baseline_schedule(kind, m, ident, n_steps, final_step=final_step.value, rho=rho)
+        sched = baseline_schedule(kind, m, ident, n_steps, final_step=final_step.value, rho=7.0 if rho is None else rho)
         if conditioning is not None:  # the guided ODE the schedule is meant for
             config = {**sched.method.config, "conditioning": conditioning}
             sched = sched.replace(method=dataclasses.replace(sched.method, config=config))
     path = out if out is not None else default_out(sched.model.id, ident.name, sched.nfe, kind)
+    check_writable(path, "--out")
     sched.save(path)
     if json_out:
         emit_json(schedule_json(sched, path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from stepopt.errors import StepoptError
 from stepopt.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -34,6 +36,24 @@ def model_slug(model_id: str) -> str:
 def default_out(model_id: str, solver: str, nfe: int, method: str) -> Path:
     """``schedules/<model>/<solver>/nfe<N>/<method>.yaml``."""
     return SCHEDULES_DIR / model_slug(model_id) / solver / f"nfe{nfe}" / f"{method}.yaml"
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Fail before any work if ``path`` cannot be written (its nearest existing folder must be writable).
+
+    Every command checks each of its output paths this way before it starts working, so a mistake
+    in ``--out`` costs nothing (and leaves nothing behind).
+    """
+    real = Path(os.path.realpath(path))  # a symlink is written through: check its target
+    if real.is_dir():
+        raise StepoptError(f"{option} {path}: is a directory; expected a file path")
+    parent = real.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StepoptError(f"{option} {path}: '{parent}' is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StepoptError(f"{option} {path}: folder '{parent}' is not writable")
 
 
 def schedule_json(s: Schedule, path: Path | None = None) -> dict[str, Any]:

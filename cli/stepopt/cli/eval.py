@@ -11,6 +11,7 @@ import typer
 
 from stepopt.cache_sections import SECTIONS
 from stepopt.cli.app import (
+    SEED_MAX,
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
@@ -22,28 +23,38 @@ from stepopt.cli.app import (
     PromptOpt,
     TrustCodeOpt,
     TrustPickleOpt,
+    check_seed_range,
     command,
     emit_json,
     err,
 )
-from stepopt.cli.common import load_with_options
+from stepopt.cli.common import check_writable, load_with_options
 from stepopt.config import resolve_config
 from stepopt.errors import StepoptError
 from stepopt.metrics import INCEPTION_EXTRACTOR, MANAGED_FIDELITY_OPTIONS, METRIC_NAMES
-from stepopt.schedule import Schedule
+from stepopt.schedule import Schedule, is_published
 from stepopt.trust import check_file_model
 
 
 @command("eval")
 def eval_cmd(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            metavar="FILE",
+            help="Schedule files (or published:NAME), all for the same model; or use -S.",
+            show_default=False,
+        ),
+    ] = None,
     schedule: Annotated[
-        list[Path], typer.Option("--schedule", "-S", help="A schedule file (repeatable; all for the same model).")
-    ],
+        list[Path] | None,
+        typer.Option("--schedule", "-S", metavar="FILE", help="A schedule file (repeatable), as the arguments."),
+    ] = None,
     metrics: Annotated[
         str, typer.Option("--metrics", help=f"Comma-separated metrics: {', '.join(METRIC_NAMES)}.")
     ] = "ode-error",
     n: Annotated[int, typer.Option("--n", min=2, help="Number of samples (sample i uses seed SEED + i).")] = 1000,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="First seed.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="First seed.")] = 0,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Batch size (results do not depend on it).")
     ] = 256,
@@ -73,11 +84,19 @@ def eval_cmd(
     ] = None,
     fidelity_set: Annotated[
         list[str] | None,
-        typer.Option("--fidelity-set", help="A torch-fidelity option KEY=VALUE, e.g. kid_subsets=50 (repeatable)."),
+        typer.Option(
+            "--fidelity-set",
+            metavar="KEY=VALUE",
+            help="A torch-fidelity option KEY=VALUE, e.g. kid_subsets=50 (repeatable).",
+        ),
     ] = None,
     teacher_set: Annotated[
         list[str] | None,
-        typer.Option("--teacher-set", help="Teacher option for networks KEY=VALUE, e.g. steps=200 (repeatable)."),
+        typer.Option(
+            "--teacher-set",
+            metavar="KEY=VALUE",
+            help="Teacher option for networks KEY=VALUE, e.g. steps=200 (repeatable).",
+        ),
     ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the on-disk cache.")] = False,
     device: DeviceOpt = "auto",
@@ -92,6 +111,21 @@ def eval_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate schedules side by side (ode-error, fd-exact, FID/KID/IS/PRC by torch-fidelity); write a table."""
+    check_seed_range(seed, n)
+    paths = [*(schedule or ()), *(files or ())]
+    if not paths:
+        raise typer.BadParameter("no schedules to evaluate: pass schedule files as arguments or with -S FILE")
+    items = [(str(p), Schedule.load(p)) for p in paths]
+    if out is not None:
+        check_writable(out, "--out")
+    if write_back_:
+        for p, _ in items:
+            if is_published(p):
+                raise StepoptError(f"--write-back: {p} ships with stepopt and is read-only; copy it first")
+            check_writable(Path(p), "--write-back")
+    trust = trust_code or trust_pickle
+    for path, s in items:  # before any heavy import or work: a file's model id must not run code
+        check_file_model(s.model.id, path, trust, model_option=False)
     # torch-fidelity (and torchvision behind it) load only when evaluating: other commands stay fast.
     from stepopt.evaluate import EvalConfig, evaluate, render_markdown, rows_json, write_back, write_table
     from stepopt.metrics.fidelity import FidelityOptions
@@ -120,15 +154,12 @@ def eval_cmd(
         reference=reference,
         fidelity=fopts,
     )
-    items = [(str(p), Schedule.load(p)) for p in schedule]
-    for path_, s_ in items:
-        check_file_model(s_.model.id, path_, trust_code or trust_pickle, model_option=False)
     recorded = items[0][1].method.config.get("conditioning")
     loaded = load_with_options(
         items[0][1].model.id,
         device=device,
         dtype=dtype.value,
-        trust_code=trust_code or trust_pickle,
+        trust_code=trust,
         prompts=prompt,
         prompt_file=prompt_file,
         negative_prompt=negative_prompt,
@@ -139,8 +170,22 @@ def eval_cmd(
     for note in loaded.notes:
         err.print(f"note: {note}", markup=False)
 
+    teacher_start: dict[str, int] = {}
+
     def progress(event: str, data: Mapping[str, Any]) -> None:
-        if event == "schedule":
+        if event == "teacher":
+            rng = f"sigma {data['sigma_from']:.6g} -> {data['sigma_to']:.6g}"
+            done, total = data["done"], data["total"]
+            if rng not in teacher_start:
+                teacher_start[rng] = done
+                what = f"{total - done} of {total} seeds to compute, {done} from the cache"
+                err.print(f"teacher ({rng}): {what}", markup=False)
+            elif done > teacher_start[rng]:
+                err.print(f"teacher ({rng}): {done}/{total} seeds", markup=False)
+        elif event == "teacher-done":
+            rng = f"sigma {data['sigma_from']:.6g} -> {data['sigma_to']:.6g}"
+            err.print(f"teacher ({rng}): done in {data['seconds']:.1f} s (not part of the rows' times)", markup=False)
+        elif event == "schedule":
             s = data["schedule"]
             err.print(
                 f"[{data['index'] + 1}/{data['total']}] {data['path']}: {s.method.name}, {s.solver}, NFE {s.nfe}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,33 +13,34 @@ from rich.table import Table
 from stepopt.cli.app import DebugOpt, JsonOpt, command, emit_json, err, fail
 from stepopt.cli.common import schedule_header, schedule_table
 from stepopt.errors import StepoptError
-from stepopt.schedule import Schedule
+from stepopt.schedule import PUBLISHED_PREFIX, Schedule, data_dir, dump_yaml, is_published, published_names
 from stepopt.solvers import all_solvers
 from stepopt.trust import TRUST_FLAG, file_model_risk
 
 
 @command("show")
 def show(
-    file: Annotated[Path, typer.Argument(help="A schedule file.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A schedule file (or published:NAME).")],
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Print a schedule file: its grid, solver, model and origin (a table on stdout)."""
     s = Schedule.load(file)
+    risk = None if is_published(file) else file_model_risk(s.model.id)
     if json_out:
-        emit_json({"path": str(file), **s.to_dict()})
+        emit_json({"path": str(file), **s.to_dict(), "needs_trust_code": risk is not None})
         return
     out = Console(highlight=False)
     out.print(schedule_header(s), markup=False)
     out.print(schedule_table(s))
-    if s.method.config:
-        out.print("config: " + ", ".join(f"{k}={v}" for k, v in s.method.config.items()), markup=False)
-    if s.metrics:
-        out.print(f"metrics: {s.metrics}", markup=False)
-    risk = None if str(file).startswith("published:") else file_model_risk(s.model.id)
+    # Nested values (the optimizer's report, metrics with their settings) as indented YAML, not reprs.
+    for title, value in (("method.config", s.method.config), ("metrics", s.metrics)):
+        if value:
+            text = dump_yaml({title: value}).rstrip("\n")
+            out.print(text, markup=False, highlight=False, soft_wrap=True)
     if risk is not None:
         note = f"model {s.model.id}: sample/eval load it from this file only with {TRUST_FLAG} ({risk})"
-        out.print(note, markup=False)
+        out.print(note, markup=False, soft_wrap=True)
     prov = s.provenance
     if prov:
         out.print(f"provenance: {', '.join(f'{k}={v}' for k, v in prov.items())}", markup=False)
@@ -46,7 +48,7 @@ def show(
 
 @command("validate")
 def validate(
-    files: Annotated[list[Path], typer.Argument(help="Schedule files to check.")],
+    files: Annotated[list[Path], typer.Argument(metavar="FILE", help="Schedule files (or published:NAME) to check.")],
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -63,7 +65,7 @@ def validate(
                 raise
             fail(str(e) if str(e).startswith(str(f)) else f"{f}: {e}")
         ok.append(str(f))
-        risk = None if str(f).startswith("published:") else file_model_risk(s.model.id)
+        risk = None if is_published(f) else file_model_risk(s.model.id)
         if risk is None:
             err.print(f"ok {f}", markup=False)
         else:
@@ -75,8 +77,9 @@ def validate(
 
 @command("models")
 def models(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
-    """List built-in models, model loaders and solvers."""
+    """List built-in models, model loaders, solvers, optimizers and the published schedules."""
     from stepopt.models import BUILTINS, LOADER_SUMMARIES, load_model
+    from stepopt.optimizers import get_optimizer, optimizer_names
 
     rows: list[dict[str, Any]] = []
     for name, b in BUILTINS.items():
@@ -94,12 +97,26 @@ def models(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
         }
         for s in all_solvers()
     ]
+    optimizers = [{"name": n, "summary": get_optimizer(n).summary} for n in optimizer_names()]
+    published = [f"{PUBLISHED_PREFIX}{n}" for n in published_names()]
+    configs = data_dir("configs")
     if json_out:
-        emit_json({"builtins": rows, "loaders": loaders, "solvers": solvers})
+        emit_json(
+            {
+                "builtins": rows,
+                "loaders": loaders,
+                "solvers": solvers,
+                "optimizers": optimizers,
+                "published": published,
+                "configs": str(configs),
+            }
+        )
         return
-    out = Console(highlight=False)
+    # Never cut ids: wide enough for a pipe or a file, and ids never wrap on a terminal.
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     t = Table(title="built-in models", header_style="bold")
-    for c in ("id", "shape", "sigma range", "param.", "fingerprint", "summary"):
+    t.add_column("id", no_wrap=True)
+    for c in ("shape", "sigma range", "param.", "summary"):
         t.add_column(c)
     for r in rows:
         t.add_row(
@@ -107,26 +124,35 @@ def models(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
             "x".join(map(str, r["shape"])),
             f"[{r['sigma_min']:g}, {r['sigma_max']:g}]",
             r["parameterization"],
-            r["fingerprint"][:19] + "…",
             r["summary"],
         )
     out.print(t)
     if loaders:
-        lt = Table(title="loaders", header_style="bold")
-        lt.add_column("id")
+        lt = Table(title="loaders (--model LOADER:ARG)", header_style="bold")
+        lt.add_column("id", no_wrap=True)
         lt.add_column("summary")
         for r in loaders:
-            lt.add_row(r["prefix"] + "…", r["summary"])
+            lt.add_row(r["prefix"] + "...", r["summary"])
         out.print(lt)
-    st = Table(title="solvers", header_style="bold")
-    for c in ("name", "orders", "variants", "lower_order_final", "summary"):
+    st = Table(title="solvers (--solver)", header_style="bold")
+    st.add_column("name", no_wrap=True)
+    for c in ("orders", "variants", "lower-order final", "summary"):
         st.add_column(c)
     for s in solvers:
+        lof = s["lower_order_final"]
         st.add_row(
             s["name"],
             ",".join(map(str, s["orders"])),
             ",".join(s["variants"]) or "-",
-            str(s["lower_order_final"]),
+            "-" if lof is None else ("yes" if lof else "no"),
             s["summary"],
         )
     out.print(st)
+    ot = Table(title="optimizers (--optimizer / -O)", header_style="bold")
+    ot.add_column("name", no_wrap=True)
+    ot.add_column("summary")
+    for o in optimizers:
+        ot.add_row(o["name"], o["summary"])
+    out.print(ot)
+    out.print(f"published schedules (wherever a schedule file is accepted): {', '.join(published)}", markup=False)
+    out.print(f"documented method options (--config FILE): {configs}", markup=False)

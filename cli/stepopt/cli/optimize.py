@@ -11,6 +11,9 @@ import typer
 
 from stepopt._defaults import DEFAULT_MODEL
 from stepopt.cli.app import (
+    DEFAULT_NFE,
+    DEFAULT_SOLVER,
+    SEED_MAX,
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
@@ -34,7 +37,7 @@ from stepopt.cli.app import (
     emit_json,
     err,
 )
-from stepopt.cli.common import default_out, load_with_options, schedule_header, schedule_json
+from stepopt.cli.common import check_writable, default_out, load_with_options, schedule_header, schedule_json
 from stepopt.config import resolve_config
 from stepopt.errors import StepoptError
 from stepopt.schedule import Schedule
@@ -51,20 +54,21 @@ def state_file(out: Path) -> Path:
 @command("optimize")
 def optimize_cmd(
     model: ModelOpt = DEFAULT_MODEL,
-    solver: SolverOpt = "dpmpp-3m",
-    nfe: NfeOpt = 6,
+    solver: SolverOpt = DEFAULT_SOLVER,
+    nfe: NfeOpt = DEFAULT_NFE,
     optimizer: Annotated[
         str, typer.Option("--optimizer", "-O", help="trust-region, ays, ld3, ... (see `stepopt models`).")
     ] = DEFAULT_OPTIMIZER,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file of method options.")] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override one method option: KEY=VALUE (repeatable).")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Override one method option: KEY=VALUE (repeatable)."),
     ] = None,
     order: OrderOpt = None,
     variant: VariantOpt = None,
     lower_order_final: LofOpt = None,
     final_step: FinalStepOpt = FinalStep.none,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed of the optimizer.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Random seed of the optimizer.")] = 0,
     device: DeviceOpt = "auto",
     init: Annotated[
         Path | None,
@@ -127,6 +131,9 @@ def optimize_cmd(
 
     path = out if out is not None else default_out(m.id, ident.name, nfe, optimizer)
     state = state_file(path)
+    check_writable(path, "--out")  # before any work: a bad --out must cost nothing and leave nothing
+    if spec.resumable:
+        check_writable(state, "--out (its state file)")
     if resume and not state.exists():
         raise StepoptError(f"--resume: no state file '{state}' (only optimizers that keep one, e.g. ld3, can resume)")
     start = Schedule.load(init) if init is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from stepopt.cli.app import (
+    SEED_MAX,
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
@@ -23,11 +25,12 @@ from stepopt.cli.app import (
     PromptOpt,
     TrustCodeOpt,
     TrustPickleOpt,
+    check_seed_range,
     command,
     emit_json,
     err,
 )
-from stepopt.cli.common import load_with_options, model_slug
+from stepopt.cli.common import check_writable, load_with_options, model_slug
 from stepopt.errors import StepoptError
 from stepopt.schedule import Schedule
 
@@ -53,26 +56,39 @@ def resolve_out(out: Path | None, schedule: Schedule) -> Path:
     return out
 
 
-def check_writable(path: Path, option: str) -> None:
-    """Fail before any work if ``path`` cannot be created (its nearest existing folder must be writable)."""
-    if path.is_dir():
-        raise StepoptError(f"{option} {path}: is a directory; expected a file path")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise StepoptError(f"{option} {path}: '{parent}' is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise StepoptError(f"{option} {path}: folder '{parent}' is not writable")
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(n: int, shape: tuple[int, ...], latent: bool) -> None:
+    """Refuse an ``--n`` whose samples cannot fit in memory before any work (all are kept to write the .npz)."""
+    per = 4 * math.prod(shape) * (3 if latent else 2)  # float32 samples, plus the states / the array written
+    need = n * per
+    have = physical_memory()
+    if have is not None and need > have:
+        raise StepoptError(
+            f"--n {n}: {n} samples of shape {'x'.join(map(str, shape))} need about {need / 1e9:.3g} GB,"
+            f" more than this machine's {have / 1e9:.3g} GB of memory; sample fewer at a time with --n and --seed"
+        )
 
 
 @command("sample")
 def sample(
-    schedule: Annotated[Path, typer.Option("--schedule", help="The schedule file to sample with.")],
-    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 64,
-    seed: Annotated[int, typer.Option("--seed", help="Sample i starts from the noise of seed S+i.")] = 0,
+    schedule: Annotated[
+        Path,
+        typer.Option("--schedule", "-S", metavar="FILE", help="The schedule file (or published:NAME) to sample with."),
+    ],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of samples.")] = 64,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=SEED_MAX, help="Sample i starts from the noise of seed S+i.")
+    ] = 0,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Samples per batch (the noise of each sample does not depend on it).")
+        int,
+        typer.Option("--batch-size", min=1, help="Samples per batch (the noise of each sample does not depend on it)."),
     ] = 64,
     out: Annotated[
         Path | None,
@@ -121,10 +137,7 @@ def sample(
     from stepopt.sampling import sample_schedule, save_samples, schedule_mismatches
     from stepopt.trust import check_file_model
 
-    if n < 1:
-        raise StepoptError(f"--n {n}: expected at least 1 sample")
-    if batch_size < 1:
-        raise StepoptError(f"--batch-size {batch_size}: expected an integer >= 1")
+    check_seed_range(seed, n)
     sched = Schedule.load(schedule)
     path = resolve_out(out, sched)
     check_writable(path, "--out")
@@ -164,6 +177,7 @@ def sample(
         err.print(f"warning: {w} (--force)", style="yellow", markup=False)
     for note in loaded.notes + notes:
         err.print(f"note: {note}", markup=False)
+    check_memory(n, tuple(out_shape), has_decoder)
     seeds = [seed + i for i in range(n)]
 
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from stepopt.models.base import AnalyticModel, DiffusionModel, IsotropicGaussian
 from stepopt.models.gmm import GaussianMixture, load_digits, load_gmm_digits
 from stepopt.models.loaders import load_edm_pickle, load_python_factory
 from stepopt.registry import Registry
+from stepopt.trust import CODE_LOADERS, TRUST_FLAG, check_file_model, file_model_risk
 
 __all__ = [
     "BUILTINS",
@@ -32,6 +33,8 @@ __all__ = [
     "LoaderSpec",
     "PointMass",
     "builtin_names",
+    "check_file_model",
+    "file_model_risk",
     "load_digits",
     "load_model",
     "register_builtin",
@@ -128,8 +131,8 @@ def load_model(
 ) -> DiffusionModel:
     """Load a model by id (``builtin:NAME`` or ``LOADER:ARG``); errors name the id and the choices.
 
-    ``trust_code`` allows loaders that run code from a file (``edm:`` pickles); ``trust_pickle``
-    is its old name.
+    Loaders that run code (:data:`CODE_LOADERS`: ``python:``, ``edm:``) need ``trust_code=True``
+    (``trust_pickle`` is its old name).
     """
     spec = spec or DEFAULT_MODEL
     options = LoadOptions(resolve_device(device), dtype, trust_code=trust_code or trust_pickle)
@@ -138,7 +141,18 @@ def load_model(
         raise StepoptError(f"model '{spec}' has no loader prefix; expected e.g. {DEFAULT_MODEL}")
     if prefix not in LOADERS:
         raise StepoptError(f"unknown model loader '{prefix}' in '{spec}'; expected one of {', '.join(LOADERS.names())}")
-    return LOADERS.get(prefix).load(rest, options)
+    if prefix in CODE_LOADERS and not options.trust_code:
+        raise StepoptError(
+            f"model '{spec}': refusing to load without {TRUST_FLAG} ({CODE_LOADERS[prefix]}; pass {TRUST_FLAG}"
+            " only for code and checkpoints from a source you trust)"
+        )
+    try:
+        return LOADERS.get(prefix).load(rest, options)
+    except (StepoptError, OSError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a malformed checkpoint or config the loader did not foresee
+        msg = " ".join(str(e).split())[:300]
+        raise StepoptError(f"model '{spec}': cannot load it ({e.__class__.__name__}: {msg})") from None
 
 
 def _load_builtin(name: str, options: LoadOptions) -> DiffusionModel:
@@ -164,5 +178,7 @@ register_loader(
     "classifier-free guidance, VAE decode; needs transformers)",
 )
 register_loader(
-    "python", load_python_factory, "user code: python:MODULE:FACTORY or python:FILE.py:FACTORY returning a denoiser"
+    "python",
+    load_python_factory,
+    "user code: python:MODULE:FACTORY or python:FILE.py:FACTORY returning a denoiser; needs --trust-code",
 )

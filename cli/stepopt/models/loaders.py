@@ -32,7 +32,7 @@ from stepopt.frames import EDM
 from stepopt.models.base import DiffusionModel, LoadOptions, fingerprint_arrays
 
 TRUST_PICKLE_HELP = (
-    "unpickling runs code named by the file; pass --trust-pickle only for checkpoints from a source you trust"
+    "unpickling runs code named by the file; pass --trust-code only for checkpoints from a source you trust"
 )
 
 
@@ -100,7 +100,7 @@ def load_edm_pickle(path: str, options: LoadOptions) -> DiffusionModel:
     """Load ``edm:PATH.pkl``; requires ``options.trust_code`` because unpickling executes code."""
     p = Path(path).expanduser()
     if not options.trust_code:
-        raise StepoptError(f"edm:{path}: refusing to unpickle without --trust-pickle ({TRUST_PICKLE_HELP})")
+        raise StepoptError(f"edm:{path}: refusing to unpickle without --trust-code ({TRUST_PICKLE_HELP})")
     if not p.is_file():
         raise StepoptError(f"edm:{path}: no such checkpoint file")
     try:
@@ -181,7 +181,24 @@ def _import_factory(spec: str) -> Any:
 
 def load_python_factory(spec: str, options: LoadOptions) -> DiffusionModel:
     """Load ``python:module:factory``; checks the denoiser contract with a clear error."""
-    obj = _import_factory(spec)()
+    fn = _import_factory(spec)
+    try:
+        obj = fn()
+    except StepoptError:
+        raise
+    except Exception as e:
+        raise StepoptError(f"python:{spec}: calling the factory failed ({e.__class__.__name__}: {e})") from None
+    try:
+        return _checked_python_model(spec, obj, options)
+    except StepoptError:
+        raise
+    except Exception as e:
+        raise StepoptError(
+            f"python:{spec}: the factory's object does not work as a denoiser ({e.__class__.__name__}: {e})"
+        ) from None
+
+
+def _checked_python_model(spec: str, obj: Any, options: LoadOptions) -> DiffusionModel:
     if isinstance(obj, DiffusionModel):
         return obj.to(options.device, options.dtype)
     missing = [a for a in ("sigma_min", "sigma_max", "shape") if not hasattr(obj, a)]

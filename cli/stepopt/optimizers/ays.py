@@ -43,6 +43,7 @@ from stepopt.errors import StepoptError
 from stepopt.models import AnalyticModel, DiffusionModel, load_digits
 from stepopt.optimizers import OptimizeContext, OptimizeResult, OptimizerSpec, register
 from stepopt.optimizers.klub import KLUBEstimator, klub_total
+from stepopt.sampling import NonFiniteError
 from stepopt.teacher import GridValidator, TeacherConfig
 
 Init = Literal["auto", "edm", "time-uniform", "logsnr", "kl-optimal"]
@@ -134,6 +135,12 @@ def load_data(model: DiffusionModel, cfg: AYSConfig, seed: int) -> tuple[torch.T
     if tuple(x.shape[1:]) != tuple(model.shape) or x.shape[0] < 1:
         shape = ", ".join(map(str, model.shape))
         raise StepoptError(f"data '{source}' has shape {tuple(x.shape)}; model '{model.id}' needs (n, {shape})")
+    bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
+    if bool(bad.any()):
+        raise StepoptError(
+            f"data '{source}' holds non-finite values (NaN/inf) in {int(bad.sum())} of {x.shape[0]} rows"
+            f" (first: row {int(torch.nonzero(bad)[0])})"
+        )
     n_all = x.shape[0]
     if n_all > cfg.data_size:
         x = x[torch.randperm(n_all, generator=g)[: cfg.data_size]]
@@ -286,6 +293,10 @@ def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
     if cfg.klub_samples > 0 and n > 1:
         k0, se0 = klub_total(*est.interval_terms(start, cfg.klub_samples, tag=1))
         k1, se1 = klub_total(*est.interval_terms(sig, cfg.klub_samples, tag=1))
+        if not (math.isfinite(k0) and math.isfinite(k1)):
+            raise NonFiniteError(
+                f"ays: the KLUB is not finite ({k0} -> {k1}): the model returned NaN/inf on the training data"
+            )
         objective.update({"initial": k0, "final": k1, "initial_stderr": se0, "final_stderr": se1})
     objective.update(
         {

@@ -90,6 +90,20 @@ def scheduler_settings(config: Mapping[str, Any], where: Path) -> dict[str, Any]
         )
     if config.get("rescale_betas_zero_snr"):
         raise StepoptError(f"{where}: rescale_betas_zero_snr (zero terminal SNR) is not supported yet")
+    nt = s["num_train_timesteps"]
+    if isinstance(nt, bool) or not isinstance(nt, int) or not 2 <= nt <= 1_000_000:
+        raise StepoptError(f"{where}: num_train_timesteps = {nt!r}: expected an integer from 2 to 1000000")
+    for k in ("beta_start", "beta_end"):
+        v = s[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise StepoptError(f"{where}: {k} = {v!r}: expected a number in (0, 1)")
+    tb = s["trained_betas"]
+    if tb is not None and (
+        not isinstance(tb, list)
+        or len(tb) < 2
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in tb)
+    ):
+        raise StepoptError(f"{where}: trained_betas: expected null or a list of at least 2 numbers in (0, 1)")
     return s
 
 
@@ -159,7 +173,7 @@ def find_file(folder: Path, candidates: tuple[str, ...], what: str) -> Path:
 def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise StepoptError(f"{path}: cannot read JSON config ({e.__class__.__name__}: {e})") from None
     if not isinstance(data, dict):
         raise StepoptError(f"{path}: expected a JSON object")

@@ -186,6 +186,11 @@ def optimize_grid(
     """The model-free part: minimize the bound for this solver, N and hyperparameters."""
     solver_orders(identity, n_steps)
     lam_start, lam_end = -math.log(model.sigma_max), -math.log(model.sigma_min)
+    if not (lam_end - lam_start) / n_steps > 1e-6:
+        raise StepoptError(
+            f"the model's sigma range [{model.sigma_min:.6g}, {model.sigma_max:.6g}] is too narrow for {n_steps}"
+            " steps: a model with (almost) a single noise level cannot be stepped through"
+        )
     if n_steps * cfg.min_gap >= lam_end - lam_start:
         raise StepoptError(
             f"min_gap {cfg.min_gap} is too large for {n_steps} steps over lam in [{lam_start:.4g}, {lam_end:.4g}]; "
