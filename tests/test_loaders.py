@@ -13,6 +13,7 @@ from _edm_like import TinyEDMPrecond
 from stepopt.cli import app
 from stepopt.errors import StepoptError
 from stepopt.models import load_digits, load_model
+from stepopt.models.base import LoadOptions
 from stepopt.models.loaders import EDMNetwork, load_edm_pickle
 
 
@@ -31,7 +32,7 @@ def test_edm_pickle_needs_trust(edm_pickle):
     with pytest.raises(StepoptError, match="refusing to load without --trust-code"):
         load_model(f"edm:{p}")
     with pytest.raises(StepoptError, match="refusing to unpickle without --trust-code"):
-        load_edm_pickle(str(p), torch.device("cpu"), None)
+        load_edm_pickle(str(p), LoadOptions(torch.device("cpu"), None))
     r = CliRunner().invoke(app, ["optimize", "--model", f"edm:{p}", "--optimizer", "trust-region"])
     assert r.exit_code == 1 and "--trust-code" in r.stderr and "Traceback" not in r.output
     # The old flag name still works (hidden alias).

@@ -54,7 +54,7 @@ def test_every_model_command_has_the_shared_options(command: str) -> None:
 def test_baseline_and_eval_load_edm_pickles_when_trusted(tmp_path: Path, edm_pickle: Path, flag: str) -> None:
     s = tmp_path / "s.yaml"
     r = run("baseline", "edm", "--model", f"edm:{edm_pickle}", "--nfe", 4, "--device", "cpu", "--out", s)
-    assert r.exit_code == 1 and "--trust-pickle" in r.stderr and not s.exists()
+    assert r.exit_code == 1 and "--trust-code" in r.stderr and not s.exists()
     r = run("baseline", "edm", "--model", f"edm:{edm_pickle}", "--nfe", 4, "--device", "cpu", flag, "--out", s)
     assert r.exit_code == 0, r.stderr
     assert Schedule.load(s).model.id == f"edm:{edm_pickle}"
