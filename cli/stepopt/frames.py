@@ -2,8 +2,11 @@
 
 Inside stepopt every state lives in the EDM / k-diffusion frame ``x = x0 + sigma * eps``
 (README: Conventions). A VP model with ``x_t = alpha_t x0 + s_t eps`` has ``sigma = s_t / alpha_t`` and
-its state ``x_t / alpha_t``; ``lam = -log(sigma)`` is half the log-SNR. The model's native time
-(continuous ``t``, or a DDPM index) exists only here and in adapters.
+its state ``x_t / alpha_t``; ``lam = -log(sigma)`` is half the log-SNR. A rectified-flow model
+(:class:`Flow`, ``x_t = (1 - t) x0 + t eps``) has ``sigma = t / (1 - t)``; its ``t = 1`` is pure
+noise, ``sigma = inf`` (``lam = -inf``), where a state is stored noise-scaled (``x / sigma``, which is
+the noise itself; README: Conventions). The model's native time (continuous ``t``, or a DDPM index)
+exists only here and in adapters.
 
 Every frame maps ``time -> sigma`` increasingly, so ``t_min`` <-> ``sigma_min`` and
 ``t_max`` <-> ``sigma_max``. All formulas accept Python floats, numpy arrays and torch tensors
@@ -27,7 +30,9 @@ from stepopt._lazy import is_tensor
 from stepopt._xp import as_f64, xp
 from stepopt.errors import StepoptError
 
-TIME_DOMAINS = ("sigma", "vp-continuous", "vp-discrete", "ve-continuous")
+TIME_DOMAINS = ("sigma", "vp-continuous", "vp-discrete", "ve-continuous", "flow")
+# Time domains that include pure noise (sigma = inf): only their grids may begin at ``sigma = inf``.
+PURE_NOISE_DOMAINS = ("flow",)
 
 
 class NoiseFrame(ABC):
@@ -275,10 +280,91 @@ class VPDiscrete(NoiseFrame):
         }
 
 
+@dataclass(frozen=True)
+class Flow(NoiseFrame):
+    """Rectified flow (SD3, FLUX, Wan): ``x_t = (1 - t) x0 + t eps``, native time ``t`` in [0, 1].
+
+    In the one noise frame ``sigma = t / (1 - t)``, ``alpha = 1 - t`` (the state is ``x_t / (1 - t)``)
+    and ``t = sigma / (1 + sigma)``; ``t = 1`` is pure noise, ``sigma = inf`` (README: Conventions).
+    The native time is the ``t`` the network sees (diffusers passes ``1000 t`` as its timestep).
+
+    ``shift`` is the pipeline's time warp of a uniform ``u`` in (0, 1]: ``t = s u / (1 + (s - 1) u)``
+    (SD3: s = 3), which is ``sigma = s * u / (1 - u)``: a shift multiplies every sigma by s. A dynamic,
+    resolution-dependent shift (FLUX) is ``mu`` with ``s = exp(mu)`` (diffusers' exponential
+    ``time_shift``: ``t = e^mu / (e^mu + 1/u - 1)``). The shift is not part of the network; it is the
+    default grid a pipeline uses, and a schedule file records the one it was made for.
+    """
+
+    shift: float = 1.0
+    mu: float | None = None
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    kind: ClassVar[str] = "flow"
+    time_domain: ClassVar[str] = "flow"
+
+    def __post_init__(self) -> None:
+        if self.mu is not None:
+            if not math.isfinite(self.mu):
+                raise StepoptError(f"flow mu must be finite, got {self.mu}")
+            object.__setattr__(self, "shift", math.exp(self.mu))
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise StepoptError(f"flow shift must be a finite number > 0, got {self.shift}")
+        if not 0 < self.t_min < self.t_max <= 1:
+            raise StepoptError(f"flow times need 0 < t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+
+    def sigma(self, t: Any) -> Any:
+        t = as_f64(t)
+        if is_tensor(t):
+            return t / (1.0 - t)  # t = 1 -> inf
+        with np.errstate(divide="ignore"):
+            return t / (1.0 - t)
+
+    def time(self, sigma: Any) -> Any:
+        sigma = as_f64(sigma)
+        if is_tensor(sigma):
+            return 1.0 / (1.0 + 1.0 / sigma)  # sigma = inf -> 1
+        with np.errstate(divide="ignore"):
+            return 1.0 / (1.0 + 1.0 / sigma)
+
+    def alpha(self, t: Any) -> Any:
+        return 1.0 - as_f64(t)
+
+    def shift_time(self, u: Any) -> Any:
+        """The pipeline's warp of an unshifted time ``u`` in [0, 1]: ``s u / (1 + (s - 1) u)``."""
+        u = as_f64(u)
+        return self.shift * u / (1.0 + (self.shift - 1.0) * u)
+
+    def unshift_time(self, t: Any) -> Any:
+        """Inverse of :meth:`shift_time` (what diffusers' flow pipelines take as ``sigmas=``)."""
+        t = as_f64(t)
+        return t / (self.shift - (self.shift - 1.0) * t)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "time": self.time_domain,
+            "shift": self.shift,
+            "mu": self.mu,
+            "t_min": self.t_min,
+            "t_max": self.t_max,
+        }
+
+
+def frame_ref_fields(frame: NoiseFrame) -> dict[str, Any]:
+    """What a schedule file's ``model`` section records about the frame besides its time domain.
+
+    Flow frames: the ``shift`` (and a dynamic shift's ``mu``) the pipeline default uses; else nothing.
+    """
+    if isinstance(frame, Flow):
+        return {"shift": frame.shift, "mu": frame.mu}
+    return {}
+
+
 FRAMES: dict[str, type[NoiseFrame]] = {
     "edm": EDM,
     "ve": VE,
     "vp-linear": VPLinear,
     "vp-cosine": VPCosine,
     "vp-discrete": VPDiscrete,
+    "flow": Flow,
 }

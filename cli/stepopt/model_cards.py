@@ -14,7 +14,7 @@ from importlib import resources
 import numpy as np
 
 from stepopt.fingerprint import fingerprint_arrays
-from stepopt.frames import EDM, NoiseFrame
+from stepopt.frames import EDM, NoiseFrame, frame_ref_fields
 from stepopt.schedule import ModelRef
 
 
@@ -34,7 +34,9 @@ class ModelCard:
         return self.frame.time_domain
 
     def ref(self) -> ModelRef:
-        return ModelRef(self.id, self.fingerprint, self.sigma_min, self.sigma_max, self.time_domain)
+        return ModelRef(
+            self.id, self.fingerprint, self.sigma_min, self.sigma_max, self.time_domain, **frame_ref_fields(self.frame)
+        )
 
 
 def _gmm_digits() -> ModelCard:

@@ -13,6 +13,7 @@ Nothing here disables autograd: callers that only sample wrap the call in
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from stepopt.errors import StepoptError
+from stepopt.frames import frame_ref_fields
 from stepopt.io import atomic_write
 from stepopt.models.base import DiffusionModel
 from stepopt.schedule import RANGE_RTOL, Schedule
@@ -56,10 +58,15 @@ def initial_noise(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x_T = sigma_T * eps (sigma_T defaults to the model's sigma_max), in the EDM frame."""
+    """x_T = sigma_T * eps (sigma_T defaults to the model's sigma_max), in the EDM frame.
+
+    At ``sigma_T = inf`` (pure noise) the state is noise-scaled, ``x_T / sigma_T``: exactly ``eps``
+    (README: Conventions).
+    """
     s = model.sigma_max if sigma is None else sigma
     eps = unit_noise(model.shape, seeds)
-    return (s * eps).to(device=device or model.device, dtype=dtype or model.dtype)
+    x = eps if math.isinf(s) else s * eps
+    return x.to(device=device or model.device, dtype=dtype or model.dtype)
 
 
 def run_schedule(
@@ -254,8 +261,9 @@ def locate_non_finite(
 def schedule_mismatches(schedule: Schedule, model: DiffusionModel) -> list[str]:
     """Why ``schedule`` may not be valid for ``model`` (one sentence each; empty when it is).
 
-    Checks the parameter fingerprint, the native time domain, that the grid lies inside the model's
-    sigma range, and that the recorded solver identity is what the registry resolves it to.
+    Checks the parameter fingerprint, the native time domain, the flow shift / mu the schedule was
+    made for (flow models), that the grid lies inside the model's sigma range, and that the recorded
+    solver identity is what the registry resolves it to.
     """
     ref = schedule.model
     problems = []
@@ -266,6 +274,13 @@ def schedule_mismatches(schedule: Schedule, model: DiffusionModel) -> list[str]:
         )
     if ref.time != model.time_domain:
         problems.append(f"the schedule's time domain '{ref.time}' is not the model's '{model.time_domain}'")
+    made_for = {k: v for k, v in (("shift", ref.shift), ("mu", ref.mu)) if v is not None}
+    has = {k: v for k, v in frame_ref_fields(model.frame).items() if v is not None}
+    if made_for != has and (made_for or has):
+        problems.append(
+            f"the schedule was made for flow {_shift_text(made_for)}; the model uses {_shift_text(has)}"
+            " (its pipeline default and resolution differ)"
+        )
     hi, lo = schedule.sigmas[0], schedule.sigmas[-1]
     if hi > model.sigma_max * (1 + RANGE_RTOL) or lo < model.sigma_min * (1 - RANGE_RTOL):
         rng = f"[{model.sigma_min:.6g}, {model.sigma_max:.6g}]"
@@ -279,6 +294,12 @@ def schedule_mismatches(schedule: Schedule, model: DiffusionModel) -> list[str]:
         if resolved != ident:
             problems.append(f"solver identity {ident} resolves to {resolved} in this stepopt")
     return problems
+
+
+def _shift_text(fields: Mapping[str, float]) -> str:
+    if not fields:
+        return "no shift"
+    return ", ".join(f"{k} {v:.6g}" for k, v in fields.items())
 
 
 def save_samples(

@@ -24,7 +24,7 @@ import yaml
 from stepopt import safeyaml
 from stepopt._lazy import is_tensor
 from stepopt.errors import ScheduleValidationError
-from stepopt.frames import TIME_DOMAINS
+from stepopt.frames import PURE_NOISE_DOMAINS, TIME_DOMAINS
 from stepopt.io import atomic_write_text
 from stepopt.solvers.dpmpp import LEGACY_VARIANT_3M
 from stepopt.solvers.registry import FINAL_STEPS, SolverIdentity, get_solver
@@ -69,7 +69,9 @@ TOP_KEYS = (
     "metrics",
     "provenance",
 )
-MODEL_KEYS = ("id", "fingerprint", "sigma_min", "sigma_max", "time")
+MODEL_KEYS = ("id", "fingerprint", "sigma_min", "sigma_max", "time", "shift", "mu")
+# Written only when set (flow models), so files of other models keep their exact bytes.
+OPTIONAL_MODEL_KEYS = ("shift", "mu")
 SOLVER_KEYS = ("name", "order", "variant", "lower_order_final")
 METHOD_KEYS = ("name", "config", "objective", "seed", "seconds")
 REQUIRED_TOP = ("format", "model", "solver", "nfe", "sigmas", "method")
@@ -98,40 +100,69 @@ def _float(key: str, v: Any, *, positive: bool = False) -> float:
     return float(v)
 
 
-def _float_list(key: str, v: Any) -> tuple[float, ...]:
+def _float_list(key: str, v: Any, first_inf: bool = False) -> tuple[float, ...]:
+    """Finite numbers; with ``first_inf`` the first entry may also be ``+inf`` (pure noise)."""
     if isinstance(v, np.ndarray) or is_tensor(v):
         v = v.tolist()
     if not isinstance(v, (list, tuple)):
         raise _fail(key, v, "a list of numbers")
-    return tuple(_float(f"{key}[{i}]", x) for i, x in enumerate(v))
+    out = []
+    for i, x in enumerate(v):
+        if first_inf and i == 0 and _is_number(x) and float(x) == math.inf:
+            out.append(math.inf)
+        else:
+            out.append(_float(f"{key}[{i}]", x))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """Which model a schedule belongs to: loader id, parameter fingerprint and sigma range."""
+    """Which model a schedule belongs to: loader id, parameter fingerprint and sigma range.
+
+    ``sigma_max`` is ``inf`` exactly for models whose time domain includes pure noise
+    (:data:`~stepopt.frames.PURE_NOISE_DOMAINS`, e.g. ``flow``). ``shift`` / ``mu``: the flow
+    pipeline's time shift (static) or dynamic ``mu`` the schedule was made for (flow models only).
+    """
 
     id: str
     fingerprint: str
     sigma_min: float
     sigma_max: float
     time: str = "sigma"
+    shift: float | None = None
+    mu: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
             raise _fail("model.id", self.id, "a non-empty loader id such as 'builtin:gmm-digits'")
         if not isinstance(self.fingerprint, str) or not self.fingerprint:
             raise _fail("model.fingerprint", self.fingerprint, "a string such as 'sha256:...'")
-        lo = _float("model.sigma_min", self.sigma_min, positive=True)
-        hi = _float("model.sigma_max", self.sigma_max, positive=True)
-        if not hi > lo:
-            raise _fail("model.sigma_max", self.sigma_max, f"greater than model.sigma_min = {lo!r}")
         if self.time not in TIME_DOMAINS:
             raise _fail("model.time", self.time, f"one of {', '.join(TIME_DOMAINS)}")
+        lo = _float("model.sigma_min", self.sigma_min, positive=True)
+        if self.time in PURE_NOISE_DOMAINS and _is_number(self.sigma_max) and self.sigma_max == math.inf:
+            hi = math.inf
+        else:
+            hi = _float("model.sigma_max", self.sigma_max, positive=True)
+        if not hi > lo:
+            raise _fail("model.sigma_max", self.sigma_max, f"greater than model.sigma_min = {lo!r}")
+        for key in OPTIONAL_MODEL_KEYS:
+            v = getattr(self, key)
+            if v is None:
+                continue
+            if self.time != "flow":
+                raise _fail(f"model.{key}", v, f"null: only flow models have a {key} (model.time is {self.time})")
+            object.__setattr__(self, key, _float(f"model.{key}", v, positive=key == "shift"))
         object.__setattr__(self, "sigma_min", lo)
         object.__setattr__(self, "sigma_max", hi)
 
+    @property
+    def from_pure_noise(self) -> bool:
+        """The model's range includes pure noise (``sigma_max = inf``)."""
+        return self.sigma_max == math.inf
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in MODEL_KEYS}
+        return {k: getattr(self, k) for k in MODEL_KEYS if k not in OPTIONAL_MODEL_KEYS or getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -187,16 +218,25 @@ class Schedule:
     format = CURRENT_FORMAT
 
     def __post_init__(self) -> None:
-        sig = _float_list("sigmas", self.sigmas)
+        sig = _float_list("sigmas", self.sigmas, first_inf=True)
         object.__setattr__(self, "sigmas", sig)
         if len(sig) < 2:
             raise _fail("sigmas", list(sig), "at least 2 values (sigma_max ... sigma_min)")
         for i, s in enumerate(sig):
+            if i and math.isinf(s):
+                raise _fail(f"sigmas[{i}]", s, "a finite number (only sigmas[0] may be .inf, pure noise)")
             if s <= 0:
                 raise _fail(f"sigmas[{i}]", s, "a value > 0 (a final jump to 0 is 'final_step: denoise')")
             if i and not s < sig[i - 1]:
                 raise _fail(f"sigmas[{i}]", s, f"strictly decreasing values (sigmas[{i - 1}] = {sig[i - 1]!r})")
         lo, hi = self.model.sigma_min, self.model.sigma_max
+        if math.isinf(sig[0]) and not self.model.from_pure_noise:
+            raise _fail(
+                "sigmas[0]",
+                sig[0],
+                f"a finite number: model.time '{self.model.time}' with sigma_max = {hi!r} has no pure-noise"
+                " point (only models with sigma_max: .inf, e.g. flow models, start at .inf)",
+            )
         if sig[0] > hi * (1 + RANGE_RTOL):
             raise _fail("sigmas[0]", sig[0], f"at most model.sigma_max = {hi!r}")
         if sig[-1] < lo * (1 - RANGE_RTOL):
@@ -205,10 +245,13 @@ class Schedule:
             v = getattr(self, name)
             if v is None:
                 continue
-            vals = _float_list(name, v)
+            # model_sigmas[0] is .inf exactly when sigmas[0] is: the state there is noise-scaled.
+            vals = _float_list(name, v, first_inf=name == "model_sigmas" and math.isinf(sig[0]))
             if len(vals) != len(sig):
                 raise _fail(name, list(vals), f"{len(sig)} values, one per entry of sigmas, or null")
             if name == "model_sigmas":
+                if math.isinf(sig[0]) and not math.isinf(vals[0]):
+                    raise _fail("model_sigmas[0]", vals[0], ".inf, as sigmas[0] (the state at pure noise)")
                 for i, s in enumerate(vals):
                     if s <= 0:
                         raise _fail(f"model_sigmas[{i}]", s, "a value > 0")

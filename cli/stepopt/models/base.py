@@ -8,6 +8,7 @@ them the ground truth for solvers, optimizers and metrics.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch
 
 from stepopt.errors import StepoptError
 from stepopt.fingerprint import fingerprint_arrays
-from stepopt.frames import EDM, NoiseFrame
+from stepopt.frames import EDM, NoiseFrame, frame_ref_fields
 from stepopt.schedule import ModelRef
 
 __all__ = [
@@ -110,7 +111,9 @@ class DiffusionModel(ABC):
         return self.frame.time_domain
 
     def ref(self) -> ModelRef:
-        return ModelRef(self.id, self.fingerprint, self.sigma_min, self.sigma_max, self.time_domain)
+        return ModelRef(
+            self.id, self.fingerprint, self.sigma_min, self.sigma_max, self.time_domain, **frame_ref_fields(self.frame)
+        )
 
     def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         """The sigma the network actually sees (identity for continuous models)."""
@@ -149,7 +152,10 @@ class AnalyticModel(DiffusionModel):
 
     @abstractmethod
     def ode_solution(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
-        """The exact state at ``sigma_to`` of the ODE dx/dsigma = (x - D(x, sigma)) / sigma."""
+        """The exact state at ``sigma_to`` of the ODE dx/dsigma = (x - D(x, sigma)) / sigma.
+
+        ``sigma_from`` may be ``inf`` (pure noise): ``x`` is then the noise-scaled state ``x / sigma``.
+        """
 
     @abstractmethod
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -176,6 +182,8 @@ class PointMass(AnalyticModel):
 
     def ode_solution(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
         x0 = self.x0.to(device=x.device, dtype=x.dtype)
+        if math.isinf(sigma_from):  # x = y noise-scaled: the limit of (sigma_to / sigma_from)(sigma_from y - x0)
+            return x0 + sigma_to * x
         return x0 + (sigma_to / sigma_from) * (x - x0)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -211,6 +219,8 @@ class IsotropicGaussian(AnalyticModel):
 
     def ode_solution(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
         mu = self.mu.to(device=x.device, dtype=x.dtype)
+        if math.isinf(sigma_from):  # x = y noise-scaled: the limit sqrt(c^2 + sigma_to^2) y
+            return mu + (self.c**2 + sigma_to**2) ** 0.5 * x
         ratio = ((self.c**2 + sigma_to**2) / (self.c**2 + sigma_from**2)) ** 0.5
         return mu + ratio * (x - mu)
 

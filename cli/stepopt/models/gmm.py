@@ -80,17 +80,55 @@ class GaussianMixture(AnalyticModel):
         return self._posterior(x, sigma)[0]
 
     def _posterior(self, x: torch.Tensor, sigma: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        log_w, mu, s, u = self._on(x.device)
         b = x.shape[0]
-        xf = x.reshape(b, -1).to(torch.float64)
         sig = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1)
         sig = sig.expand(b) if sig.numel() == 1 else sig
+        inf = torch.isinf(sig.detach())
+        if bool(inf.any()):
+            # Pure noise: x is noise-scaled (README: Conventions); the scaled form at rho = 1/sigma = 0.
+            rho = torch.zeros(b, dtype=torch.float64, device=x.device)
+            if bool(inf.all()):
+                return self._posterior_scaled(x, rho)
+            fin = ~inf
+            lr_i, post_i = self._posterior_scaled(x[inf], rho[inf])
+            lr_f, post_f = self._posterior(x[fin], sig[fin])
+            log_r = torch.empty((b, *lr_f.shape[1:]), dtype=lr_f.dtype, device=x.device)
+            post = torch.empty((b, *post_f.shape[1:]), dtype=post_f.dtype, device=x.device)
+            log_r[inf], log_r[fin] = lr_i, lr_f
+            post[inf], post[fin] = post_i, post_f
+            return log_r, post
+        log_w, mu, s, u = self._on(x.device)
+        xf = x.reshape(b, -1).to(torch.float64)
         var = s[None] + (sig * sig)[:, None, None]  # (B, K, d): eigenvalues of Sigma_k + sigma^2 I
         z = torch.einsum("bkd,kde->bke", xf[:, None, :] - mu[None], u)  # U_k^T (x - mu_k)
         log_p = log_w[None] - 0.5 * (torch.log(var).sum(-1) + (z * z / var).sum(-1) + self.dim * math.log(2 * math.pi))
         log_r = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
         post = mu[None] + torch.einsum("bke,kde->bkd", z * (s[None] / var), u)  # E[x0 | x, k]
         return log_r, post
+
+    def _posterior_scaled(self, y: torch.Tensor, rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior in the noise-scaled state ``y = x / sigma`` at ``rho = 1 / sigma`` >= 0 (finite at rho = 0).
+
+        With ``x = y / rho``: ``(x - mu)^2 / (s + sigma^2) = (y - rho mu)^2 / (1 + s rho^2)`` and
+        ``Sigma (Sigma + sigma^2 I)^{-1} (x - mu) = U diag(s rho / (1 + s rho^2)) U^T (y - rho mu)``; the
+        log-determinants differ from the unscaled ones by ``-2 d log rho``, the same for every component.
+        """
+        log_w, mu, s, u = self._on(y.device)
+        b = y.shape[0]
+        yf = y.reshape(b, -1).to(torch.float64)
+        r = rho.reshape(-1, 1, 1)
+        var = 1.0 + s[None] * r * r  # (B, K, d): (s + sigma^2) rho^2
+        z = torch.einsum("bkd,kde->bke", yf[:, None, :] - r * mu[None], u)
+        log_p = log_w[None] - 0.5 * (torch.log(var).sum(-1) + (z * z / var).sum(-1))
+        log_r = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+        post = mu[None] + torch.einsum("bke,kde->bkd", z * (s[None] * r / var), u)
+        return log_r, post
+
+    def denoise_scaled(self, y: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+        """D at ``sigma = 1 / rho`` from the noise-scaled state ``y = x / sigma`` (rho = 0: pure noise)."""
+        log_r, post = self._posterior_scaled(y, rho)
+        d = torch.einsum("bk,bkd->bd", log_r.exp(), post)
+        return d.reshape(y.shape).to(y.dtype)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         log_r, post = self._posterior(x, sigma)
@@ -121,9 +159,28 @@ class GaussianMixture(AnalyticModel):
         rtol: float = 1e-12,
         atol: float = 1e-12,
     ) -> torch.Tensor:
-        """Integrate dx/ds = x - D(x, e^s), s = log sigma, from ``sigma_from`` to ``sigma_to`` (DOP853)."""
+        """Integrate dx/ds = x - D(x, e^s), s = log sigma, from ``sigma_from`` to ``sigma_to`` (DOP853).
+
+        From ``sigma_from = inf`` (``x`` noise-scaled) the first part runs in the frame where pure noise
+        is finite: ``dy/drho = D`` for ``y = x / sigma``, ``rho = 1 / sigma`` from 0 to
+        ``min(1 / sigma_to, 1)``, then in log sigma from sigma = 1 on.
+        """
         shape, dtype, device = x.shape, x.dtype, x.device
         b = shape[0]
+        if math.isinf(sigma_from):
+            rho_end = min(1.0 / sigma_to, 1.0)
+            yy0 = x.detach().reshape(-1).to(torch.float64).cpu().numpy()
+
+            def rhs_scaled(rho: float, yv: np.ndarray) -> np.ndarray:
+                yt = torch.from_numpy(yv).reshape(b, self.dim)
+                r = torch.full((b,), rho, dtype=torch.float64)
+                return self.denoise_scaled(yt, r).reshape(-1).numpy()
+
+            sol = solve_ivp(rhs_scaled, (0.0, rho_end), yy0, method="DOP853", rtol=rtol, atol=atol)
+            if not sol.success:  # pragma: no cover
+                raise RuntimeError(f"exact ODE reference failed: {sol.message}")
+            x_mid = torch.from_numpy(sol.y[:, -1].copy() / rho_end).reshape(shape)
+            return self.ode_solution(x_mid, 1.0 / rho_end, sigma_to, rtol, atol).to(device=device, dtype=dtype)
         y0 = x.detach().reshape(-1).to(torch.float64).cpu().numpy()
 
         def rhs(s: float, y: np.ndarray) -> np.ndarray:

@@ -40,6 +40,9 @@ DPM-Solver reference lowers the final orders only when N < 10 (diffusers: N < 15
 never); here the policy does not depend on N: it is part of the solver identity a schedule
 records. Without it, ``min(s+1, K)``. One evaluation per step (N); any N >= 1 works (short grids
 simply never reach order K).
+
+From pure noise (``sigmas[0] = inf``, noise-scaled state ``y_0``; ``stepopt.solvers._common``): step 0
+is ``x_1 = sigma_1 y_0 + D_0`` (h = inf, phi_1 = -1), and the rest is the solver on ``sigmas[1:]``.
 """
 
 from __future__ import annotations
@@ -50,7 +53,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stepopt._lazy import lazy_module
-from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise, scalar, step_order
+from stepopt.solvers._common import (
+    Callback,
+    Denoiser,
+    as_grid,
+    check_grid,
+    denoise,
+    from_noise_ddim,
+    pure_noise,
+    scalar,
+    step_order,
+)
 from stepopt.solvers.registry import SolverIdentity, SolverSpec, register
 
 # dpmpp-3m variants (module docstring): reference (phi_3, midpoint order 2), taylor (phi_3, taylor
@@ -97,12 +110,17 @@ def dpmpp_multistep(
     def mul(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return c.to(dtype) * v
 
+    inf0 = pure_noise(sig)
     ds: list[torch.Tensor] = []  # data predictions D_s, D_{s-1}, ... (newest first)
     for s in range(n):
         d = denoise(denoiser, x, msig[s], cond)
-        ds = [d, *ds][:order]
-        k = step_order(s, n, order, lower_order_final)
-        x = scalar(sig[s + 1] / sig[s], x) * x + dpmpp_update(lam, s, k, variant, ds, mul)
+        k = step_order(s, n, order, lower_order_final, from_noise=inf0)
+        if s == 0 and inf0:
+            # From pure noise: the DDIM limit; D_0 (at lam = -inf) enters no later step.
+            x = from_noise_ddim(sig, x, d)
+        else:
+            ds = [d, *ds][:order]
+            x = scalar(sig[s + 1] / sig[s], x) * x + dpmpp_update(lam, s, k, variant, ds, mul)
         if callback is not None:
             callback({"i": s, "x": x, "denoised": d, "sigma": sig[s], "sigma_next": sig[s + 1], "order": k})
     return x

@@ -2,6 +2,7 @@
 
 x_{i+1} = D_i + (sigma_{i+1} / sigma_i) (x_i - D_i), which equals the Euler step
 x_i + (sigma_{i+1} - sigma_i) (x_i - D_i) / sigma_i of dx/dsigma = (x - D(x, sigma)) / sigma.
+From ``sigma_0 = inf`` (noise-scaled state ``y_0``): ``x_1 = sigma_1 y_0 + D_0``, its limit.
 """
 
 from __future__ import annotations
@@ -12,7 +13,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stepopt._lazy import lazy_module
-from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise, scalar
+from stepopt.solvers._common import (
+    Callback,
+    Denoiser,
+    as_grid,
+    check_grid,
+    denoise,
+    from_noise_ddim,
+    pure_noise,
+    scalar,
+)
 from stepopt.solvers.registry import SolverIdentity, SolverSpec, register
 
 if TYPE_CHECKING:
@@ -34,9 +44,13 @@ def euler(
     sig = as_grid(sigmas, x)
     msig = None if model_sigmas is None else as_grid(model_sigmas, x)
     check_grid(sig, msig)
+    inf0 = pure_noise(sig)
     for i in range(sig.shape[0] - 1):
         d = denoise(denoiser, x, sig[i] if msig is None else msig[i], cond)
-        x = d + scalar(sig[i + 1] / sig[i], x) * (x - d)
+        if i == 0 and inf0:
+            x = from_noise_ddim(sig, x, d)  # x is noise-scaled at sigma = inf
+        else:
+            x = d + scalar(sig[i + 1] / sig[i], x) * (x - d)
         if callback is not None:
             callback({"i": i, "x": x, "denoised": d, "sigma": sig[i], "sigma_next": sig[i + 1]})
     return x

@@ -11,6 +11,12 @@ Algorithm 1 skips the corrector when sigma_{i+1} = 0. Schedules end at sigma_min
 so every step corrects and the exact NFE is 2N; a grid that does end at 0 gets the paper's Euler
 last step here, but no schedule file can carry one.
 
+From pure noise (``sigmas[0] = inf``, noise-scaled state ``y_0``) the trapezoid in sigma has no
+limit (its corrector weighs ``D_0 - D_1`` by ``(sigma_0 - sigma_1) / (2 sigma_1)``), so the first
+step is Heun's rule on the noise-scaled ODE ``dy/drho = D`` (rho = 1/sigma): the Euler predictor
+``sigma_1 y_0 + D_0`` (the same as EDM's) and the trapezoid ``x_1 = sigma_1 y_0 + (D_0 + D_1) / 2``.
+Still two evaluations.
+
 Decoupled model time: the denoiser sees ``model_sigmas[i]`` at node i and ``model_sigmas[i+1]``
 for the corrector's evaluation at the end of the step (the node it belongs to); every
 coefficient, including the ``1/sigma`` inside ``d``, uses ``sigmas``.
@@ -24,7 +30,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stepopt._lazy import lazy_module
-from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise
+from stepopt.solvers._common import (
+    Callback,
+    Denoiser,
+    as_grid,
+    check_grid,
+    denoise,
+    from_noise_ddim,
+    from_noise_trapezoid,
+    pure_noise,
+)
 from stepopt.solvers.registry import SolverIdentity, SolverSpec, register
 
 if TYPE_CHECKING:
@@ -51,10 +66,15 @@ def heun(
     def mul(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return c.to(dtype) * v
 
+    inf0 = pure_noise(sig)
     for i in range(sig.shape[0] - 1):
         s, s_next = sig[i], sig[i + 1]
         d = denoise(denoiser, x, msig[i], cond)
-        if s_next > 0:
+        if i == 0 and inf0:
+            # From pure noise (x noise-scaled): Euler predictor, then the trapezoid in rho = 1/sigma.
+            d_pred = denoise(denoiser, from_noise_ddim(sig, x, d), msig[1], cond)
+            x = from_noise_trapezoid(sig, x, d, d_pred)
+        elif s_next > 0:
             x = heun_step(sig, i, x, d, lambda x_pred: denoise(denoiser, x_pred, msig[i + 1], cond), mul)  # noqa: B023
         else:
             x = x + mul((s_next - s) / s, x - d)  # Euler last step to sigma = 0 (Alg. 1)

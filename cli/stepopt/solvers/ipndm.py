@@ -19,6 +19,9 @@ Adams-Bashforth multistep on the ODE ``dx/dsigma = d(x, sigma) = (x - D(x, sigma
   polynomial through (sigma_{i-j}, d_{i-j}), from one small Vandermonde solve; order k on any
   smooth grid, and identical to ``ipndm`` on a uniform grid.
 
+From pure noise (``sigmas[0] = inf``, noise-scaled state ``y_0``): step 0 is the Euler/DDIM limit
+``x_1 = sigma_1 y_0 + D_0`` and the rest is iPNDM on ``sigmas[1:]`` (warm-up from order 1).
+
 One evaluation per step (NFE = N). Decoupled model time: D is evaluated at ``model_sigmas[i]``; the
 ``1/sigma`` in ``d`` and every weight use ``sigmas``.
 """
@@ -31,7 +34,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stepopt._lazy import lazy_module
-from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise, scalar
+from stepopt.solvers._common import (
+    Callback,
+    Denoiser,
+    as_grid,
+    check_grid,
+    denoise,
+    from_noise_ddim,
+    pure_noise,
+    scalar,
+)
 from stepopt.solvers.registry import SolverIdentity, SolverSpec, register
 
 if TYPE_CHECKING:
@@ -104,13 +116,19 @@ def _ipndm(
     def mul(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return c.to(dtype) * v
 
+    inf0 = pure_noise(sig)
     slopes: list[torch.Tensor] = []  # d_i, d_{i-1}, ... (newest first)
     for i in range(sig.shape[0] - 1):
         den = denoise(denoiser, x, msig[i], cond)
-        slopes = [scalar(1 / sig[i], x) * (x - den), *slopes][:order]
-        x = x + ipndm_increment(sig, i, variable, slopes, mul)
+        if i == 0 and inf0:
+            # From pure noise: the DDIM (Euler) limit; the slope at sigma = inf enters no later step.
+            x = from_noise_ddim(sig, x, den)
+        else:
+            slopes = [scalar(1 / sig[i], x) * (x - den), *slopes][:order]
+            x = x + ipndm_increment(sig, i, variable, slopes, mul)
         if callback is not None:
-            callback({"i": i, "x": x, "denoised": den, "sigma": sig[i], "sigma_next": sig[i + 1], "order": len(slopes)})
+            info = {"i": i, "x": x, "denoised": den, "sigma": sig[i], "sigma_next": sig[i + 1]}
+            callback({**info, "order": max(1, len(slopes))})
     return x
 
 

@@ -25,6 +25,10 @@ The solver evaluates only at anchors and springboards: it never visits the other
 state there; the callback reports the anchors), so methods that need the state at every grid point
 (``oss``) refuse it.
 
+From pure noise (``sigmas[0] = inf``): the first step is the base solver's DDIM limit from the
+noise-scaled state; its evaluation (at ``lam = -inf``) is reused by no later step, so the next
+anchor evaluates plainly (no springboard) and the 2M history starts there.
+
 Reference code vs paper: the reference's DPM-Solver version (singlestep) moves the state to the
 springboard and continues from there (the foresight jump from x_a is commented out); its DDIM
 version and the paper jump from x_a with the future gradient. stepopt follows the paper for both
@@ -38,7 +42,17 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from stepopt._lazy import lazy_module
-from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise, scalar, step_order
+from stepopt.solvers._common import (
+    Callback,
+    Denoiser,
+    as_grid,
+    check_grid,
+    denoise,
+    from_noise_ddim,
+    pure_noise,
+    scalar,
+    step_order,
+)
 from stepopt.solvers.euler import euler
 from stepopt.solvers.registry import SolverIdentity, SolverSpec, register
 
@@ -103,7 +117,8 @@ class _Foresight:
         sa = self.sig[a]
         if m == 0 or b - a == 1 or self.past is None:
             d = denoise(self.denoiser, x, self.msig[a], cond)
-            self.past = self._grad(x, d, sa)
+            # The gradient at sigma = inf is reused by no later step (the next anchor evaluates plainly).
+            self.past = None if bool(torch.isinf(sa.detach())) else self._grad(x, d, sa)
             return d
         f = a + min(self.h, b - a - 1)
         sf = self.sig[f]
@@ -188,12 +203,13 @@ def pfdiff_dpmpp_2m(
     msig = sig if model_sigmas is None else as_grid(model_sigmas, x)
     check_grid(sig, msig)
     lam = -torch.log(sig)
+    inf0 = pure_noise(sig)
     nodes = anchors(sig.shape[0] - 1, k)
     n = len(nodes) - 1
     evals: list[tuple[torch.Tensor, torch.Tensor]] = []  # (lam, D) of the last two evaluations, newest first
     for s in range(n):
         a, b = nodes[s], nodes[s + 1]
-        if s == 0 or b - a == 1:
+        if s == 0 or b - a == 1 or not evals:
             node, x_e = a, x
         else:
             # Past: DDIM springboard with the newest prediction; future: evaluate there.
@@ -201,14 +217,18 @@ def pfdiff_dpmpp_2m(
             d_past = evals[0][1]
             x_e = d_past + scalar(sig[node] / sig[a], x) * (x - d_past)
         d = denoise(denoiser, x_e, msig[node], cond)
-        evals = [(lam[node], d), *evals][:2]
-        h = lam[b] - lam[a]
-        order = step_order(s, n, 2, lower_order_final)
-        d_eff = d
-        if order == 2 and len(evals) == 2:
-            (l0, d0), (l1, d1) = evals
-            d_eff = d0 + scalar((lam[a] + h / 2 - l0) / (l0 - l1), x) * (d0 - d1)
-        x = scalar(sig[b] / sig[a], x) * x - scalar(torch.expm1(-h), x) * d_eff
+        order = step_order(s, n, 2, lower_order_final, from_noise=inf0)
+        if s == 0 and inf0:
+            # From pure noise: the DDIM limit; the evaluation at lam = -inf enters no later step.
+            x = from_noise_ddim(sig[[a, b]], x, d)
+        else:
+            evals = [(lam[node], d), *evals][:2]
+            h = lam[b] - lam[a]
+            d_eff = d
+            if order == 2 and len(evals) == 2:
+                (l0, d0), (l1, d1) = evals
+                d_eff = d0 + scalar((lam[a] + h / 2 - l0) / (l0 - l1), x) * (d0 - d1)
+            x = scalar(sig[b] / sig[a], x) * x - scalar(torch.expm1(-h), x) * d_eff
         if callback is not None:
             callback({"i": b - 1, "x": x, "denoised": d, "sigma": sig[a], "sigma_next": sig[b], "order": order})
     return x

@@ -23,6 +23,11 @@ which satisfies the condition up to O(h) and keeps the order; we do the same, so
 reference UniPC (tests compare with the diffusers port to 1e-11). UniC-k raises the order of UniP-k
 by one: UniPC of order p converges with order p+1 (measured by the contract suite).
 
+From pure noise (``sigmas[0] = inf``, noise-scaled state ``y_0``; ``stepopt.solvers._common``):
+step 0 predicts ``sigma_1 y_0 + D_0`` (the DDIM limit) and corrects with the trapezoid in rho = 1/sigma,
+``x_1 = sigma_1 y_0 + (D_0 + D_1) / 2`` (bh2's limit with the paper's c_1 = 1/2; bh1's ``B(h) = -h``
+has no limit at h = inf, so both variants take it); the rest is UniPC on ``sigmas[1:]`` with D_1.
+
 Step order: ``min(s+1, K, N-s)`` with ``lower_order_final`` (default), else ``min(s+1, K)``, the
 same policy as ``dpmpp-*`` (see ``dpmpp.py``).
 """
@@ -36,7 +41,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stepopt._lazy import lazy_module
-from stepopt.solvers._common import Callback, Denoiser, as_grid, check_grid, denoise, scalar, step_order
+from stepopt.solvers._common import (
+    Callback,
+    Denoiser,
+    as_grid,
+    check_grid,
+    denoise,
+    from_noise_ddim,
+    from_noise_trapezoid,
+    pure_noise,
+    scalar,
+    step_order,
+)
 from stepopt.solvers.registry import SolverIdentity, SolverSpec, register
 
 if TYPE_CHECKING:
@@ -137,23 +153,32 @@ def unipc(
     def mul(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return c.to(dtype) * v
 
+    inf0 = pure_noise(sig)
     d = denoise(denoiser, x, msig[0], cond)
     ds: list[torch.Tensor] = [d]  # D_s, D_{s-1}, ... (newest first)
     for s in range(n):
-        k = step_order(s, n, order, lower_order_final)
-        ratio = scalar(sig[s + 1] / sig[s], x)
-        x_pred = ratio * x + unipc_update(lam, s, k, variant, ds, None, mul)
-        if s < n - 1:
-            # The corrector reuses the evaluation at the predicted point as the next step's D.
-            d_next = denoise(denoiser, x_pred, msig[s + 1], cond)
-            x_next = ratio * x + unipc_update(lam, s, k, variant, ds, d_next, mul)
+        k = step_order(s, n, order, lower_order_final, from_noise=inf0)
+        if s == 0 and inf0:
+            # From pure noise (x noise-scaled): UniP-1 is the DDIM limit; UniC-1 with B(h) c_1 -> -1/2
+            # (bh2's limit; bh1's B(h) = -h has none) is the trapezoid in rho = 1/sigma.
+            x_pred = from_noise_ddim(sig, x, d)
+            d_next = denoise(denoiser, x_pred, msig[1], cond) if n > 1 else d
+            x_next = from_noise_trapezoid(sig, x, d, d_next) if n > 1 else x_pred
         else:
-            d_next, x_next = d, x_pred
+            ratio = scalar(sig[s + 1] / sig[s], x)
+            x_pred = ratio * x + unipc_update(lam, s, k, variant, ds, None, mul)
+            if s < n - 1:
+                # The corrector reuses the evaluation at the predicted point as the next step's D.
+                d_next = denoise(denoiser, x_pred, msig[s + 1], cond)
+                x_next = ratio * x + unipc_update(lam, s, k, variant, ds, d_next, mul)
+            else:
+                d_next, x_next = d, x_pred
         x = x_next
         if callback is not None:
             callback({"i": s, "x": x, "denoised": d, "sigma": sig[s], "sigma_next": sig[s + 1], "order": k})
+        # The evaluation at sigma = inf enters no later step.
+        ds = [d_next] if (s == 0 and inf0) else [d_next, *ds][:order]
         d = d_next
-        ds = [d, *ds][:order]
     return x
 
 
