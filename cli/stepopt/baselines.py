@@ -11,6 +11,19 @@
   ``sigma_i = tan((1 - i/N) atan(smax) + (i/N) atan(smin))``;
 * ``interpolate``: log-linear interpolation of an existing schedule to another step count
   (AYS Sec. 3.3: reverse to ascending, interpolate log sigma over linspace(0, 1), endpoints kept).
+* ``flow-default`` (flow models only, :data:`FLOW_BASELINES`): what a flow pipeline gives today
+  (diffusers' ``FlowMatchEulerDiscreteScheduler`` in the SD3 / FLUX pipelines): ``u = linspace(1, 1/M,
+  M)``, shifted (``t = s u / (1 + (s-1) u)``, FLUX: ``s = e^mu``), then t = 0. M = N + 1 evaluations:
+  the N+1 points are ``sigma = s u / (1 - u)`` (the first ``inf``) and the jump to t = 0 is
+  ``final_step: denoise``. Its last point is the pipeline's ``s / N``, not the model's sigma_min.
+
+Models whose range includes pure noise (``sigma_max = inf``, flow models): ``time-uniform`` /
+``time-quadratic`` are uniform / quadratic in the native flow time from t = 1 (sigma = inf) down,
+and ``kl-optimal`` is its formula with ``atan(inf) = pi/2``; both begin at ``inf`` by themselves.
+``edm`` and ``logsnr`` have no finite form there (``inf^(1/rho)``, ``log inf``): they are ``inf``
+followed by their N-1 step grid from the largest finite training noise level of the frame,
+``sigma_top`` (flow: ``t = shift(1 - 1/1000)``, ``sigma = 999 s``, where diffusers'
+``DPMSolverMultistepScheduler(use_flow_sigmas=True)`` starts), to sigma_min.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from stepopt.errors import StepoptError
-from stepopt.frames import NoiseFrame, VPDiscrete, VPLinear
+from stepopt.frames import Flow, NoiseFrame, VPDiscrete, VPLinear
 from stepopt.registry import Registry
 
 
@@ -79,7 +92,8 @@ def _time(quadratic: bool) -> SigmasFn:
             t = (np.sqrt(t_hi) + u * (np.sqrt(t_lo) - np.sqrt(t_hi))) ** 2
         else:
             t = t_hi + u * (t_lo - t_hi)
-        return np.asarray(f.sigma(_from_continuous(f, t)), dtype=np.float64)
+        with np.errstate(divide="ignore"):  # flow: t = 1 is sigma = inf
+            return np.asarray(f.sigma(_from_continuous(f, t)), dtype=np.float64)
 
     return sigmas
 
@@ -105,6 +119,28 @@ register_baseline(BaselineSpec("time-uniform", _time(quadratic=False), _time_con
 register_baseline(BaselineSpec("time-quadratic", _time(quadratic=True), _time_config))
 register_baseline(BaselineSpec("kl-optimal", _kl_optimal, lambda frame, rho: {"c": 1.0}))
 BASELINES: tuple[str, ...] = tuple(BASELINE_SPECS.names())
+# Kinds only flow models have (not among the generic BASELINES that optimizers try on every model).
+FLOW_BASELINES = ("flow-default",)
+# Flow models' training steps (diffusers' num_train_timesteps): the largest finite t is shift(1 - 1/T).
+FLOW_TRAIN_STEPS = 1000
+
+
+def sigma_top(frame: NoiseFrame | None) -> float:
+    """The largest finite noise level of a frame whose range includes pure noise (flow: 999 s)."""
+    if isinstance(frame, Flow):
+        return float(frame.sigma(frame.shift_time(1.0 - 1.0 / FLOW_TRAIN_STEPS)))
+    raise StepoptError("a grid from sigma_max = inf needs a flow frame (its largest finite noise level)")
+
+
+def flow_default_sigmas(frame: NoiseFrame | None, n_steps: int) -> np.ndarray:
+    """The flow pipeline default for N + 1 evaluations: N + 1 points from inf (then ``final_step: denoise``)."""
+    if not isinstance(frame, Flow):
+        raise StepoptError("baseline 'flow-default' is for flow models (time: flow) only")
+    m = n_steps + 1
+    u = np.linspace(1.0, 1.0 / m, m)
+    s = np.asarray(frame.sigma(frame.shift_time(u)), dtype=np.float64)
+    s[0] = math.inf
+    return s
 
 
 def baseline_sigmas(
@@ -124,7 +160,15 @@ def baseline_sigmas(
         raise StepoptError(f"a schedule needs at least 1 step, got {n_steps}")
     if not 0 < sigma_min < sigma_max:
         raise StepoptError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+    if kind == "flow-default":
+        return flow_default_sigmas(frame, n_steps)
     spec = BASELINE_SPECS.get(kind)
+    if math.isinf(sigma_max) and kind in ("edm", "logsnr"):
+        # No finite form at inf: pure noise, then the kind's N-1 steps from the largest finite level.
+        if n_steps == 1:
+            return np.array([math.inf, sigma_min])
+        top = sigma_top(frame)
+        return np.concatenate([[math.inf], baseline_sigmas(kind, n_steps - 1, top, sigma_min, frame, rho)])
     u = np.linspace(0.0, 1.0, n_steps + 1)
     s = np.asarray(spec.sigmas(u, sigma_max, sigma_min, frame if frame is not None else VPLinear(), rho), np.float64)
     s[0], s[-1] = sigma_max, sigma_min
@@ -173,4 +217,9 @@ def interpolate_loglinear(sigmas: Sequence[float] | np.ndarray, n_steps: int) ->
 
 def baseline_config(kind: str, frame: NoiseFrame | None, rho: float) -> dict[str, Any]:
     """The resolved configuration a baseline schedule file records."""
-    return BASELINE_SPECS.get(kind).config(frame if frame is not None else VPLinear(), rho)
+    if kind == "flow-default" and isinstance(frame, Flow):
+        return {"shift": frame.shift, "mu": frame.mu, "u": "linspace(1, 1/M, M), M = N + 1"}
+    cfg = BASELINE_SPECS.get(kind).config(frame if frame is not None else VPLinear(), rho)
+    if kind in ("edm", "logsnr") and frame is not None and math.isinf(frame.sigma_max):
+        cfg = {**cfg, "from_pure_noise": f"inf, then {kind} from sigma_top = {sigma_top(frame)!r}"}
+    return cfg

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from stepopt._defaults import DEFAULT_MODEL
-from stepopt.baselines import BASELINES, interpolate_loglinear
+from stepopt.baselines import BASELINES, FLOW_BASELINES, interpolate_loglinear
 from stepopt.cli.app import (
     DEFAULT_NFE,
     DEFAULT_SOLVER,
@@ -42,7 +42,7 @@ from stepopt.provenance import provenance
 from stepopt.schedule import MethodInfo, Schedule
 from stepopt.solvers import get_solver
 
-KINDS = (*BASELINES, "interpolate")
+KINDS = (*BASELINES, *FLOW_BASELINES, "interpolate")
 
 
 @command("baseline")
@@ -72,7 +72,8 @@ def baseline(
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Write a hand-crafted schedule (edm, logsnr, time-uniform, time-quadratic, kl-optimal, interpolate)."""
+    """Write a hand-crafted schedule (edm, logsnr, time-uniform, time-quadratic, kl-optimal, flow-default,
+    interpolate)."""
     from stepopt.build import baseline_schedule
     from stepopt.model_cards import model_card
 

@@ -16,6 +16,7 @@ import torch
 from stepopt._defaults import DEFAULT_MODEL
 from stepopt.errors import StepoptError
 from stepopt.models.base import AnalyticModel, DiffusionModel, IsotropicGaussian, LoadOptions, PointMass
+from stepopt.models.flow import GaussianMixtureFlow, load_gmm_digits_flow
 from stepopt.models.gmm import GaussianMixture, load_digits, load_gmm_digits
 from stepopt.models.loaders import load_edm_pickle, load_python_factory
 from stepopt.registry import Registry
@@ -28,6 +29,7 @@ __all__ = [
     "AnalyticModel",
     "DiffusionModel",
     "GaussianMixture",
+    "GaussianMixtureFlow",
     "IsotropicGaussian",
     "LoadOptions",
     "LoaderSpec",
@@ -73,6 +75,12 @@ def register_builtin(name: str, factory: Callable[[], DiffusionModel], summary: 
 
 
 register_builtin("gmm-digits", load_gmm_digits, "10-component GMM fit to the 8x8 digits; exact denoiser (default)")
+register_builtin(
+    "gmm-digits-flow",
+    load_gmm_digits_flow,
+    "the same GMM as a rectified-flow velocity model from pure noise (sigma_max inf); shift 3 "
+    "(builtin:gmm-digits-flow:shift=S or :mu=M for others); exact denoiser and ODE",
+)
 register_builtin("unet-digits", _unet_digits, "small EDM-preconditioned UNet trained on the 8x8 digits (safetensors)")
 register_builtin(
     "gaussian", _gaussian, "isotropic Gaussian N(0, 0.5^2 I) on 8x8; closed-form ODE (analytic test model)"
@@ -156,6 +164,9 @@ def load_model(
 
 
 def _load_builtin(name: str, options: LoadOptions) -> DiffusionModel:
+    base, osep, opts = name.partition(":")
+    if osep and base == "gmm-digits-flow":  # the one built-in with options: shift=S or mu=M
+        return load_gmm_digits_flow(opts).to(options.device, None)
     if name not in BUILTINS:
         raise StepoptError(f"unknown built-in model 'builtin:{name}'; expected one of {', '.join(builtin_names())}")
     model = BUILTINS.get(name).factory()
