@@ -585,3 +585,13 @@ def test_show_json_says_whether_a_file_needs_trust_code(good: Path, tmp_path: Pa
     assert json.loads(run("show", good, "--json", ok=True).stdout)["needs_trust_code"] is False
     assert json.loads(run("show", "published:ays-sd15", "--json", ok=True).stdout)["needs_trust_code"] is False
     assert not (tmp_path / "ran.txt").exists()
+
+
+def test_trust_region_says_how_far_a_long_search_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large N runs for minutes: the search reports its stages (here at once; by default after 5 s)."""
+    r = run("optimize", "--nfe", 8, "--out", tmp_path / "a.yaml", ok=True)
+    assert "screening every start" not in r.stderr  # a short run stays quiet
+    monkeypatch.setattr("stepopt.optimizers.trust_region.search.PROGRESS_SECONDS", 0.0)
+    r = run("optimize", "--nfe", 8, "--out", tmp_path / "b.yaml", ok=True)
+    assert "trust-region: N=8, screening every start: start logsnr done" in r.stderr
+    assert "refining the best grid" in r.stderr

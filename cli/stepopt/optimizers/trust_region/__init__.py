@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,6 +183,7 @@ def optimize_grid(
     cfg: TrustRegionConfig,
     resolved: Resolved,
     seed: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[Solution, ErrorBound]:
     """The model-free part: minimize the bound for this solver, N and hyperparameters."""
     solver_orders(identity, n_steps)
@@ -203,7 +205,11 @@ def optimize_grid(
         v = bound.value(np.empty(0))
         return Solution(lam, v, resolved.init, v, ()), bound
     starts = make_starts(model, n_steps, resolved.init, cfg, seed)
-    return minimize_bound(bound, starts, cfg), bound
+    return minimize_bound(bound, starts, cfg, log), bound
+
+
+def _logger(ctx: OptimizeContext) -> Callable[[str], None]:
+    return lambda message: ctx.report("log", message=message)
 
 
 def _objective(sol: Solution, bound: ErrorBound, resolved: Resolved) -> dict[str, Any]:
@@ -241,7 +247,7 @@ def run(ctx: OptimizeContext, cfg: TrustRegionConfig) -> OptimizeResult:
         return _run_select(ctx, cfg, report)
     resolved = resolve(cfg, ctx.model, n)
     t0 = time.perf_counter()
-    sol, bound = optimize_grid(ctx.model, ctx.solver, n, cfg, resolved, ctx.seed)
+    sol, bound = optimize_grid(ctx.model, ctx.solver, n, cfg, resolved, ctx.seed, log=_logger(ctx))
     report.update(
         resolved=resolved.to_dict(),
         latent=_is_latent(ctx.model),
@@ -355,7 +361,7 @@ def _run_select(ctx: OptimizeContext, cfg: TrustRegionConfig, report: dict[str, 
                 if key in seen:  # e.g. tau "auto" = 3 at N = 5: the same problem
                     continue
                 seen.add(key)
-                sol, bound = optimize_grid(ctx.model, ctx.solver, n, cfg, resolved, ctx.seed)
+                sol, bound = optimize_grid(ctx.model, ctx.solver, n, cfg, resolved, ctx.seed, log=_logger(ctx))
                 sig = _sigmas(ctx, sol.lam)
                 err = rmse(sig)
                 tau_label = f"{tau}({resolved.tau})" if tau in ("auto", "paper") else str(tau)

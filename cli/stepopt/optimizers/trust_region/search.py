@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,9 @@ from stepopt.errors import StepoptError
 from stepopt.models.base import DiffusionModel
 from stepopt.optimizers.trust_region.bound import ErrorBound
 from stepopt.optimizers.trust_region.config import INITS, TrustRegionConfig
+
+# A long search (large N) says how far it is, at most once every PROGRESS_SECONDS (nothing for short runs).
+PROGRESS_SECONDS = 5.0
 
 # --------------------------------------------------------------------------------------------
 # Solving: linear constraint, starts, multistart.
@@ -111,6 +115,7 @@ def minimize_bound(
     bound: ErrorBound,
     starts: dict[str, np.ndarray],
     cfg: TrustRegionConfig,
+    log: Callable[[str], None] | None = None,
 ) -> Solution:
     """Minimize ``bound`` from every start (N+1 lam's each); keep the best exact objective.
 
@@ -118,8 +123,18 @@ def minimize_bound(
     when ``cfg.screen == "slsqp"``, else solved by trust-constr; the best screened grid is then
     refined by trust-constr. Kinked objectives are solved through the smoothing continuation of
     ``cfg.smoothing`` (relative to the mean term J(start)/N). Every start is itself a candidate,
-    so the result is never worse than the best start.
+    so the result is never worse than the best start. ``log(message)`` hears how far a long search
+    is (after :data:`PROGRESS_SECONDS`, then at most that often).
     """
+    t_start = time.perf_counter()
+    last_note = [t_start]
+
+    def note(message: str) -> None:
+        now = time.perf_counter()
+        if log is not None and now - last_note[0] >= PROGRESS_SECONDS:
+            last_note[0] = now
+            log(f"trust-region: {message} ({now - t_start:.0f} s)")
+
     n = bound.n_steps
     constraint = monotone_constraint(n, bound.lam_start, bound.lam_end, cfg.min_gap)
     first = next(iter(starts.values()))
@@ -178,6 +193,9 @@ def minimize_bound(
                 if v < st["best"][0]:
                     st["best"] = (v, name, lam)
             st["sec"] += time.perf_counter() - t0
+            best_now = min(x["best"][0] for x in state.values())
+            what = "screening every start" if stage < 0 else f"stage {stage + 1}/{n_stages + 1} of the finalists"
+            note(f"N={n}, {what}: start {name} done, best bound so far {best_now:.6g}")
     for name, st in state.items():
         cands.append(st["best"])
         runs.append(
@@ -194,6 +212,7 @@ def minimize_bound(
     if screen == "SLSQP":
         # The solver of record: trust-constr under the linear constraint, from the best screened
         # grid, on the exact objective unless a kink is (nearly) active there.
+        note(f"N={n}: refining the best grid (start {best[1]}, bound {best[0]:.6g}) with trust-constr")
         t0 = time.perf_counter()
         mu_last = widths(bound.value(starts_x[best[1]]))[-1]
         mu = mu_last if exact_stage_mu(best[2], mu_last) is None else 0.0
