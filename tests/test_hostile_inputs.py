@@ -595,3 +595,39 @@ def test_trust_region_says_how_far_a_long_search_is(tmp_path: Path, monkeypatch:
     r = run("optimize", "--nfe", 8, "--out", tmp_path / "b.yaml", ok=True)
     assert "trust-region: N=8, screening every start: start logsnr done" in r.stderr
     assert "refining the best grid" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "sample --schedule {evil} --out {d}/x.npz",
+        "sample --schedule {good} --n 4 --seed 9223372036854775806 --out {d}/x.npz",
+        "sample --schedule {good} --out {d}",
+        "optimize -m python:os:system --out {d}/s.yaml",
+        "optimize -O ld3 --out {d}",
+        "eval {evil} --n 2",
+    ],
+)
+def test_refusals_come_before_the_heavy_imports(good: Path, tmp_path: Path, case: str) -> None:
+    """A mistake costs nothing: these are refused before torch is imported (a process of its own)."""
+    import subprocess
+    import sys
+
+    import stepopt
+
+    evil = _evil_schedule(good, tmp_path, f"python:{tmp_path}/evil.py:f")
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "samples.npz").mkdir()  # `sample --out DIR` writes DIR/samples.npz: here a folder
+    args = case.format(evil=evil, good=good, d=d).split()
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom stepopt.cli import app\n"
+        "r = CliRunner().invoke(app, sys.argv[1:])\n"
+        "print(r.exit_code, 'torch' in sys.modules)\nprint(r.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(stepopt.__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+    first, _, stderr = p.stdout.partition("\n")
+    assert first.split()[0] in ("1", "2") and "Traceback" not in p.stdout + p.stderr, p.stdout + p.stderr
+    assert first.split()[1] == "False", f"torch was imported before refusing: {stderr}"
+    assert not (tmp_path / "ran.txt").exists()

@@ -48,3 +48,17 @@ def check_file_model(
         f"{source}: model.id '{model_id}' is not a built-in model and loading it needs {TRUST_FLAG} ({risk});"
         f" pass {TRUST_FLAG} if you trust this file{other}"
     )
+
+
+def check_code_loader(model_id: str, trust_code: bool) -> None:
+    """Refuse a model id whose loader runs code (:data:`CODE_LOADERS`) unless ``trust_code``.
+
+    This holds wherever the id comes from (the command line too); torch-free, so commands check it
+    before any heavy import.
+    """
+    prefix = str(model_id).partition(":")[0]
+    if prefix in CODE_LOADERS and not trust_code:
+        raise StepoptError(
+            f"model '{model_id}': refusing to load without {TRUST_FLAG} ({CODE_LOADERS[prefix]}; pass {TRUST_FLAG}"
+            " only for code and checkpoints from a source you trust)"
+        )

@@ -81,6 +81,8 @@ def baseline(
         raise StepoptError(f"unknown baseline '{kind}'; expected one of {', '.join(KINDS)}")
     if rho is not None and kind != "edm":
         raise StepoptError(f"--rho is only used by the 'edm' baseline, not '{kind}'")
+    if out is not None:
+        check_writable(out, "--out")  # before any work
     spec = get_solver(solver)
     ident = spec.identity(order, variant, lower_order_final)
     n_steps = spec.steps_for_nfe(ident, nfe, final_step.value)

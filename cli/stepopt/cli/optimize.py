@@ -100,6 +100,13 @@ def optimize_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Optimize the time steps for a model, solver and NFE; write a v1 schedule file."""
+    from stepopt.trust import check_code_loader
+
+    # Checks that need no model or optimizer first (before the heavy imports).
+    check_code_loader(model, trust_code or trust_pickle)
+    if out is not None:
+        check_writable(out, "--out")
+
     from stepopt.optimizers import get_optimizer, optimize
 
     spec = get_optimizer(optimizer)

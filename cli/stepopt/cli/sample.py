@@ -130,13 +130,9 @@ def sample(
     debug: DebugOpt = False,
 ) -> None:
     """Generate samples with exactly the schedule's solver and grid; write .npz (and a PNG grid)."""
-    import torch
+    from stepopt.trust import check_code_loader, check_file_model
 
-    from stepopt.images import is_image_shape, save_grid
-    from stepopt.models.diffusers import conditioning_mismatches
-    from stepopt.sampling import sample_schedule, save_samples, schedule_mismatches
-    from stepopt.trust import check_file_model
-
+    # Every check that needs no model comes before the heavy imports: a mistake costs nothing.
     check_seed_range(seed, n)
     sched = Schedule.load(schedule)
     path = resolve_out(out, sched)
@@ -149,6 +145,14 @@ def sample(
     recorded = recorded if isinstance(recorded, dict) else None
     if model is None:
         check_file_model(sched.model.id, schedule, trust_code or trust_pickle)
+    check_code_loader(model or sched.model.id, trust_code or trust_pickle)
+
+    import torch
+
+    from stepopt.images import is_image_shape, save_grid
+    from stepopt.models.diffusers import conditioning_mismatches
+    from stepopt.sampling import sample_schedule, save_samples, schedule_mismatches
+
     loaded = load_with_options(
         model or sched.model.id,
         device=device,

@@ -20,7 +20,7 @@ from stepopt.models.flow import GaussianMixtureFlow, load_gmm_digits_flow
 from stepopt.models.gmm import GaussianMixture, load_digits, load_gmm_digits
 from stepopt.models.loaders import load_edm_pickle, load_python_factory
 from stepopt.registry import Registry
-from stepopt.trust import CODE_LOADERS, TRUST_FLAG, check_file_model, file_model_risk
+from stepopt.trust import check_code_loader, check_file_model, file_model_risk
 
 __all__ = [
     "BUILTINS",
@@ -139,7 +139,7 @@ def load_model(
 ) -> DiffusionModel:
     """Load a model by id (``builtin:NAME`` or ``LOADER:ARG``); errors name the id and the choices.
 
-    Loaders that run code (:data:`CODE_LOADERS`: ``python:``, ``edm:``) need ``trust_code=True``
+    Loaders that run code (:data:`stepopt.trust.CODE_LOADERS`: ``python:``, ``edm:``) need ``trust_code=True``
     (``trust_pickle`` is its old name).
     """
     spec = spec or DEFAULT_MODEL
@@ -149,11 +149,7 @@ def load_model(
         raise StepoptError(f"model '{spec}' has no loader prefix; expected e.g. {DEFAULT_MODEL}")
     if prefix not in LOADERS:
         raise StepoptError(f"unknown model loader '{prefix}' in '{spec}'; expected one of {', '.join(LOADERS.names())}")
-    if prefix in CODE_LOADERS and not options.trust_code:
-        raise StepoptError(
-            f"model '{spec}': refusing to load without {TRUST_FLAG} ({CODE_LOADERS[prefix]}; pass {TRUST_FLAG}"
-            " only for code and checkpoints from a source you trust)"
-        )
+    check_code_loader(spec, options.trust_code)
     try:
         return LOADERS.get(prefix).load(rest, options)
     except (StepoptError, OSError, MemoryError, KeyboardInterrupt):
