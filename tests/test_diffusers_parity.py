@@ -244,13 +244,15 @@ def test_adapter_frame_matches_diffusers_sigmas(folders) -> None:
     sched.set_timesteps(timesteps=CUSTOM_TIMESTEPS)
     theirs = sched.sigmas.to(torch.float64)
     ts = torch.tensor([*CUSTOM_TIMESTEPS, 0], dtype=torch.float64)
-    assert torch.allclose(model.frame.sigma(ts), theirs, rtol=2e-7, atol=0)  # float32 rounding
-    assert torch.allclose(model.frame.time(theirs), ts, atol=1e-3)
+    assert torch.allclose(model.frame.sigma(ts), theirs, rtol=1e-15, atol=0)  # the same float32 table
+    assert torch.equal(torch.as_tensor(model.frame.sigma_table[ts.long().numpy()]), theirs)
+    assert torch.allclose(model.frame.time(theirs), ts, atol=1e-9)
     assert torch.equal(model.round_sigma(theirs), model.frame.sigma(ts))
     # The sigma range is [sigma(0), sigma(T-1)] of the same table.
-    abar = sched.alphas_cumprod.to(torch.float64)
-    assert model.sigma_min == pytest.approx(math.sqrt((1 - abar[0]) / abar[0]), rel=1e-12)
-    assert model.sigma_max == pytest.approx(math.sqrt((1 - abar[-1]) / abar[-1]), rel=1e-12)
+    a = sched.alphas_cumprod
+    table = (((1 - a) / a) ** 0.5).to(torch.float64)
+    assert model.sigma_min == pytest.approx(float(table[0]), rel=1e-15)
+    assert model.sigma_max == pytest.approx(float(table[-1]), rel=1e-15)
 
 
 @pytest.mark.parametrize("prediction", (*PREDICTIONS, "sample"))

@@ -2,7 +2,7 @@
 independent k-diffusion-style loop, gives the samples ``stepopt sample`` writes.
 
 diffusers side: a tiny random ``UNet2DModel`` + DDPM scheduler folder (built here, offline), and a
-trust-region schedule optimized for it whose native times are then rounded to integer timesteps
+trust-region schedule optimized for it, which stepopt writes on the model's integer timesteps
 (diffusers runs DDPM networks at integer timesteps only); the
 scheduler class, keyword arguments and ``set_timesteps`` call come from ``--to diffusers`` only,
 the noise table and ``prediction_type`` from the folder's scheduler config
@@ -30,11 +30,10 @@ import torch
 from typer.testing import CliRunner
 
 from _tiny_diffusers import make_tiny_diffusers
-from stepopt.build import make_schedule
 from stepopt.cli import app
 from stepopt.models import load_model
 from stepopt.sampling import unit_noise
-from stepopt.schedule import MethodInfo, Schedule
+from stepopt.schedule import Schedule
 from stepopt.solvers import get_solver
 
 diffusers = pytest.importorskip("diffusers")
@@ -113,11 +112,8 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _optimized_integer_schedule(folder: Path, solver: str, variant, lof, final_step: str) -> Schedule:
-    """A trust-region schedule for the tiny DDPM model, its native times rounded to integer timesteps.
-
-    diffusers evaluates DDPM networks at integer timesteps only, so the optimized grid is snapped
-    (rounding the times, then rebuilding the sigmas from the model's own table) before export.
-    """
+    """A trust-region schedule for the tiny DDPM model, as ``stepopt.optimize`` writes it: on the
+    model's integer timesteps (the optimizer's continuous grid projected by ``make_schedule``)."""
     import stepopt
 
     nfe = 7 + (final_step == "denoise")
@@ -132,12 +128,9 @@ def _optimized_integer_schedule(folder: Path, solver: str, variant, lof, final_s
         multistart=False,
         maxiter=50,
     )
-    model = load_model(f"diffusers:{folder}", device="cpu")
-    ts = np.round(np.asarray(opt.timesteps, dtype=np.float64))
-    assert len(set(ts.tolist())) == len(ts) and ts[-1] == 0.0
-    sig = [float(x) for x in model.frame.sigma(ts)]
-    method = MethodInfo(opt.method.name, {**opt.method.config, "snapped": "integer timesteps"}, opt.method.objective)
-    return make_schedule(model, opt.solver, sig, method, final_step=final_step)
+    ts = np.asarray(opt.timesteps, dtype=np.float64)
+    assert np.array_equal(ts, np.round(ts)) and ts[0] == 999.0 and ts[-1] == 0.0
+    return opt
 
 
 @pytest.mark.parametrize(("solver", "variant", "lof", "final_step"), CASES)

@@ -109,7 +109,9 @@ def test_discrete_sigmas_reproduce_published_tables():
     if data is not None:
         sd_sig = data["integration_copies"][1]["entries"]["SD1"]["values"]
     f = VPDiscrete("scaled_linear", 1000, 0.00085, 0.012)
-    np.testing.assert_allclose(f.sigma(np.array(sd_t, dtype=float)), sd_sig, rtol=1e-9, atol=6e-11)  # 10 decimals
+    # ComfyUI computes the table in float64, stepopt as diffusers in float32 (its cumulative product
+    # drifts by up to 1.3e-5 relative at t = 0).
+    np.testing.assert_allclose(f.sigma(np.array(sd_t, dtype=float)), sd_sig, rtol=2e-5)
     if_t = [995, 920, 811, 686, 555, 418, 315, 174, 109, 12, 0]
     if_sig = [160.41, 8.081, 3.315, 1.885, 1.207, 0.785, 0.553, 0.293, 0.186, 0.03, 0.006]
     got = VPDiscrete("squaredcos_cap_v2").sigma(np.array(if_t, dtype=float))
@@ -121,3 +123,43 @@ def test_discrete_interpolates_log_sigma_linearly():
     f = VPDiscrete("linear")
     s10, s11 = f.sigma(10.0), f.sigma(11.0)
     assert f.sigma(10.5) == pytest.approx(math.sqrt(s10 * s11), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02},
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+        {"beta_schedule": "squaredcos_cap_v2"},
+    ],
+)
+def test_discrete_table_is_diffusers_float32_table(kw):
+    """The sigma table at integer timesteps is bit for bit the one diffusers' schedulers use."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, **kw)
+    a = sched.alphas_cumprod
+    theirs = (((1 - a) / a) ** 0.5).to(torch.float64).numpy()
+    f = VPDiscrete(num_train_timesteps=1000, **kw)
+    assert np.array_equal(f.sigma_table, theirs)
+    t = np.array([999.0, 500.0, 3.0, 0.0])
+    np.testing.assert_allclose(f.sigma(t), theirs[[999, 500, 3, 0]], rtol=1e-15)
+    assert f.sigma_max == pytest.approx(theirs[-1], rel=1e-15) and f.sigma_min == pytest.approx(theirs[0], rel=1e-15)
+
+
+def test_integer_grid_rounds_like_diffusers_and_keeps_nodes_apart():
+    f = VPDiscrete("linear")
+    tab = f.sigma_table
+    # A node exactly between timesteps 499 and 500 in log sigma: ties to even (numpy's round, as
+    # diffusers rounds its timesteps), so 500; 500.5 goes to 500 too.
+    mid = lambda i: float(np.sqrt(tab[i] * tab[i + 1]))  # noqa: E731
+    ts, sig = f.integer_grid([tab[999], mid(499), tab[0]])
+    assert ts.tolist() == [999, 500, 0] and np.array_equal(sig, tab[[999, 500, 0]])
+    assert f.integer_grid([tab[999], mid(500), tab[0]])[0].tolist() == [999, 500, 0]
+    assert f.integer_grid([tab[999], mid(501), tab[0]])[0].tolist() == [999, 502, 0]
+    # Collisions are pushed apart, the grid stays strictly decreasing and within [0, T-1].
+    crowd = [tab[999], f.sigma(998.6), f.sigma(998.7), f.sigma(998.8), f.sigma(0.3), f.sigma(0.2), tab[0]]
+    assert f.integer_grid(crowd)[0].tolist() == [999, 998, 997, 996, 2, 1, 0]
+    with pytest.raises(StepoptError, match="integer timesteps"):
+        f.integer_grid(np.geomspace(tab[-1], tab[0], 1001))

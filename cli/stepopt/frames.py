@@ -197,12 +197,45 @@ def ddpm_betas(kind: str, n: int = 1000, beta_start: float = 1e-4, beta_end: flo
     raise StepoptError(f"beta_schedule '{kind}' is not supported; expected one of {', '.join(BETA_SCHEDULES)}")
 
 
+def sigma_table_float32(alphas_cumprod: Any) -> np.ndarray:
+    """The sigmas of a DDPM table at its integer timesteps, as diffusers' schedulers compute them:
+    ``sqrt((1 - abar) / abar)`` in float32 from the float32 ``alphas_cumprod`` (returned as float64
+    numbers that are exactly those float32 values)."""
+    import torch
+
+    a = torch.as_tensor(np.asarray(alphas_cumprod), dtype=torch.float32)
+    return (((1 - a) / a) ** 0.5).numpy().astype(np.float64)
+
+
+def alphas_cumprod_float32(betas: Any) -> np.ndarray:
+    """``cumprod(1 - betas)`` in float32 (diffusers' ``alphas_cumprod``), from float32 betas."""
+    import torch
+
+    b = torch.as_tensor(np.asarray(betas), dtype=torch.float32)
+    return torch.cumprod(1.0 - b, dim=0).numpy()
+
+
+def ddpm_betas_float32(kind: str, n: int, beta_start: float, beta_end: float) -> np.ndarray:
+    """The float32 betas a diffusers scheduler builds for ``beta_schedule`` ``kind`` (float32
+    ``linspace`` for the linear ones, float64 formula cast to float32 for the cosine one)."""
+    import torch
+
+    if kind == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float32).numpy()
+    if kind == "scaled_linear":
+        return (torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2).numpy()
+    return torch.as_tensor(ddpm_betas(kind, n, beta_start, beta_end), dtype=torch.float32).numpy()
+
+
 @dataclass(frozen=True)
 class VPDiscrete(NoiseFrame):
     """A DDPM model with T discrete steps; native time is the (fractional) index in [0, T-1].
 
-    sigma_i = sqrt((1 - alphabar_i) / alphabar_i); between integer indices log sigma is interpolated
-    linearly (as k-diffusion's DiscreteSchedule does), which makes time <-> sigma a bijection.
+    The sigma table at the integer timesteps is the one diffusers' schedulers use (float32 betas,
+    float32 ``alphas_cumprod``, ``sigma_i = sqrt((1 - abar_i) / abar_i)`` in float32:
+    :attr:`sigma_table`); between integer indices log sigma is interpolated linearly (as
+    k-diffusion's DiscreteSchedule and diffusers' ``_sigma_to_t`` do), which makes time <-> sigma a
+    bijection. :meth:`integer_grid` projects any grid onto the integer timesteps.
     """
 
     beta_schedule: str = "linear"
@@ -210,21 +243,50 @@ class VPDiscrete(NoiseFrame):
     beta_start: float = 1e-4
     beta_end: float = 0.02
     log_sigmas: np.ndarray = field(init=False, repr=False, compare=False)
+    sigma_table: np.ndarray = field(init=False, repr=False, compare=False)
     kind: ClassVar[str] = "vp-discrete"
     time_domain: ClassVar[str] = "vp-discrete"
 
     def __post_init__(self) -> None:
-        betas = ddpm_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
-        abar = np.cumprod(1.0 - betas)
-        object.__setattr__(self, "log_sigmas", 0.5 * np.log((1.0 - abar) / abar))
+        betas = ddpm_betas_float32(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
+        self._set_table(alphas_cumprod_float32(betas))
+
+    def _set_table(self, alphas_cumprod: Any) -> None:
+        table = sigma_table_float32(alphas_cumprod)
+        object.__setattr__(self, "sigma_table", table)
+        object.__setattr__(self, "log_sigmas", np.log(table))
 
     @classmethod
     def from_betas(cls, betas: np.ndarray) -> VPDiscrete:
         """A frame from an explicit beta table (trained_betas)."""
         f = cls(beta_schedule="linear", num_train_timesteps=len(betas))
-        abar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
-        object.__setattr__(f, "log_sigmas", 0.5 * np.log((1.0 - abar) / abar))
+        f._set_table(alphas_cumprod_float32(np.asarray(betas, dtype=np.float32)))
         return f
+
+    def integer_grid(self, sigmas: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(timesteps, sigmas)``: the grid projected onto the trained integer timesteps.
+
+        Each sigma goes to its native time (log-sigma interpolation), which is rounded to the
+        nearest integer, ties to even as numpy's and diffusers' ``round()``; the sigmas are then
+        the table's. Nodes that round to the same timestep are pushed apart by one timestep at a
+        time (later nodes downwards, then, at timestep 0, earlier ones upwards), keeping the grid
+        strictly decreasing; more nodes than timesteps is an error.
+        """
+        sig = np.asarray(sigmas, dtype=np.float64)
+        n_t = len(self.sigma_table)
+        if sig.size > n_t:
+            raise StepoptError(f"{sig.size} grid points do not fit on {n_t} integer timesteps")
+        # Times are first snapped to 1e-9 so that a tie computed through sigma (499.4999999999) is
+        # still a tie (then 500, as diffusers rounds np.linspace(0, 999, 3)).
+        t = np.round(np.asarray(self.time(sig), dtype=np.float64), 9)
+        ts = np.clip(np.round(t), 0, n_t - 1).astype(np.int64)
+        for i in range(1, len(ts)):
+            if ts[i] >= ts[i - 1]:
+                ts[i] = ts[i - 1] - 1
+        for i in range(len(ts) - 1, -1, -1):
+            low = 0 if i == len(ts) - 1 else ts[i + 1] + 1
+            ts[i] = max(ts[i], low)
+        return ts, self.sigma_table[ts]
 
     @property
     def t_min(self) -> float:  # type: ignore[override]

@@ -28,6 +28,7 @@ class ModelCard:
     sigma_max: float
     frame: NoiseFrame
     device: str = "cpu"
+    integer_timesteps: bool = False
 
     @property
     def time_domain(self) -> str:

@@ -119,6 +119,12 @@ class DiffusionModel(ABC):
         """The sigma the network actually sees (identity for continuous models)."""
         return sigma
 
+    @property
+    def integer_timesteps(self) -> bool:
+        """True for a network trained at integer timesteps only (a ``vp-discrete`` frame whose
+        adapter rounds the timestep): every grid written for it lies on those timesteps."""
+        return False
+
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id,

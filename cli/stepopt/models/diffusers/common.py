@@ -60,8 +60,7 @@ class DiffusersDiscrete(VPDiscrete):
         if self.alphas_cumprod_table is None:
             super().__post_init__()
             return
-        abar = np.asarray(self.alphas_cumprod_table, dtype=np.float64)
-        object.__setattr__(self, "log_sigmas", 0.5 * np.log((1.0 - abar) / abar))
+        self._set_table(np.asarray(self.alphas_cumprod_table, dtype=np.float32))
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

@@ -104,6 +104,10 @@ class DiffusersUNet(DiffusionModel):
         t = self.frame.time(sigma.to(torch.float64))
         return t.round() if self.round_timesteps else t
 
+    @property
+    def integer_timesteps(self) -> bool:
+        return self.round_timesteps
+
     def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         if not self.round_timesteps:
             return sigma
