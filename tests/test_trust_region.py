@@ -71,13 +71,32 @@ def _lagrange_weight(nodes: list[float], j: int, lo: float, hi: float) -> float:
     return quad(f, lo, hi, epsabs=0, epsrel=1e-13, limit=200)[0]
 
 
-def _reference_objective(lam: np.ndarray, ident: SolverIdentity, p: float, tau: int) -> float:
-    """J of the paper's structure, written independently of the module, on the *measured* weights.
+def _quadrature_paper_weights(lam: np.ndarray, ident: SolverIdentity) -> tuple[np.ndarray, np.ndarray]:
+    """weights: paper by quadrature: step s of order k (the solver's pattern) weighs int e^lam l_j."""
+    from stepopt.solvers._common import step_order
+
+    n = len(lam) - 1
+    lof = ident.lower_order_final is not False
+    w = np.zeros((n, n))
+    for s in range(n):
+        k = step_order(s, n, ident.order or 1, lof)
+        nodes = [float(lam[i]) for i in range(s - k + 1, s + 1)]
+        for j in range(k):
+            w[s, s - k + 1 + j] = _lagrange_weight(nodes, j, lam[s], lam[s + 1])
+    return w, np.arange(n)
+
+
+def _reference_objective(lam: np.ndarray, ident: SolverIdentity, p: float, tau: int, weights: str = "solver") -> float:
+    """J of the paper's structure, written independently of the module, on the *measured* weights
+    (``weights="solver"``) or on the Lagrange integrals by quadrature (``"paper"``).
 
     One-evaluation steps add |eps w|; steps s < tau with more evaluations the root of the sum of
     squares; the others add to per-evaluation sums c_e, which enter as |c_e|.
     """
-    w, nodes = measured_step_weights(ident, np.exp(-lam))
+    if weights == "paper":
+        w, nodes = _quadrature_paper_weights(lam, ident)
+    else:
+        w, nodes = measured_step_weights(ident, np.exp(-lam))
     alpha = (1 + np.exp(-2 * lam)) ** -0.5
     sig_t = (1 + np.exp(2 * lam)) ** -0.5
     eps = (sig_t**p / alpha)[nodes]
@@ -100,6 +119,13 @@ def _random_grid(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def _bound(ident: SolverIdentity, n: int, p: float = 2.0, tau: int = 3) -> ErrorBound:
     return ErrorBound(ident, n, LAM0, LAM1, p, tau)
+
+
+def _paper_bound(ident: SolverIdentity, n: int, p: float = 2.0, tau: int = 3) -> ErrorBound:
+    """The bound the optimizer minimizes by default (weights: paper)."""
+    from stepopt.optimizers.trust_region.bound import lagrange_weights
+
+    return ErrorBound(ident, n, LAM0, LAM1, p, tau, lagrange_weights)
 
 
 # -- weights, error model, objective ------------------------------------------------------------
@@ -179,18 +205,23 @@ OBJ_CASES = [
 def test_objective_matches_independent_implementation(ident, n, p, tau):
     rng = np.random.default_rng(n)
     bound = _bound(ident, n, p, tau)
+    paper = _paper_bound(ident, n, p, tau) if ident.name in ("euler", "dpmpp-2m", "dpmpp-3m", "unipc") else None
     for _ in range(3):
         lam = _random_grid(rng, n)
         assert bound.value(lam[1:-1]) == pytest.approx(_reference_objective(lam, ident, p, tau), rel=1e-10)
+        if paper is not None:
+            want = _reference_objective(lam, ident, p, tau, "paper")
+            assert paper.value(lam[1:-1]) == pytest.approx(want, rel=1e-9)
 
 
 @pytest.mark.parametrize("ident,n,tau,mu", [(DPM3, 5, 3, 0.0), (DPM3, 8, 3, 1e-2), (DPM3, 10, 0, 1e-3),
                                             (DPM3_EXACT, 12, 10, 0.0), (DPM3, 30, 3, 1e-2),
                                             (get_solver("unipc").identity(), 8, 0, 1e-3),
-                                            (get_solver("heun").identity(), 6, 2, 1e-3)])  # fmt: skip
+                                            (get_solver("heun").identity(), 6, 2, 1e-3),
+                                            ("paper", 8, 3, 1e-2), ("paper", 10, 0, 1e-3)])  # fmt: skip
 def test_gradient_matches_central_differences(ident, n, tau, mu):
     rng = np.random.default_rng(n + tau)
-    bound = _bound(ident, n, 2.0, tau)
+    bound = _paper_bound(DPM3, n, 2.0, tau) if ident == "paper" else _bound(ident, n, 2.0, tau)
     x = _random_grid(rng, n)[1:-1]
     h = 1e-6
     num = np.array([(bound.value(x + h * e, mu) - bound.value(x - h * e, mu)) / (2 * h) for e in np.eye(n - 1)])
@@ -201,7 +232,7 @@ def test_gradient_matches_central_differences(ident, n, tau, mu):
 def _powell_minimum(n: int, lam_start: np.ndarray) -> np.ndarray:
     """Derivative-free search on the objective (checked above against this file's implementation);
     gaps = softmax(z) * (LAM1 - LAM0)."""
-    bound = _bound(DPM3, n, 2.0, 3)
+    bound = _paper_bound(DPM3, n, 2.0, 3)
 
     def lam_of(z: np.ndarray) -> np.ndarray:
         g = np.exp(z - z.max())
@@ -248,7 +279,7 @@ def test_larger_nfe_multistart_objective_is_best(gmm, n):
     multi = optimize_grid(gmm, DPM3, n, TrustRegionConfig(p=2.0, tau=3), Resolved(2.0, 3, "logsnr"))[0]
     assert multi.value <= min(singles) * (1 + 1e-5)
     # And far below the uniform-lam start (the authors' start).
-    bound = _bound(DPM3, n, 2.0, 3)
+    bound = _paper_bound(DPM3, n, 2.0, 3)
     assert multi.value < 0.9 * bound.value(np.linspace(LAM0, LAM1, n + 1)[1:-1])
 
 
@@ -298,10 +329,10 @@ def test_contract_valid_never_worse_deterministic(gmm, cfg, nfe):
     obj = a.method.objective
     res = a.method.config["report"]["resolved"]
     tau = nfe if res["tau"] == "all" else res["tau"]
-    start = _reference_objective(np.linspace(LAM0, LAM1, nfe + 1), DPM3, res["p"], tau)
+    start = _reference_objective(np.linspace(LAM0, LAM1, nfe + 1), DPM3, res["p"], tau, "paper")
     assert obj["initial"] == pytest.approx(start, rel=1e-9)
     assert obj["final"] <= obj["initial"]
-    assert obj["final"] == pytest.approx(_reference_objective(lam, DPM3, res["p"], tau), rel=1e-9)
+    assert obj["final"] == pytest.approx(_reference_objective(lam, DPM3, res["p"], tau, "paper"), rel=1e-9)
 
 
 def test_seed_changes_only_the_perturbed_starts(gmm):
@@ -419,30 +450,46 @@ def test_cli_select_final_denoise_scores_against_denoised_teacher(tmp_path, gmm)
 UNIPC = get_solver("unipc").identity(variant="bh2")
 
 
-def test_unipc_bound_models_the_predictor_by_default():
-    """corrector: ignore (default) = the paper's bound for UniPC: bh2's predictors weigh exactly the
-    Lagrange integrals of dpmpp-3m exact; corrector: model = the solver's exact weights."""
-    from stepopt.solvers.unipc import unipc_predictor_weights
+def test_paper_weights_are_lagrange_integrals_on_the_solvers_order_pattern():
+    """weights: paper (default): every step of order k weighs the exact integral of e^lam l_j over
+    nodes s-k+1..s (quadrature here), on the solver's order pattern; equal to dpmpp-3m exact's
+    first- and third-order weights; weights: solver is the solver's own (different for UniPC)."""
+    from stepopt.optimizers.trust_region.bound import lagrange_weights
+    from stepopt.solvers._common import step_order
 
     rng = np.random.default_rng(11)
-    for n in (3, 5, 8):
-        lam = _random_grid(rng, n)
-        pred = ErrorBound(UNIPC, n, LAM0, LAM1, 2.5, n - 2, unipc_predictor_weights).weights(lam)
-        paper = _bound(DPM3_EXACT, n).weights(lam)
-        np.testing.assert_allclose(pred, paper, rtol=1e-12, atol=1e-12 * np.abs(paper).max())
-        exact = _bound(UNIPC, n).weights(lam)
-        assert np.abs(exact - paper).max() > 1e-3 * np.abs(paper).max()
-    assert TrustRegionConfig().corrector == "ignore"
-    with pytest.raises(ValueError, match="corrector"):
-        TrustRegionConfig(corrector="both")  # type: ignore[arg-type]
+    for ident in (UNIPC, DPM3, get_solver("dpmpp-2m").identity(lower_order_final=False)):
+        for n in (3, 5, 8):
+            lam = np.sort(rng.uniform(-3.0, 4.0, n + 1))
+            w = ErrorBound(ident, n, lam[0], lam[-1], 2.5, n - 2, lagrange_weights).weights(lam)
+            lof = ident.lower_order_final is not False
+            for s in range(n):
+                k = step_order(s, n, ident.order, lof)
+                nodes = [float(lam[i]) for i in range(s - k + 1, s + 1)]
+                for j in range(k):
+                    want = _lagrange_weight(nodes, j, lam[s], lam[s + 1])
+                    assert w[s, s - k + 1 + j] == pytest.approx(want, rel=1e-9, abs=1e-12)
+                assert np.count_nonzero(w[s]) == k
+    lam = _random_grid(rng, 8)
+    paper = ErrorBound(UNIPC, 8, LAM0, LAM1, 2.5, 6, lagrange_weights).weights(lam)
+    exact3 = _bound(DPM3_EXACT, 8).weights(lam)
+    for s in (0, 2, 3, 4, 5, 7):  # orders 1, 3, 3, 3, 3, 1
+        np.testing.assert_allclose(paper[s], exact3[s], rtol=1e-10, atol=1e-12 * np.abs(exact3[s]).max())
+    assert np.abs(_bound(UNIPC, 8).weights(lam) - paper).max() > 1e-3 * np.abs(paper).max()
+    assert TrustRegionConfig().weights == "paper"
+    with pytest.raises(ValueError, match="weights"):
+        TrustRegionConfig(weights="both")  # type: ignore[arg-type]
 
 
-def test_unipc_corrector_option_changes_the_grid(gmm):
-    ign = optimize("trust-region", gmm, UNIPC, 6).sigmas
-    mod = optimize("trust-region", gmm, UNIPC, 6, TrustRegionConfig(corrector="model")).sigmas
-    paper = optimize("trust-region", gmm, DPM3_EXACT, 6).sigmas
-    np.testing.assert_allclose(ign, paper, rtol=1e-6)  # the same bound as the exact 3M's (to solver tolerance)
-    assert np.abs(np.log(np.asarray(mod) / np.asarray(ign))).max() > 1e-3
+def test_weights_option_changes_the_grid(gmm):
+    paper = optimize("trust-region", gmm, UNIPC, 6).sigmas
+    solver = optimize("trust-region", gmm, UNIPC, 6, TrustRegionConfig(weights="solver")).sigmas
+    assert np.abs(np.log(np.asarray(solver) / np.asarray(paper))).max() > 1e-3
+    # Heun has no multistep order pattern: both settings use its own weights.
+    heun = get_solver("heun").identity()
+    a = optimize("trust-region", gmm, heun, 8, TrustRegionConfig(multistart=False)).sigmas
+    b = optimize("trust-region", gmm, heun, 8, TrustRegionConfig(multistart=False, weights="solver")).sigmas
+    assert a == b
 
 
 def test_teacher_refine_beats_its_start_and_every_baseline_on_the_teacher(gmm):

@@ -182,21 +182,19 @@ def unipc(
     return x
 
 
-def unipc_weights(identity: SolverIdentity, lam: np.ndarray, corrector: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def unipc_weights(identity: SolverIdentity, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bound weights (see ``stepopt.solvers.linear``): evaluation e is at node e; step s < N-1
     (corrected) weighs D_{s-k+1}, ..., D_s and D_{s+1}, the last (predictor only) D_{N-k}, ..., D_{N-1}.
 
     The corrected steps of each order go through :func:`unipc_update` together (``s`` an index
-    array, the D's the local unit vectors of D_{s+1}, D_s, D_{s-1}, D_{s-2}). With ``corrector``
-    False every step is its predictor UniP-k alone (:func:`unipc_predictor_weights`).
+    array, the D's the local unit vectors of D_{s+1}, D_s, D_{s-1}, D_{s-2}).
     """
     b, n = lam.shape[0], lam.shape[1] - 1
     steps = np.zeros((b, n, n), dtype=lam.dtype)
     lof = identity.lower_order_final is not False
     variant = identity.variant or "bh2"
     orders = np.array([step_order(s, n, identity.order, lof) for s in range(n)])
-    # Negative: an uncorrected step (the last one; every step without the corrector).
-    kind = np.where((np.arange(n) < n - 1) & corrector, orders, -orders)
+    kind = np.where(np.arange(n) < n - 1, orders, -orders)  # negative: the last, uncorrected step
     local = list(np.eye(4))  # D_{s+1}, D_s, D_{s-1}, D_{s-2}
     for key in np.unique(kind):
         s = np.nonzero(kind == key)[0]
@@ -207,13 +205,6 @@ def unipc_weights(identity: SolverIdentity, lam: np.ndarray, corrector: bool = T
             if m >= 0 or key > 0:
                 steps[:, s, s - m] = upd[..., m + 1]
     return steps, np.arange(n)
-
-
-def unipc_predictor_weights(identity: SolverIdentity, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The weights of UniPC's predictors UniP-k alone (the corrector left out), in the form of
-    :func:`unipc_weights`: what the trust-region bound models for UniPC by default (its module
-    docstring). For k = 1, 3 these are the Lagrange integrals of Xue et al. 2024's bound."""
-    return unipc_weights(identity, lam, corrector=False)
 
 
 def _mul(c: np.ndarray, v: np.ndarray) -> np.ndarray:

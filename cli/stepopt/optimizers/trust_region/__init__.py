@@ -47,17 +47,19 @@ How stepopt solves it (the traps of the paper's procedure):
   cancellation between steps; the paper's 3 at NFE 5); tau: paper restores the rule. The paper's
   p = 1 for pixel models loses to time-quadratic at NFE 5, 6, 8 on gmm-digits; p = 2.5 beats every
   baseline at NFE 5, 6, 8, 10 (p: paper restores 1 / 2).
-* UniPC (``corrector: ignore``, the default): the bound is built from the weights of UniPC's
-  predictors alone, which is what the paper does (its UniPC experiments use the one bound of the
-  multistep predictor; for ``bh2`` the predictors' weights are exactly its Lagrange integrals,
-  lowered orders included). ``corrector: model`` uses the solver's exact weights, corrector
-  included (each evaluation D~_{s+1} then enters step s through the corrector and the later steps
-  as their newest node). Under the paper's error model that is the faithful linearization, but
-  the model ``sigma^p/alpha`` per evaluation is only a surrogate of discretization error, and
-  with the corrector's weights its minimizers were worse on gmm-digits at every NFE 5-10 (bh1 and
-  bh2, every p in 1.5-5, tau auto or all; README), so the paper's treatment is the default.
+* weights (``weights: paper``, the default, for euler, dpmpp-2m, dpmpp-3m and unipc): the paper's
+  own objective, whose step of order k weighs the exact integrals of ``e^lam`` times the Lagrange
+  basis through its k nodes, on the solver's own order pattern (warm-up, lowered final orders).
+  That is the exact 3M's first- and third-order steps; DPM-Solver++'s second-order steps and UniPC
+  (whose corrector the paper's bound does not model: its UniPC results use the same bound) differ.
+  ``weights: solver`` builds the bound from the solver's exact weights (``stepopt.solvers.linear``:
+  every evaluation in every step, UniPC's corrector included), the faithful linearization of
+  what is sampled. Under the error model ``sigma^p/alpha`` per evaluation, a surrogate of
+  discretization error, the paper's weights gave better or equal grids on gmm-digits for every
+  one of these solvers at NFE 5-10 (much better for UniPC; README), so they are the default.
+  Heun and iPNDM always use their exact weights (an extension).
 * teacher refinement (``teacher_refine: true``, an extension beyond the paper; module ``refine``): a
-  model-free bound can lose to a baseline on a given model (UniPC on gmm-digits at NFE 5, 6). This
+  model-free bound can lose to a baseline on a given model (UniPC on gmm-digits at NFE 6). This
   stage scores the bound's grid (or the selection's choice) and every baseline against the
   teacher on the selection's noises, starts from the best, and moves the nodes to minimize that
   error by backpropagating through the solver; it costs network evaluations (seconds on
@@ -83,7 +85,7 @@ from stepopt.baselines import BASELINES
 from stepopt.errors import StepoptError
 from stepopt.models.base import DiffusionModel
 from stepopt.optimizers import OptimizeContext, OptimizeResult, OptimizerSpec, register
-from stepopt.optimizers.trust_region.bound import ErrorBound, error_model
+from stepopt.optimizers.trust_region.bound import PAPER_WEIGHT_SOLVERS, ErrorBound, error_model, lagrange_weights
 from stepopt.optimizers.trust_region.config import INITS, OBJECTIVE_NAME, Tau, TrustRegionConfig
 from stepopt.optimizers.trust_region.refine import refine_grid
 from stepopt.optimizers.trust_region.search import (
@@ -97,7 +99,6 @@ from stepopt.optimizers.trust_region.search import (
 from stepopt.solvers import SolverIdentity, get_solver
 from stepopt.solvers._common import step_order
 from stepopt.solvers.linear import has_linear_weights
-from stepopt.solvers.unipc import unipc_predictor_weights
 
 __all__ = [
     "INITS",
@@ -198,7 +199,7 @@ def optimize_grid(
             f"min_gap {cfg.min_gap} is too large for {n_steps} steps over lam in [{lam_start:.4g}, {lam_end:.4g}]; "
             f"use --set min_gap=X with X < {(lam_end - lam_start) / n_steps:.4g}"
         )
-    weight_fn = unipc_predictor_weights if identity.name == "unipc" and cfg.corrector == "ignore" else None
+    weight_fn = lagrange_weights if cfg.weights == "paper" and identity.name in PAPER_WEIGHT_SOLVERS else None
     bound = ErrorBound(identity, n_steps, lam_start, lam_end, resolved.p, resolved.tau_steps(n_steps), weight_fn)
     if n_steps == 1:
         lam = np.array([lam_start, lam_end])

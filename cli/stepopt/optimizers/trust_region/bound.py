@@ -40,6 +40,43 @@ _CSTEP = 1e-30
 WeightFn = Callable[[SolverIdentity, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+# Multistep exponential integrators (data prediction), for which ``weights: paper`` applies.
+PAPER_WEIGHT_SOLVERS = ("euler", "dpmpp-2m", "dpmpp-3m", "unipc")
+
+
+def lagrange_weights(identity: SolverIdentity, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's weights for a multistep exponential integrator (``weights: paper``).
+
+    Step s of order k (the solver's own order pattern: warm-up, lowered final orders) integrates
+    ``e^lam`` times the Lagrange interpolant of D through the nodes s-k+1, ..., s exactly:
+    ``W[s, j] = int_{lam_s}^{lam_{s+1}} e^lam l_j(lam) dlam`` (Xue et al. 2024, Sec. 3, for
+    k = 1, 2, 3). With ``u = lam - lam_s`` and the nodes ``u_i = lam_{s-i} - lam_s``, the weights
+    solve ``V^T w = e^{lam_s} M`` (V[i, m] = u_i^m, M_m = int_0^h e^u u^m du, ``M_0 = e^h - 1``,
+    ``M_m = h^m e^h - m M_{m-1}``). Evaluation e is at node e, as for every multistep solver here.
+    """
+    from stepopt.solvers import get_solver
+    from stepopt.solvers._common import step_order
+
+    b, n = lam.shape[0], lam.shape[1] - 1
+    spec = get_solver(identity.name)
+    lof = identity.lower_order_final is not False if spec.has_lower_order_final else False
+    w = np.zeros((b, n, n), dtype=lam.dtype)
+    for s in range(n):
+        k = step_order(s, n, identity.order or 1, lof)
+        h = lam[:, s + 1] - lam[:, s]
+        eh = np.exp(h)
+        moments = [np.expm1(h)]
+        for m in range(1, k):
+            moments.append(h**m * eh - m * moments[-1])
+        u = np.stack([lam[:, s - i] - lam[:, s] for i in range(k)], -1)  # (B, k)
+        vt = np.stack([u**m for m in range(k)], -2)  # row m: u_i^m
+        rhs = np.stack(moments, -1)[..., None]
+        wk = np.linalg.solve(vt, rhs)[..., 0] * np.exp(lam[:, s])[:, None]
+        for i in range(k):
+            w[:, s, s - i] = wk[:, i]
+    return w, np.arange(n)
+
+
 def error_model(lam: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
     """``eps = sigma_t^p / alpha_t`` (VP notation) and ``d eps / d lam = -eps (p alpha_t^2 + sigma_t^2)``."""
     lam = np.asarray(lam, dtype=np.float64)

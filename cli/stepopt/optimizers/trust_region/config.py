@@ -41,9 +41,12 @@ class TrustRegionConfig:
     select: choose p, tau and init by the RMSE of the solver against a teacher on
        ``select_n`` noises (seeds ``select_seed``, ...), among ``select_p`` x ``select_tau`` x
        both inits plus every baseline.
-    corrector: UniPC only: "ignore" (default) builds the bound from the predictors' weights, as the
-       paper does for UniPC (one bound, the multistep predictor's); "model" from the exact weights
-       of predictor and corrector. Measured on gmm-digits "ignore" is better at every NFE (README).
+    weights: "paper" (default): for the multistep exponential integrators (euler, dpmpp-2m,
+       dpmpp-3m, unipc) the paper's weights, the exact integrals of the Lagrange interpolant on
+       the solver's own order pattern (UniPC's corrector not modelled, as in the paper);
+       "solver": the solver's exact weights (every identity; UniPC with its corrector, DPM-Solver++'s
+       second-order form). Other solvers (heun, ipndm) always use their own. Measured on
+       gmm-digits "paper" gives better grids (README).
     teacher_refine: after the bound (or the selection), start from the best of the bound's grid and
        every baseline by RMSE against the teacher on the selection's noises, and move the interior
        nodes to minimize that RMSE (L-BFGS through the solver, at most ``teacher_refine_iters``
@@ -71,7 +74,7 @@ class TrustRegionConfig:
     select_tau: tuple[Tau, ...] = ("auto", 3, "all")
     select_n: int = 32
     select_seed: int = 10_000
-    corrector: Literal["ignore", "model"] = "ignore"
+    weights: Literal["paper", "solver"] = "paper"
     teacher_refine: bool = False
     teacher_refine_iters: int = 100
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -95,8 +98,8 @@ class TrustRegionConfig:
             raise ValueError("maxiter and refine_maxiter must be >= 1 and ftol, gtol, xtol > 0")
         if not self.select_p or not self.select_tau:
             raise ValueError("select_p and select_tau must not be empty")
-        if self.corrector not in ("ignore", "model"):
-            raise ValueError(f"corrector must be 'ignore' or 'model', got {self.corrector!r}")
+        if self.weights not in ("paper", "solver"):
+            raise ValueError(f"weights must be 'paper' or 'solver', got {self.weights!r}")
         if self.teacher_refine_iters < 1:
             raise ValueError(f"teacher_refine_iters must be >= 1, got {self.teacher_refine_iters}")
         if self.select_n < 1:

@@ -2,7 +2,7 @@
 
 The bound of Xue et al. 2024 is a model-free surrogate: its error model ``sigma^p/alpha`` is the
 same for every network, and on a given model its minimizer can be worse than a simple baseline
-(measured for ``unipc`` on gmm-digits at NFE 5, 6: README). This stage measures instead of
+(measured for ``unipc`` on gmm-digits at NFE 6: README). This stage measures instead of
 modelling: among the bound's minimizer and every baseline the one with the lowest RMSE against the
 teacher on the validator's noises is the start, and the N-1 interior lam's are then moved to
 minimize that RMSE, by L-BFGS (strong Wolfe line search) with the gradient backpropagated through
