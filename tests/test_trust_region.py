@@ -536,11 +536,10 @@ def test_gmm_digits_unipc_teacher_refine_beats_every_baseline(gmm, variant):
 @pytest.mark.slow
 @pytest.mark.parametrize("nfe,margin", [(5, 0.03), (6, 0.01), (8, 0.05), (10, 0.05)])
 def test_gmm_digits_beats_every_baseline(gmm, nfe, margin):
-    """RMSE vs the exact ODE on seeds 0..999, dpmpp-3m (reference), default config.
+    """RMSE vs the exact ODE on seeds 0..999, dpmpp-3m (reference), default config (weights: paper).
 
-    Measured (this commit): NFE 5 0.0861 vs 0.0921 (time-quadratic, -6.5 %), NFE 6 0.0751 vs
-    0.0778 (-3.5 %), NFE 8 0.0500 vs 0.0573 (-13 %), NFE 10 0.0292 vs 0.0431 (-32 %). (On seeds
-    0..249 alone NFE 6 loses: 0.0794 vs 0.0776.)
+    Measured (this commit): NFE 5 0.0850 vs 0.0921 (time-quadratic, -7.8 %), NFE 6 0.0728 vs
+    0.0778 (-6.4 %), NFE 8 0.0495 vs 0.0573 (-14 %), NFE 10 0.0296 vs 0.0431 (-31 %).
     """
     x_t, ref = teacher_outputs(gmm, list(range(1000)))
 
