@@ -631,3 +631,19 @@ def test_refusals_come_before_the_heavy_imports(good: Path, tmp_path: Path, case
     assert first.split()[0] in ("1", "2") and "Traceback" not in p.stdout + p.stderr, p.stdout + p.stderr
     assert first.split()[1] == "False", f"torch was imported before refusing: {stderr}"
     assert not (tmp_path / "ran.txt").exists()
+
+
+def test_eval_refuses_a_nan_model_naming_the_seed(tmp_path: Path) -> None:
+    """The teacher (computed first) refuses non-finite values with the seed; nothing is cached for it."""
+    model = user_model(tmp_path, "nan_below_1_eval")
+    sched = tmp_path / "s.yaml"
+    run("baseline", "logsnr", "-m", model, "--trust-code", "--solver", "euler", "--nfe", 4, "--out", sched, ok=True)
+    cache = tmp_path / "cache"
+    out = tmp_path / "t.md"
+    r = runner.invoke(
+        app,
+        ["eval", str(sched), "--trust-code", "--n", "2", "--seed", "7", "--teacher-set", "steps=4", "--out", str(out)],
+        env={"STEPOPT_CACHE_DIR": str(cache)},
+    )
+    assert_one_error(r, "teacher (", "non-finite", "seed 7 at step 3 (sigma 0.")
+    assert not out.exists() and not list(cache.rglob("*.npy"))

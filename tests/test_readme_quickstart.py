@@ -14,6 +14,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,7 @@ def test_readme_quickstart_in_an_empty_folder_outside_the_repository(tmp_path: P
         "COLUMNS": "120",
     }
     for cmd in quickstart_commands():
+        t0 = time.perf_counter()
         r = subprocess.run(
             [sys.executable, "-m", "stepopt", *cmd[1:]],
             cwd=home,
@@ -65,6 +67,7 @@ def test_readme_quickstart_in_an_empty_folder_outside_the_repository(tmp_path: P
             text=True,
             timeout=1800,
         )
+        print(f"{time.perf_counter() - t0:7.1f} s  exit {r.returncode}  {shlex.join(cmd)}")  # pytest -s shows it
         assert r.returncode == 0, f"{shlex.join(cmd)}: exit {r.returncode}\n{r.stderr[-3000:]}"
         assert "Traceback" not in r.stderr, shlex.join(cmd)
     for made in (

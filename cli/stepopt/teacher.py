@@ -69,13 +69,41 @@ def _compute(
             return model.ode_solution(x, s_hi, s_lo)
         finally:
             torch.set_num_threads(threads)
-    spec = get_solver(cfg.solver)
-    ident = spec.identity(cfg.order)
-    grid = torch.as_tensor(baseline_sigmas(cfg.grid, cfg.steps, s_hi, s_lo, model.frame, rho=cfg.rho))
+    ident, grid = _teacher_grid(model, cfg, s_hi, s_lo)
     # Conditional models (several prompts) say which condition each seed's sample uses.
     cond = cond_for_seeds(model, seeds)
     with torch.no_grad():
         return solve(ident, model, x, grid.to(x.device), cond=cond)
+
+
+def _teacher_grid(model: DiffusionModel, cfg: TeacherConfig, s_hi: float, s_lo: float) -> tuple[Any, torch.Tensor]:
+    ident = get_solver(cfg.solver).identity(cfg.order)
+    return ident, torch.as_tensor(baseline_sigmas(cfg.grid, cfg.steps, s_hi, s_lo, model.frame, rho=cfg.rho))
+
+
+def _non_finite_message(
+    model: DiffusionModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TeacherConfig,
+    s_hi: float,
+    s_lo: float,
+    seeds: Sequence[int],
+) -> str:
+    """Which seed of a teacher batch went non-finite first, and at which of the teacher's steps."""
+    span = f"from sigma {s_hi:.6g} to {s_lo:.6g}"
+    if not isinstance(model, AnalyticModel):
+        ident, grid = _teacher_grid(model, cfg, s_hi, s_lo)
+        where = locate_non_finite(model, ident, grid.to(x.device), x, seeds, cond=cond_for_seeds(model, seeds))
+        if " at step " in where:
+            where = where.removesuffix("; nothing was written")
+            return f"teacher ({cfg.solver}, {cfg.steps} steps {span}): {where}; its batch was not cached"
+    bad = (~torch.isfinite(y).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+    seed = seeds[bad[0]] if bad else seeds[0]
+    return (
+        f"the model returned non-finite values (NaN/inf) in the teacher solution for seed {seed} ({span});"
+        " its batch was not cached"
+    )
 
 
 def teacher_outputs(
@@ -117,13 +145,8 @@ def teacher_outputs(
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
         y = _compute(model, x_all[idx], cfg, s_hi, s_lo, [seeds[i] for i in idx])
-        rows_ok = torch.isfinite(y).flatten(1).all(dim=1)
-        if not bool(rows_ok.all()):
-            j = int(torch.nonzero(~rows_ok)[0])
-            raise NonFiniteError(
-                f"the model returned non-finite values (NaN/inf) in the teacher solution for seed {seeds[idx[j]]}"
-                f" (from sigma {s_hi:.6g} to {s_lo:.6g}); its batch was not cached"
-            )
+        if not bool(torch.isfinite(y).all()):
+            raise NonFiniteError(_non_finite_message(model, x_all[idx], y, cfg, s_hi, s_lo, [seeds[i] for i in idx]))
         y_all[idx] = y.to(y_all.dtype)
         if store is not None:
             store.store(key, [seeds[i] for i in idx], y)
