@@ -126,3 +126,14 @@ def test_exact_sampling_from_pure_noise_matches_the_ode(flow: GaussianMixtureFlo
         grid[-1] = 0.002
         errs.append(float((get_solver("unipc").fn(flow, y, grid) - exact).abs().max()))
     assert errs[1] < 1e-4 and errs[0] > 4 * errs[1], errs  # measured 2.1e-4, 3.0e-5: converging to the exact ODE
+
+
+def test_eval_json_rows_carry_flow_time_and_shift(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    args = ["baseline", "time-uniform", "-m", "builtin:gmm-digits-flow:shift=2", "-s", "dpmpp-2m", "--nfe", "4"]
+    assert runner.invoke(app, [*args, "--final-step", "denoise", "--out", str(path)]).exit_code == 0
+    r = runner.invoke(app, ["eval", str(path), "--n", "2", "--json", "--no-cache"])
+    assert r.exit_code == 0, r.stderr
+    (row,) = json.loads(r.stdout)["rows"]
+    assert row["time"] == "flow" and row["shift"] == 2.0 and row["mu"] is None
+    assert math.isfinite(row["metrics"]["ode-error"]["rmse"])

@@ -100,6 +100,8 @@ class EvalRow:
             "nfe": s.nfe,
             "method": s.method.name,
             "final_step": s.final_step,
+            # Flow models: the native time and the pipeline shift (mu) the schedule was made for.
+            **({"time": s.model.time, "shift": s.model.shift, "mu": s.model.mu} if s.model.shift is not None else {}),
             "metrics": self.metrics,
             "settings": self.settings,
             "seconds": self.seconds,

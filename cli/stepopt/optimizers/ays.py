@@ -251,6 +251,13 @@ def subdivide(sigmas: np.ndarray) -> np.ndarray:
 
 def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
     model, n = ctx.model, ctx.n_steps
+    if math.isinf(model.sigma_max):
+        # Not yet: the top interval's KLUB term to sigma = inf (proposal on [sigma_1, inf), the frozen
+        # denoiser at the noise-scaled state), candidates for sigma_1 and the hierarchy's midpoints.
+        raise StepoptError(
+            f"ays: {model.id} starts from pure noise (sigma_max = inf); the KLUB to sigma = inf is not "
+            "implemented yet: use ld3, or a baseline"
+        )
     data, data_info = load_data(model, cfg, ctx.seed)
     est = KLUBEstimator(model, data, c=cfg.c, batch_size=cfg.batch_size, device=ctx.device, seed=ctx.seed)
     validate = stop_validator(ctx, cfg)

@@ -10,7 +10,10 @@ same noise; the gradient flows through every solver step and network call into t
 the increments are ``softmax(theta)_{1..N}`` up to a factor), and mapped affinely onto the grid
 coordinate ``s_i = s_0 + u_i (s_N - s_0)``; both ends are fixed at the model's sigma_max and
 sigma_min. The coordinate is ``lam = -log sigma`` for pixel-space models and normalised native
-time ``(t_max - t) / (t_max - t_min)`` for latent models, as in the paper's two modes. The paper
+time ``(t_max - t) / (t_max - t_min)`` for latent models, as in the paper's two modes. Models that
+start from pure noise (flow models, sigma_max = inf) use native time too (t = 1 is finite there; lam
+is not): the grid begins at ``inf``, the student starts from the noise itself (the noise-scaled state;
+README: Conventions) and the teacher is the exact ODE (or the teacher solver) from pure noise. The paper
 starts from equal logits (uniform lam / uniform time: ``init: uniform``); by default stepopt starts
 from whichever of that grid, the hand-crafted baselines and the trust-region schedule has the
 lowest validation loss (``init: best``), or from a given schedule (``--init FILE``): on gmm-digits

@@ -22,7 +22,8 @@ class Ld3Config:
     n_train / n_valid: teacher pairs for training and validation, seeds ``data_seed + i``.
     batch_size: training pairs per iteration; valid_batch_size: pairs per validation (and teacher) forward.
     space: auto | lam | time: the coordinate of the grid (auto: time for models with a true
-       ``latent`` attribute, else lam). init: the start grid: ``uniform`` in that coordinate (the
+       ``latent`` attribute and for models that start from pure noise, sigma_max = inf, e.g. flow
+       models, where lam has no finite end; else lam). init: the start grid: ``uniform`` in that coordinate (the
        paper's start), a baseline kind, ``trust-region`` (that optimizer's schedule for the same
        solver and NFE), or ``best``: whichever of uniform, the baselines and trust-region (where it
        supports the solver) has the lowest validation loss -- an extension (the reference code can

@@ -113,8 +113,14 @@ def params_from_sigmas(
 
 
 def grid_space(cfg: Ld3Config, model: DiffusionModel) -> GridSpace:
-    """The coordinate of ``cfg.space`` for ``model`` (auto: time for latent models, else lam)."""
+    """The coordinate of ``cfg.space`` for ``model`` (auto: time for latent models and models that start
+    from pure noise, whose ``lam`` has no finite end; else lam)."""
     kind = cfg.space
+    pure_noise = math.isinf(model.sigma_max)
     if kind == "auto":
-        kind = "time" if model.latent else "lam"
+        kind = "time" if model.latent or pure_noise else "lam"
+    if kind == "lam" and pure_noise:
+        raise StepoptError(
+            f"ld3: space 'lam' has no finite end at pure noise ({model.id} starts at sigma = inf); use space: time"
+        )
     return GridSpace(kind, model.frame, float(model.sigma_max), float(model.sigma_min))  # type: ignore[arg-type]

@@ -112,7 +112,8 @@ class Trainer:
         xi: torch.Tensor | None,
         callback: Callable[[dict[str, Any]], None] | None = None,
     ) -> torch.Tensor:
-        x = (self.model.sigma_max * eps).to(self.model.dtype)
+        # From pure noise (sigma_max = inf) the state is the noise itself (noise-scaled; README: Conventions).
+        x = (eps if math.isinf(self.model.sigma_max) else self.model.sigma_max * eps).to(self.model.dtype)
         return self.student_from(x, theta, xi, callback)
 
     def student_from(
@@ -169,6 +170,12 @@ class Trainer:
         from stepopt.solvers import get_solver
 
         ctx = self.ctx
+        if math.isinf(self.model.sigma_max):  # the trust-region bound has no form from pure noise yet
+            if required:
+                raise StepoptError(
+                    f"ld3: init trust-region is not available for {self.model.id} (starts at sigma = inf)"
+                )
+            return None
         try:
             get_optimizer("trust-region")
             nfe = get_solver(ctx.solver.name).nfe(ctx.solver, self.n, ctx.final_step)
