@@ -137,3 +137,17 @@ def test_eval_json_rows_carry_flow_time_and_shift(tmp_path: Path) -> None:
     (row,) = json.loads(r.stdout)["rows"]
     assert row["time"] == "flow" and row["shift"] == 2.0 and row["mu"] is None
     assert math.isfinite(row["metrics"]["ode-error"]["rmse"])
+
+
+def test_export_of_a_grid_from_pure_noise(flow: GaussianMixtureFlow) -> None:
+    """k-diffusion / ComfyUI sigma lists cannot start at inf (ComfyUI's flow models take t): refused, even forced."""
+    from stepopt.export import ExportRefused, export_text
+
+    sched = baseline_schedule("flow-default", flow, get_solver("euler").identity(), 4, final_step="denoise")
+    for to in ("k-diffusion", "comfyui"):
+        for force in (False, True):
+            with pytest.raises(ExportRefused, match="pure noise"):
+                export_text(sched, to, force=force)
+    d = json.loads(export_text(sched, "json"))  # Python's json reads the Infinity it writes
+    assert d["sigmas"][0] == INF and d["time"] == "flow" and d["timesteps"][0] == 1.0
+    assert export_text(sched, "csv").splitlines()[1].startswith("0,inf,-inf,1.0")

@@ -295,6 +295,13 @@ def diffusers_python(s: Schedule, force: bool = False) -> str:
 def k_diffusion_sigmas(s: Schedule, force: bool = False, differences: list[str] | None = None) -> list[float]:
     """The sigma list in k-diffusion's convention: the grid, plus a trailing 0 for ``final_step: denoise``."""
     diffs = differences if differences is not None else []
+    if math.isinf(s.sigmas[0]):
+        # Not even with --force: there is no nearest finite form of a grid from pure noise.
+        raise ExportRefused(
+            "the grid starts at sigma = inf (pure noise, a flow model): k-diffusion samplers start from "
+            "sigma_max * noise and ComfyUI's flow models take flow times t, not sigmas; use --to json or csv "
+            "(their timesteps are the flow times t)"
+        )
     if s.model_sigmas is not None:
         _refuse_or_note(
             "the schedule has decoupled model_sigmas; a sigma list gives the network the solver's own sigmas",
