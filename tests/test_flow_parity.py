@@ -112,3 +112,29 @@ def test_negative_control_lower_order_final_differs(flow: GaussianMixtureFlow) -
     t = sch.sigmas[:-1].to(torch.float64)
     ours = solve(get_solver("dpmpp-2m").identity(), flow, eps / (1.0 - t[0]), _grid(t), final_step="denoise")
     assert float((ours - ref).abs().max() / ref.abs().max()) > 100 * TOL
+
+
+@pytest.mark.parametrize("model_id", ["builtin:gmm-digits-flow", "builtin:gmm-digits-flow:mu=0.8"])
+def test_export_to_flow_match_euler_reproduces_any_euler_schedule(model_id: str) -> None:
+    """``export --to diffusers`` of a flow schedule: FlowMatchEuler with the exported kwargs, ``sigmas=``
+    (unshifted) and ``mu`` steps exactly through the schedule's times (a non-uniform grid here)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from stepopt.build import baseline_schedule
+    from stepopt.export import ExportRefused, diffusers_export
+
+    model = load_model(model_id)
+    assert isinstance(model, GaussianMixtureFlow)
+    sched = baseline_schedule("kl-optimal", model, get_solver("euler").identity(), 6, final_step="denoise")
+    d = diffusers_export(sched)
+    assert d["exact"] and d["scheduler"]["class"] == "FlowMatchEulerDiscreteScheduler"
+    assert d["set_timesteps"]["sigmas"][0] == 1.0 and d["init_latents_scale"] == 1.0
+    sch = FlowMatchEulerDiscreteScheduler(**d["scheduler"]["kwargs"])
+    sch.set_timesteps(**d["set_timesteps"])
+    eps = unit_noise(model.shape, SEEDS)
+    ref = _diffusers_run(sch, model, eps)
+    ours = solve(sched.solver, model, eps, sched.sigmas_tensor(), final_step="denoise")
+    err = float((ours - ref).abs().max() / ref.abs().max())
+    assert err < TOL, err
+    with pytest.raises(ExportRefused, match="FlowMatchEuler"):
+        diffusers_export(baseline_schedule("kl-optimal", model, get_solver("dpmpp-2m").identity(), 6))

@@ -127,6 +127,8 @@ def diffusers_export(s: Schedule, force: bool = False) -> dict[str, Any]:
     """The diffusers scheduler class, keyword arguments and call that reproduce ``s`` (JSON-ready)."""
     differences: list[str] = []
     ident = s.solver
+    if s.model.time == "flow":
+        return _flow_match_export(s, force, differences)
     if s.model.time != "vp-discrete":
         raise ExportRefused(
             f"the model's time domain is '{s.model.time}'; diffusers' DDPM-style schedulers need a model with "
@@ -230,6 +232,55 @@ def diffusers_export(s: Schedule, force: bool = False) -> dict[str, Any]:
     }
 
 
+def _flow_match_export(s: Schedule, force: bool, differences: list[str]) -> dict[str, Any]:
+    """A flow schedule for diffusers' ``FlowMatchEulerDiscreteScheduler`` (SD3 / FLUX / Wan pipelines).
+
+    Those pipelines take ``sigmas=``: *unshifted* times u that the scheduler shifts with its ``shift``
+    (or ``mu``) and ends with t = 0. So the call gets ``u_i = unshift(t_i)`` for the N+1 grid times
+    ``t_i = sigma_i / (1 + sigma_i)`` (sigma = inf: u = 1), with the shift (or mu) the file records,
+    and the last jump to t = 0 is the schedule's ``final_step: denoise``. FlowMatchEuler is Euler,
+    which in the flow frame equals stepopt's ``euler`` (DDIM) step for step.
+    """
+    if s.solver.name != "euler":
+        raise ExportRefused(
+            f"solver '{s.solver.name}': diffusers' flow pipelines step with FlowMatchEulerDiscreteScheduler"
+            " (Euler); export an euler schedule, or use --to json"
+        )
+    if s.final_step != "denoise":
+        _refuse_or_note(
+            "FlowMatchEulerDiscreteScheduler always ends with a step to t = 0 (final_step: denoise)", force, differences
+        )
+    if s.model_sigmas is not None:
+        _refuse_or_note(
+            "the schedule has decoupled model_sigmas; the pipeline evaluates the network at the grid's own times",
+            force,
+            differences,
+        )
+    shift = s.model.shift if s.model.shift is not None else 1.0
+    t = [1.0 if math.isinf(x) else x / (1.0 + x) for x in s.sigmas]
+    u = [ti / (shift - (shift - 1.0) * ti) for ti in t]
+    call: dict[str, Any] = {"sigmas": u}
+    kwargs: dict[str, Any]
+    if s.model.mu is not None:
+        kwargs = {"use_dynamic_shifting": True, "time_shift_type": "exponential"}
+        call["mu"] = s.model.mu
+    else:
+        kwargs = {"shift": shift, "use_dynamic_shifting": False}
+    return {
+        "format": EXPORT_FORMAT,
+        "to": "diffusers",
+        "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", "kwargs": kwargs},
+        "set_timesteps": call,
+        "override": None,
+        # The pipeline's initial latents are the noise at t_0 (t_0 = 1: pure noise, scale 1).
+        "init_latents_scale": t[0],
+        "output_scale": 1.0,
+        "exact": not differences,
+        "differences": differences,
+        "schedule": _identity(s),
+    }
+
+
 def _identity(s: Schedule) -> dict[str, Any]:
     return {
         "model": s.model.id,
@@ -243,6 +294,10 @@ def _identity(s: Schedule) -> dict[str, Any]:
 
 def diffusers_python(s: Schedule, force: bool = False) -> str:
     """A ready-to-run Python snippet that samples with ``s`` through a diffusers pipeline's UNet."""
+    if s.model.time == "flow":
+        raise ExportRefused(
+            "no snippet for flow models yet: use --to diffusers (pipe(..., sigmas=..., mu=...) with its scheduler)"
+        )
     d = diffusers_export(s, force)
     sch = d["scheduler"]
     model = s.model.id
