@@ -104,15 +104,17 @@ class TeacherCache:
         folder.mkdir(parents=True, exist_ok=True)
         key_file = folder / KEY_FILE
         if not key_file.exists():
-            atomic_write_text(key_file, json.dumps(key, sort_keys=True, indent=1, default=str) + "\n")
+            atomic_write_text(key_file, json.dumps(key, sort_keys=True, indent=1, default=str) + "\n", every_rank=True)
         arr = values.detach().cpu().numpy()
         for s, row in zip(seeds, arr, strict=True):
             buf = io.BytesIO()
             np.save(buf, np.ascontiguousarray(row), allow_pickle=False)
             data = buf.getvalue()
-            with atomic_path(folder / f"{int(s)}.npy") as tmp:
+            with atomic_path(folder / f"{int(s)}.npy", every_rank=True) as tmp:
                 tmp.write_bytes(data)
-            atomic_write_text(folder / f"{int(s)}{DIGEST_SUFFIX}", entry_digest(key, int(s), data) + "\n")
+            atomic_write_text(
+                folder / f"{int(s)}{DIGEST_SUFFIX}", entry_digest(key, int(s), data) + "\n", every_rank=True
+            )
 
 
 def _read_verified(folder: Path, key: Mapping[str, Any], seed: int) -> np.ndarray | None:

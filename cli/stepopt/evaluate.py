@@ -11,6 +11,9 @@ by their grid and solver, and no number depends on the batch size. Metrics (:mod
   final denoising step);
 * torch-fidelity metrics, one ``calculate_metrics`` call per feature extractor per schedule.
 
+Under ``torchrun`` samples and teacher outputs are generated share by share over the ranks and
+gathered (:mod:`stepopt.distributed`), so every number equals the one-process table.
+
 Rows are grouped by solver and NFE (stable, otherwise in the order given). Tables are written by
 extension (.md, .csv, .json), atomically.
 """
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 import torch_fidelity
 
-from stepopt import __version__
+from stepopt import __version__, distributed
 from stepopt.errors import StepoptError
 from stepopt.io import atomic_write_text
 from stepopt.metrics import MetricRequest, parse_metrics
@@ -260,7 +263,9 @@ def evaluate(
                 sigma = 0.0 if sched.final_step == "denoise" else sched.sigmas[-1]
                 row.metrics[r.name] = fd_exact(samples, model, sigma)
                 row.settings[r.name] = {**common, "space": "pixels", "target_sigma": sigma}
-        for fe, rs in groups.items():
+        # Under torchrun every rank holds all samples (sharded generation); torch-fidelity runs on
+        # rank 0 only, whose rows are the ones printed and written.
+        for fe, rs in groups.items() if distributed.is_main() else ():
             opts, ref, wfp = resolved[fe]
             values, used = fidelity_metrics(to_images(samples, fe), [r.base or "" for r in rs], ref, opts, wfp)
             for r in rs:

@@ -54,5 +54,9 @@ def provenance(device: str | torch.device | None = None, **extra: Any) -> dict[s
         "python": platform.python_version(),
         "device": str(device) if device is not None else "cpu",
     }
+    from stepopt import distributed
+
+    if distributed.active():  # torchrun: the result is the same for any world size; say which made it
+        rec["world_size"] = distributed.world_size()
     rec.update(extra)
     return rec

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stepopt import distributed
 from stepopt.errors import StepoptError
 from stepopt.frames import frame_ref_fields
 from stepopt.io import atomic_write
@@ -111,6 +112,7 @@ def batched(
     cond: Mapping[str, Any] | None = None,
     progress: ProgressFn | None = None,
     to_cpu: bool = False,
+    shard: bool = False,
 ) -> torch.Tensor:
     """The one batching loop: ``run(x, cond)`` per batch of seeds, results concatenated in seed order.
 
@@ -119,11 +121,29 @@ def batched(
     with one row per seed are sliced, anything else is passed to every batch), else the model's own
     :meth:`~stepopt.models.base.DiffusionModel.cond_for_seeds`. Each finished batch is reported as
     ``progress(done, n)`` (and moved to the CPU with ``to_cpu``).
+
+    ``shard``: among several ``torch.distributed`` ranks each runs its share of the seeds and
+    every rank gets all results (:func:`stepopt.distributed.map_rows`); no autograd through it.
     """
     if batch_size < 1:
         raise StepoptError(f"batch size {batch_size} is invalid; expected an integer >= 1")
     n = len(seeds)
     per_seed = cond_for_seeds(model, seeds) if cond is None else cond
+    if shard and distributed.active():
+        a, b = distributed.shard(n)
+        share = max(b - a, 1)
+        part = batched(
+            model,
+            seeds[a:b],
+            run,
+            sigma=sigma,
+            batch_size=batch_size,
+            device=device,
+            cond=slice_cond(per_seed, a, b, n) if per_seed is not None else None,
+            progress=None if progress is None else (lambda done, _t: progress(min(n, done * n // share), n)),
+            to_cpu=to_cpu,
+        )
+        return distributed.gather_rows(part, n)
     outs = []
     if progress is not None:
         progress(0, n)
@@ -175,7 +195,8 @@ def sample_schedule(
     does not depend on ``batch_size``; the result depends on it only through the floating-point
     batching of the network (none for the default model's float32 samples on the CPU; ~1e-6
     relative for a float32 UNet). Each batch gets its seeds' rows of the conditioning (see
-    :func:`batched`). Each finished batch is moved to the CPU (in the model's dtype) and reported as
+    :func:`batched`). Under ``torchrun`` the seeds are shared out over the ranks and every rank
+    returns all samples. Each finished batch is moved to the CPU (in the model's dtype) and reported as
     ``progress(done, n)``.
     """
     dev = torch.device(device) if device is not None else model.device
@@ -212,6 +233,7 @@ def sample_schedule(
         cond=cond,
         progress=progress,
         to_cpu=True,
+        shard=True,
     )
 
 

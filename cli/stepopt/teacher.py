@@ -14,6 +14,10 @@ teacher (``exact`` for analytic models, else the :class:`TeacherConfig`), the si
 and shape. Seed ``i``'s noise is always ``initial_noise(model, [i])``, so a cached output is valid
 for any batch size and any subset of seeds. Models without a ``sha256:`` fingerprint (user code
 with no parameters to hash) are never cached: their cached value could be stale.
+
+Under ``torchrun`` the missing teacher outputs and the grid runs of :class:`GridValidator` are
+shared out over the ranks by seed and gathered, so every rank holds what one process would
+(:mod:`stepopt.distributed`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stepopt import distributed
 from stepopt.baselines import baseline_sigmas
 from stepopt.cache import TeacherCache
 from stepopt.errors import StepoptError
@@ -135,23 +140,36 @@ def teacher_outputs(
         store = None  # no content fingerprint (e.g. "unknown:python:..."): a cached value could be stale
     key = teacher_key(model, cfg, s_hi, s_lo, x_all.dtype)
     found = store.load(key, seeds, model.shape, x_all.dtype) if store is not None else {}
-    todo = [i for i, s in enumerate(seeds) if s not in found]
+    missing = torch.tensor([s not in found for s in seeds], dtype=torch.float64)
+    if distributed.active():  # every rank computes what any rank lacks (node-local caches may differ)
+        missing = distributed.all_sum(missing)
+    todo = [i for i in range(len(seeds)) if missing[i] > 0]
     y_all = torch.empty_like(x_all)
     for i, s in enumerate(seeds):
         if s in found:
             y_all[i] = found[s].to(device=x_all.device)
+    done0 = len(seeds) - len(todo)
     if progress is not None:
-        progress(len(seeds) - len(todo), len(seeds))
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start : start + batch_size]
-        y = _compute(model, x_all[idx], cfg, s_hi, s_lo, [seeds[i] for i in idx])
-        if not bool(torch.isfinite(y).all()):
-            raise NonFiniteError(_non_finite_message(model, x_all[idx], y, cfg, s_hi, s_lo, [seeds[i] for i in idx]))
-        y_all[idx] = y.to(y_all.dtype)
-        if store is not None:
-            store.store(key, [seeds[i] for i in idx], y)
-        if progress is not None:
-            progress(len(seeds) - len(todo) + start + len(idx), len(seeds))
+        progress(done0, len(seeds))
+
+    def compute(idx_share: list[int]) -> torch.Tensor:
+        parts = []
+        for start in range(0, len(idx_share), batch_size):
+            idx = idx_share[start : start + batch_size]
+            y = _compute(model, x_all[idx], cfg, s_hi, s_lo, [seeds[i] for i in idx])
+            if not bool(torch.isfinite(y).all()):
+                raise NonFiniteError(_non_finite_message(model, x_all[idx], y, cfg, s_hi, s_lo, [seeds[i] for i in idx]))
+            y = y.to(y_all.dtype)
+            if store is not None:  # under torchrun each rank caches the entries it computed
+                store.store(key, [seeds[i] for i in idx], y)
+            parts.append(y)
+            if progress is not None:  # this rank's share, scaled to the whole (rank 0 prints)
+                done = start + len(idx)
+                progress(done0 + done * len(todo) // max(len(idx_share), 1), len(seeds))
+        return torch.cat(parts) if parts else x_all[:0].clone()
+
+    if todo:  # under torchrun the missing seeds are shared out over the ranks
+        y_all[todo] = distributed.map_rows(todo, compute).to(y_all.device)
     return x_all, y_all
 
 
@@ -245,29 +263,33 @@ class GridValidator:
         """The solver's outputs on ``sigmas`` from the validation noise (or ``x_t``), without gradients."""
         if self.solver is None:
             raise StepoptError("this validator has no solver; it only scores given outputs")
+        solver = self.solver
         x_all = self.x_t if x_t is None else x_t
         grid = torch.as_tensor(sigmas, dtype=torch.float64).to(x_all.device)
-        net = denoiser or self.model
-        counted = _Counting(net)
-        outs = []
+        counted = _Counting(denoiser or self.model)
         n = x_all.shape[0]
-        with torch.no_grad():
-            for start in range(0, n, self.batch_size):
-                stop = min(start + self.batch_size, n)
-                cond = slice_cond(self.cond, start, stop, n)
-                outs.append(
-                    solve(
-                        self.solver,
+
+        def run(rows: list[int]) -> torch.Tensor:
+            outs = []
+            with torch.no_grad():
+                for start in range(0, len(rows), self.batch_size):
+                    a, b = rows[start], rows[min(start + self.batch_size, len(rows)) - 1] + 1
+                    cond = slice_cond(self.cond, a, b, n)
+                    out = solve(
+                        solver,
                         counted,
-                        x_all[start:stop],
+                        x_all[a:b],
                         grid,
                         model_sigmas=model_sigmas,
                         cond=cond,
                         final_step=self.final_step,
                     )
-                )
-        self.evals += counted.evals
-        return torch.cat(outs)
+                    outs.append(out)
+            return torch.cat(outs) if outs else x_all[:0].clone()
+
+        out = distributed.map_rows(range(n), run).to(x_all.device)  # shared out under torchrun
+        self.evals += int(distributed.all_sum(torch.tensor(float(counted.evals))))
+        return out
 
     def rmse(self, sigmas: torch.Tensor | Sequence[float] | np.ndarray, model_sigmas: Any = None) -> float:
         """Root mean square of ``outputs - targets`` over every sample and coordinate (float64).
@@ -315,11 +337,16 @@ class GridValidator:
         run: Callable[[torch.Tensor], torch.Tensor],
     ) -> float:
         """Mean over the seeds of ``distance(run(x_t), target)`` (per-sample values), batch by batch."""
+        n = self.x_t.shape[0]
+        a, b = distributed.shard(n) if distributed.active() else (0, n)
         total = 0.0
         with torch.no_grad():
-            for x, y in zip(self.x_t.split(self.batch_size), self.targets.split(self.batch_size), strict=True):
-                total += float(distance(run(x), y).sum())
-        return total / self.x_t.shape[0]
+            for start in range(a, b, self.batch_size):
+                stop = min(start + self.batch_size, b)
+                total += float(distance(run(self.x_t[start:stop]), self.targets[start:stop]).sum())
+        if distributed.active():  # each rank's share of the seeds, summed in float64
+            total = float(distributed.all_sum(torch.tensor(total, dtype=torch.float64)))
+        return total / n
 
 
 class _Counting:

@@ -11,6 +11,8 @@ from stepopt.cli.app import app
 def main() -> None:
     from stepopt.provenance import set_command
 
+    if sys.argv[1:2] == ["--"]:  # `torchrun ... -m stepopt -- eval ...` passes the separator on
+        del sys.argv[1]
     set_command(["stepopt", *sys.argv[1:]])
     app()
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from stepopt import __version__
+from stepopt import __version__, distributed
 from stepopt.errors import StepoptError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -185,9 +185,18 @@ def command(name: str | None = None, **kw: Any) -> Callable[[F], F]:
             if "debug" in kwargs:
                 kwargs["debug"] = debug
             try:
+                if distributed.launched():  # one of several ranks (torchrun): rank 0 prints
+                    err.quiet = not distributed.is_main()
+                    distributed.quiet_backend_logs()
+                    distributed.init_store()
                 return fn(*args, **kwargs)
             except (typer.Exit, typer.Abort, SystemExit):
                 raise
+            except distributed.PeerFailure:
+                if debug:
+                    raise
+                distributed.linger_for_reports()
+                raise typer.Exit(1) from None  # the rank that failed says why
             except KeyboardInterrupt:
                 if debug:
                     raise
@@ -201,6 +210,11 @@ def command(name: str | None = None, **kw: Any) -> Callable[[F], F]:
                 if debug:
                     raise
                 fail("out of memory; use a smaller --n or --batch-size")
+            except Exception as e:  # a bug: the traceback is printed; among ranks, the others stop too
+                distributed.note_crash(e)
+                raise
+            finally:
+                distributed.shutdown()
 
         app.command(name, **kw)(wrapper)
         return fn
@@ -215,12 +229,34 @@ def _one_line(e: BaseException) -> str:
 
 
 def fail(message: str, code: int = 1) -> None:
-    """Print ``error: message`` (one line) to stderr and exit."""
-    err.print(f"error: {message}", style="red", markup=False, highlight=False)
+    """Print ``error: message`` (one line) to stderr and exit.
+
+    Among several ranks the line names the rank, and an error every rank reports alike (a bad
+    input) is printed once (:func:`stepopt.distributed.report_failure`).
+    """
+    if distributed.launched():
+        if not distributed.report_failure(message):
+            raise typer.Exit(code)
+        message = f"rank {distributed.rank()}: {message}"
+        if distributed.is_main():
+            _print_error(message)
+            distributed.linger_for_reports()
+            raise typer.Exit(code)
+    _print_error(message)
     raise typer.Exit(code)
 
 
+def _print_error(message: str) -> None:
+    if err.quiet:
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+    else:
+        err.print(f"error: {message}", style="red", markup=False, highlight=False)
+
+
 def emit_json(obj: Any) -> None:
-    """The one machine-readable object, on stdout."""
+    """The one machine-readable object, on stdout (once: by rank 0 among several ranks)."""
+    if not distributed.is_main():
+        return
     sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
     sys.stdout.flush()

@@ -131,17 +131,20 @@ def load_with_options(
 ) -> LoadedModel:
     """Load ``model_id`` with the options every model-loading command shares.
 
-    ``--device``, ``--dtype`` (the network's), ``--trust-code`` and the text conditioning
+    ``--device`` (``cuda:LOCAL_RANK`` for each rank under torchrun, which also joins the process
+    group here: :mod:`stepopt.distributed`), ``--dtype`` (the network's), ``--trust-code`` and the text conditioning
     (``--prompt``/``--prompt-file``/``--negative-prompt``/``--guidance``). ``recorded`` is the
     conditioning a schedule was made with: it supplies the defaults, and every option that
     overrides a recorded value is named in the notes.
     """
     import torch
 
+    from stepopt import distributed
     from stepopt.models import load_model, resolve_device
     from stepopt.models.diffusers import configure_conditioning
 
-    dev = resolve_device(device)
+    dev = distributed.local_device(resolve_device(device))
+    distributed.init(dev)  # under torchrun: join the process group (NCCL on CUDA, gloo on the CPU)
     m = load_model(model_id, device=dev, dtype=getattr(torch, dtype), trust_code=trust_code)
     conditioning = configure_conditioning(m, prompts or (), prompt_file, negative_prompt, guidance, recorded=recorded)
     notes = list(conditioning[1]) if conditioning else []

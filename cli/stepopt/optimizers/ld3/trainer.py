@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from stepopt import distributed
 from stepopt.baselines import start_sigmas
 from stepopt.config import config_to_dict
 from stepopt.errors import StepoptError
@@ -392,20 +393,41 @@ class Trainer:
         opt_xi: torch.optim.Optimizer,
         joint: bool,
     ) -> float:
-        """One iteration on the pairs ``idx``: backward to theta, xi and the relaxed noise; updates."""
+        """One iteration on the pairs ``idx``: backward to theta, xi and the relaxed noise; updates.
+
+        Under ``torchrun`` the pairs are shared out over the ranks (data parallel): each rank
+        backpropagates its pairs' share of the batch mean, the gradients of theta and xi are summed
+        over the ranks, and each rank's relaxed noises are gathered, so every rank takes the same step
+        one process would.
+        """
         cfg = self.cfg
         soft = self.radius > 0
+        parallel = distributed.active()
+        batch = idx.shape[0]
+        idx_all = idx
+        if parallel:
+            a, b = distributed.shard(batch)
+            idx = idx_all[a:b]
         eps = st.noise[idx].clone().requires_grad_(soft)
         target = self.y_train[idx]
         x_arg = xi if cfg.decouple else None
         xi.requires_grad_(joint)
         opt_theta.zero_grad(set_to_none=True)
         opt_xi.zero_grad(set_to_none=True)
-        per = self.distance(self.student(eps, theta, x_arg), target)
-        loss = per.mean()
+        if idx.shape[0] > 0:
+            per = self.distance(self.student(eps, theta, x_arg), target)
+            loss = per.sum() / batch if parallel else per.mean()
+            loss.backward()
+        else:  # more ranks than pairs: this rank contributes nothing to the sums
+            per = torch.zeros(0, dtype=torch.float64, device=self.device)
+            loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        if parallel:
+            for p, on in ((theta, True), (xi, joint)):
+                if on:
+                    p.grad = distributed.all_sum(p.grad if p.grad is not None else torch.zeros_like(p)).to(p.dtype)
+            loss = distributed.all_sum(loss.detach())
         if not bool(torch.isfinite(loss)):
             raise self.non_finite("the training loss", st.iteration + 1, eps.detach(), theta.detach(), x_arg)
-        loss.backward()
         grads = [g for g in (theta.grad, xi.grad if joint else None, eps.grad if soft else None) if g is not None]
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             raise StepoptError(
@@ -434,6 +456,10 @@ class Trainer:
                 if bool(ok.any()):
                     st.noise[idx[ok]] = cand[ok]
                     st.accepted_in_round = True
+        if parallel:  # every rank gets every rank's relaxed noises and acceptance
+            st.noise[idx_all] = distributed.gather_rows(st.noise[idx], batch)
+            accepted = torch.tensor(float(st.accepted_in_round), dtype=torch.float64)
+            st.accepted_in_round = bool(distributed.all_sum(accepted) > 0)
         return float(loss.detach())
 
     def after_validation(
