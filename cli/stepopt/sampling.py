@@ -201,7 +201,8 @@ def sample_schedule(
     """
     dev = torch.device(device) if device is not None else model.device
 
-    done = 0  # seeds of the batches run so far: batched() runs them in order
+    # Seeds of the batches run so far: batched() runs them in order (under torchrun, this rank's share).
+    done = distributed.shard(len(seeds))[0] if distributed.active() else 0
 
     def run(x: torch.Tensor, c: dict[str, Any] | None) -> torch.Tensor:
         nonlocal done
