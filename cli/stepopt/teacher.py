@@ -158,7 +158,8 @@ def teacher_outputs(
             idx = idx_share[start : start + batch_size]
             y = _compute(model, x_all[idx], cfg, s_hi, s_lo, [seeds[i] for i in idx])
             if not bool(torch.isfinite(y).all()):
-                raise NonFiniteError(_non_finite_message(model, x_all[idx], y, cfg, s_hi, s_lo, [seeds[i] for i in idx]))
+                chunk = [seeds[i] for i in idx]
+                raise NonFiniteError(_non_finite_message(model, x_all[idx], y, cfg, s_hi, s_lo, chunk))
             y = y.to(y_all.dtype)
             if store is not None:  # under torchrun each rank caches the entries it computed
                 store.store(key, [seeds[i] for i in idx], y)
