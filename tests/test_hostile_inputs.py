@@ -647,3 +647,21 @@ def test_eval_refuses_a_nan_model_naming_the_seed(tmp_path: Path) -> None:
     )
     assert_one_error(r, "teacher (", "non-finite", "seed 7 at step 3 (sigma 0.")
     assert not out.exists() and not list(cache.rglob("*.npy"))
+
+
+def test_api_code_loaders_take_trust_code_and_share_the_cli_defaults(tmp_path: Path) -> None:
+    import inspect as pyinspect
+
+    import stepopt
+    from stepopt.cli.optimize import optimize_cmd
+    from stepopt.errors import StepoptError
+
+    model = user_model(tmp_path, "api_model", below=0.0)  # never NaN
+    with pytest.raises(StepoptError, match="--trust-code"):
+        stepopt.baseline("logsnr", model, nfe=4)
+    assert stepopt.baseline("logsnr", model, nfe=4, trust_code=True).model.id == model
+    cli = pyinspect.signature(optimize_cmd).parameters
+    for fn in (stepopt.optimize, stepopt.baseline):
+        params = pyinspect.signature(fn).parameters
+        assert params["solver"].default == cli["solver"].default and params["nfe"].default == cli["nfe"].default
+        assert "trust_code" in params

@@ -39,9 +39,9 @@ def load_model(model: str = DEFAULT_MODEL, *, device: str = "cpu", trust_code: b
     return _load(model, device=device, trust_pickle=trust_code)
 
 
-def _model(model: str | DiffusionModel | None, device: str) -> DiffusionModel:
+def _model(model: str | DiffusionModel | None, device: str, trust_code: bool = False) -> DiffusionModel:
     if model is None or isinstance(model, str):
-        return load_model(model or DEFAULT_MODEL, device=device)
+        return load_model(model or DEFAULT_MODEL, device=device, trust_code=trust_code)
     return model
 
 
@@ -57,12 +57,15 @@ def optimize(
     final_step: str = "none",
     seed: int = 0,
     device: str = "cpu",
+    trust_code: bool = False,
     **config: Any,
 ) -> Schedule:
     """Optimize the time steps for ``model`` and a solver at exactly ``nfe`` evaluations.
 
     ``config`` holds the optimizer's options (the keys of ``--set``; an unknown key is an error
     listing the valid ones). Returns the validated schedule; ``schedule.save(path)`` writes it.
+    ``trust_code`` lets a model id whose loader runs code (``python:``, ``edm:``) load, as
+    ``--trust-code`` does.
     """
     from stepopt.config import resolve_config
     from stepopt.optimizers import get_optimizer
@@ -72,7 +75,7 @@ def optimize(
     spec = get_optimizer(optimizer)
     cfg: Any = resolve_config(spec.config_cls, None, (), config)
     ident = get_solver(solver).identity(order, variant, lower_order_final)
-    m = _model(model, device)
+    m = _model(model, device, trust_code)
     return _optimize(optimizer, m, ident, nfe, cfg, final_step=final_step, seed=seed, device=device)
 
 
@@ -80,15 +83,19 @@ def baseline(
     kind: str,
     model: str | DiffusionModel = DEFAULT_MODEL,
     *,
-    solver: str = "euler",
-    nfe: int = 10,
+    solver: str = "dpmpp-3m",
+    nfe: int = 6,
     order: int | None = None,
     variant: str | None = None,
     lower_order_final: bool | None = None,
     final_step: str = "none",
     rho: float = 7.0,
+    trust_code: bool = False,
 ) -> Schedule:
-    """A hand-crafted schedule (edm, logsnr, time-uniform, time-quadratic, kl-optimal), as ``stepopt baseline``."""
+    """A hand-crafted schedule (edm, logsnr, time-uniform, time-quadratic, kl-optimal), as ``stepopt baseline``.
+
+    The defaults are those of :func:`optimize` (and of the CLI); ``trust_code`` as in :func:`optimize`.
+    """
     from stepopt.build import baseline_schedule
     from stepopt.model_cards import model_card
     from stepopt.solvers.registry import get_solver
@@ -96,7 +103,7 @@ def baseline(
     spec = get_solver(solver)
     ident = spec.identity(order, variant, lower_order_final)
     n_steps = spec.steps_for_nfe(ident, nfe, final_step)
-    m: Any = (model_card(model) if isinstance(model, str) else None) or _model(model, "cpu")
+    m: Any = (model_card(model) if isinstance(model, str) else None) or _model(model, "cpu", trust_code)
     return baseline_schedule(kind, m, ident, n_steps, final_step=final_step, rho=rho)
 
 
