@@ -170,16 +170,15 @@ def make_embedded_latent(n_prompts: int = 2, guidance: float = 3.0) -> Any:
     ``python:_tiny_latent:make_embedded_latent`` exercises the latent path of the CLI (guidance,
     per-seed prompts, VAE decoding) on the real diffusers UNet and VAE above.
     """
-    from stepopt.models.diffusers import DiffusersLatent, scheduler_settings, unet_fingerprint
+    from stepopt.models.diffusers import DiffusersLatent, LatentUNet, scheduler_settings, unet_fingerprint
 
     settings = scheduler_settings(dict(ddpm_scheduler().config), Path("scheduler_config.json"))
     unet = tiny_cond_unet()
     fp = unet_fingerprint(unet, settings)
-    model = DiffusersLatent(unet, tiny_vae(), settings, id="python:_tiny_latent:make_embedded_latent", fingerprint=fp)
+    net = LatentUNet(unet, tiny_vae(), settings, id="python:_tiny_latent:make_embedded_latent", fingerprint=fp)
     g = torch.Generator().manual_seed(3)
     cond = torch.randn(n_prompts, 6, CROSS_DIM, generator=g)
-    model.set_prompt_embeddings(cond, torch.randn(1, 6, CROSS_DIM, generator=g), guidance)
-    return model
+    return DiffusersLatent.from_embeddings(net, cond, torch.randn(1, 6, CROSS_DIM, generator=g), guidance)
 
 
 def make_embedded_latent_one_prompt() -> Any:

@@ -46,6 +46,7 @@ from stepopt.errors import StepoptError
 from stepopt.models import load_model
 from stepopt.models.diffusers import (
     DiffusersLatent,
+    LatentUNet,
     PromptSet,
     conditioning_mismatches,
     configure_conditioning,
@@ -53,6 +54,7 @@ from stepopt.models.diffusers import (
     scheduler_settings,
     unet_fingerprint,
 )
+from stepopt.models.guidance import ClassifierFreeGuidance
 from stepopt.sampling import sample_schedule
 from stepopt.schedule import Schedule
 from stepopt.solvers import get_solver, solve
@@ -91,11 +93,17 @@ def _latent(prediction: str = "epsilon", guidance: float = 5.0, n_prompts: int =
     """A DiffusersLatent from a tiny UNet2DConditionModel + AutoencoderKL, with embeddings bound."""
     settings = scheduler_settings(dict(ddpm_scheduler(prediction).config), Path("scheduler_config.json"))
     unet = tiny_cond_unet()
-    m = DiffusersLatent(unet, tiny_vae(), settings, id="latent:test", fingerprint=unet_fingerprint(unet, settings))
-    m.to("cpu", dtype)
+    net = LatentUNet(unet, tiny_vae(), settings, id="latent:test", fingerprint=unet_fingerprint(unet, settings))
+    net.to("cpu", dtype)
     cond, uncond = _embeddings(n_prompts)
-    m.set_prompt_embeddings(cond, uncond, guidance)
-    return m, cond, uncond
+    return DiffusersLatent.from_embeddings(net, cond, uncond, guidance), cond, uncond
+
+
+def _configured(m: Any, prompts: Any, negative: str, guidance: float) -> DiffusersLatent:
+    """The model configured like ``--prompt ... --negative-prompt NEG --guidance G``."""
+    conditioning = configure_conditioning(m, prompts, None, negative, guidance)
+    assert conditioning is not None
+    return conditioning.model
 
 
 def _reference_unet() -> Any:
@@ -187,6 +195,25 @@ def test_latent_dpmpp_2m_matches_diffusers_cfg_loop(prediction: str) -> None:
             cond={"prompt_index": torch.arange(n)},
         ) * _a(sigmas[-1])
     assert float((ours - z).abs().max() / z.abs().max()) < RTOL
+
+
+def test_guidance_is_a_wrapper_not_model_state() -> None:
+    """A guidance scale is a wrapper's configuration: another scale is another model around the same network."""
+    m, cond, uncond = _latent(guidance=5.0)
+    x, sigma, rows = _x(m.shape), torch.full((3,), 2.0, dtype=torch.float64), torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        before = m(x, sigma, prompt_index=rows)
+        g2 = m.with_scale(2.0)
+        assert g2 is not m and g2.inner is m.inner and (m.guidance, g2.guidance) == (5.0, 2.0)
+        assert torch.equal(m(x, sigma, prompt_index=rows), before)  # the first model is unchanged
+        generic = ClassifierFreeGuidance(m.inner, cond, uncond, 2.0)
+        assert torch.equal(generic(x, sigma, prompt_index=rows), g2(x, sigma, prompt_index=rows))
+        unguided = m.with_scale(1.0)(x, sigma, prompt_index=rows)  # s = 1: the conditional network alone
+        assert torch.equal(unguided, m.inner(x, sigma, encoder_hidden_states=cond[rows]))
+    configured = configure_conditioning(m, guidance=3.0)
+    assert configured is not None and configured.model.guidance == 3.0 and m.guidance == 5.0
+    assert configured.record == configured.model.conditioning_record() and configured.record["guidance"] == 3.0
+    assert not hasattr(m, "set_guidance") and not hasattr(m, "set_prompts")
 
 
 def test_prompt_rows_and_seed_assignment() -> None:
@@ -358,7 +385,7 @@ def test_cli_latent_optimize_sample_decode(tmp_path: Path) -> None:
     # The same samples from the library: each seed's noise and prompt, guidance 2.
     m = load_model(EMBEDDED, trust_code=True)
     assert isinstance(m, DiffusersLatent)
-    m.set_guidance(2.0)
+    m = m.with_scale(2.0)
     with torch.inference_mode():
         want = torch.cat([sample_schedule(m, sched, [k], cond=m.cond_for_seeds([k])) for k in range(1, 6)])
         assert np.abs(latents - want.numpy()).max() <= 1e-5 * np.abs(want.numpy()).max()
@@ -445,11 +472,12 @@ def test_prompt_embeddings_match_the_pipeline(sd_folder: Path) -> None:
     m = load_model(f"diffusers:{sd_folder}")
     assert isinstance(m, DiffusersLatent)
     prompts = ("a photo of a cat", "the red dog")
-    configure_conditioning(m, prompts, None, "blue", 3.0)
+    m = _configured(m, prompts, "blue", 3.0)
     with torch.no_grad():
         want, want_neg = pipe.encode_prompt(list(prompts), "cpu", 1, True, negative_prompt=["blue"] * 2)
-    assert torch.allclose(m._cond, want, rtol=1e-6, atol=1e-6)
-    assert torch.allclose(m._uncond.expand(2, -1, -1), want_neg, rtol=1e-6, atol=1e-6)
+    cond, uncond = m.conditions()
+    assert torch.allclose(cond, want, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(uncond.expand(2, -1, -1), want_neg, rtol=1e-6, atol=1e-6)
 
 
 @needs_clip
@@ -481,7 +509,7 @@ def test_matches_stable_diffusion_pipeline(sd_folder: Path, guidance: float) -> 
             output_type="latent",
         ).images
     sigmas = pipe.scheduler.sigmas.to(torch.float64)
-    configure_conditioning(m, prompts, None, "blue", guidance)
+    m = _configured(m, prompts, "blue", guidance)
     with torch.no_grad():
         x = solve(
             get_solver("dpmpp-2m").identity(2, None, True),

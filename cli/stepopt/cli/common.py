@@ -147,14 +147,16 @@ def load_with_options(
     distributed.init(dev)  # under torchrun: join the process group (NCCL on CUDA, gloo on the CPU)
     m = load_model(model_id, device=dev, dtype=getattr(torch, dtype), trust_code=trust_code)
     conditioning = configure_conditioning(m, prompts or (), prompt_file, negative_prompt, guidance, recorded=recorded)
-    notes = list(conditioning[1]) if conditioning else []
+    notes = list(conditioning.notes) if conditioning else []
     rec = recorded if isinstance(recorded, Mapping) else None
     if rec is not None and conditioning is not None:
-        used = conditioning[0]
+        used = conditioning.record
         if guidance is not None and rec.get("guidance") is not None and float(rec["guidance"]) != float(guidance):
             notes.append(f"--guidance {guidance} overrides the schedule's guidance {rec['guidance']}")
         if negative_prompt is not None and rec.get("negative_prompt") not in (None, negative_prompt):
             notes.append(f"--negative-prompt overrides the schedule's {rec['negative_prompt']!r}")
         if (prompts or prompt_file is not None) and rec.get("prompts_sha256") not in (None, used.get("prompts_sha256")):
             notes.append(f"--prompt/--prompt-file override the schedule's prompt set ({rec.get('n_prompts')} prompts)")
-    return LoadedModel(m, dev, conditioning[0] if conditioning else None, notes)
+    if conditioning is None:
+        return LoadedModel(m, dev, None, notes)
+    return LoadedModel(conditioning.model, dev, conditioning.record, notes)

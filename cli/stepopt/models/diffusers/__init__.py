@@ -6,8 +6,10 @@ The package has three modules, imported in this order and never back:
   the denoiser-relevant scheduler settings, the output parameterizations and offline file loading;
 - :mod:`~stepopt.models.diffusers.pixel`: :class:`DiffusersUNet`, a ``UNet2DModel`` as an EDM-frame
   denoiser (the timestep convention and the parameterization formulas are documented there);
-- :mod:`~stepopt.models.diffusers.latent`: :class:`DiffusersLatent`, a ``StableDiffusionPipeline``
-  layout (``UNet2DConditionModel``, VAE, CLIP text encoder) with prompts and classifier-free guidance.
+- :mod:`~stepopt.models.diffusers.latent`: :class:`LatentUNet`, the ``UNet2DConditionModel`` and VAE
+  of a ``StableDiffusionPipeline`` layout as a conditional denoiser, and :class:`DiffusersLatent`,
+  that network under classifier-free guidance (:mod:`stepopt.models.guidance`) for a prompt set
+  encoded by the CLIP text encoder.
 
 :func:`load_diffusers` reads the folder's scheduler and UNet configs and hands the folder to the
 pixel or the latent loader according to the UNet class. ``diffusers`` (and, for latent pipelines,
@@ -37,10 +39,13 @@ from stepopt.models.diffusers.common import (
 from stepopt.models.diffusers.latent import (
     DEFAULT_GUIDANCE,
     CLIPPromptEncoder,
+    Conditioning,
     DiffusersLatent,
+    LatentUNet,
     PromptSet,
     conditioning_mismatches,
     configure_conditioning,
+    encode_prompts,
     load_latent_pipeline,
     read_prompts,
 )
@@ -51,13 +56,16 @@ __all__ = [
     "DIFFUSERS_BETA_SCHEDULES",
     "PREDICTION_TYPES",
     "CLIPPromptEncoder",
+    "Conditioning",
     "DiffusersDiscrete",
     "DiffusersLatent",
     "DiffusersUNet",
+    "LatentUNet",
     "PromptSet",
     "conditioning_mismatches",
     "configure_conditioning",
     "diffusers_frame",
+    "encode_prompts",
     "load_component",
     "load_diffusers",
     "load_latent_pipeline",
@@ -72,7 +80,7 @@ __all__ = [
 
 def load_diffusers(
     path: str, device: torch.device, dtype: torch.dtype | None = None, *, round_timesteps: bool = True
-) -> DiffusersUNet:
+) -> DiffusersUNet | DiffusersLatent:
     """Load ``diffusers:PATH`` (see the module docstring) onto ``device``, the network in ``dtype`` (float32)."""
     folder = Path(path).expanduser()
     if not path or not folder.is_dir():

@@ -28,14 +28,15 @@ depends only on its seed (not on batch size, ``--seed`` offsets of other samples
 With a single prompt the index may be omitted; with several, a caller that passes none is refused.
 
 **Classifier-free guidance** (Ho & Salimans 2022, eq. 6, written for the denoiser):
-``D = D_uncond + s (D_cond - D_uncond)``. ``D`` is affine in the network output ``F`` with the same
-coefficients for both halves (same ``x`` and ``sigma``), so this equals the conversion of
-``F_uncond + s (F_cond - F_uncond)``, which is what diffusers computes on the noise prediction.
-Both halves come from ONE network call on a batch of ``2B`` (``[uncond; cond]``, as diffusers lays
-it out); stepopt counts it as one network evaluation, so a schedule's NFE does not depend on the
-guidance. ``s = 1`` makes one call of ``B`` rows (conditional only); ``0 <= s < 1`` interpolates
-toward the unconditional model (diffusers switches guidance off for every ``s <= 1``; here only
-``s = 1`` is guidance-free). Guidance rescaling (``guidance_rescale``) is not applied.
+``D = D_uncond + s (D_cond - D_uncond)``, by the wrapper :class:`~stepopt.models.guidance.ClassifierFreeGuidance`
+around the unguided :class:`LatentUNet` (see there: one network call on ``2B`` rows, counted as one
+evaluation, so a schedule's NFE does not depend on the guidance; the float64 combination of the
+denoised halves equals diffusers' combination of the noise predictions up to float64 rounding).
+:class:`DiffusersLatent` is that wrapper for a prompt set; it never changes: another prompt set or
+scale is another model around the same network. ``s = 1`` makes one call of ``B`` rows
+(conditional only); ``0 <= s < 1`` interpolates toward the unconditional model (diffusers switches
+guidance off for every ``s <= 1``; here only ``s = 1`` is guidance-free). Guidance rescaling
+(``guidance_rescale``) is not applied.
 
 **Fingerprint**: the UNet's as in the pixel adapter plus the text encoder's weights (they decide
 the conditioning); the VAE is not hashed: it does not change the latent ODE, so a schedule stays
@@ -46,7 +47,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -65,6 +65,7 @@ from stepopt.models.diffusers.common import (
     weights_variant,
 )
 from stepopt.models.diffusers.pixel import DiffusersUNet
+from stepopt.models.guidance import ClassifierFreeGuidance, check_guidance
 
 DEFAULT_GUIDANCE = 7.5  # StableDiffusionPipeline's default guidance_scale
 TEXT_ENCODER_CLASSES = ("CLIPTextModel",)
@@ -85,10 +86,7 @@ class PromptSet:
         object.__setattr__(self, "prompts", tuple(str(p) for p in self.prompts))
         if not self.prompts:
             raise StepoptError("the prompt set is empty; give --prompt TEXT or a --prompt-file with one prompt a line")
-        g = float(self.guidance)
-        if not math.isfinite(g) or g < 0:
-            raise StepoptError(f"--guidance {self.guidance}: expected a finite scale >= 0 (1.0 = no guidance)")
-        object.__setattr__(self, "guidance", g)
+        object.__setattr__(self, "guidance", check_guidance(self.guidance))
 
     @property
     def prompts_sha256(self) -> str:
@@ -158,11 +156,12 @@ class CLIPPromptEncoder:
         return torch.cat(outs)
 
 
-class DiffusersLatent(DiffusersUNet):
-    """A latent ``UNet2DConditionModel`` with its VAE and prompt encoder; the denoiser works on the latent.
+class LatentUNet(DiffusersUNet):
+    """A latent ``UNet2DConditionModel`` with its VAE, as an unguided conditional denoiser on the latent.
 
-    Call as ``model(x, sigma, prompt_index=idx)`` with ``x`` of shape ``(B, *shape)`` (the latent) and
-    ``idx`` a ``(B,)`` index into the bound prompts (omit it with one prompt).
+    Call as ``net(x, sigma, encoder_hidden_states=emb)`` with ``x`` of shape ``(B, *shape)`` (the
+    latent) and ``emb`` ``(B, L, D)`` text embeddings; :class:`DiffusersLatent` adds the prompts and
+    the guidance.
     """
 
     latent = True  # a latent-space model (read by optimizers whose defaults differ, e.g. trust-region's p)
@@ -175,148 +174,32 @@ class DiffusersLatent(DiffusersUNet):
         *,
         id: str,
         fingerprint: str,
-        encoder: CLIPPromptEncoder | None = None,
         pipeline: str = "StableDiffusionPipeline",
         round_timesteps: bool = True,
     ) -> None:
         super().__init__(unet, settings, id=id, fingerprint=fingerprint, round_timesteps=round_timesteps)
         vcfg: Any = vae.config
         self.vae = vae.eval().requires_grad_(False)
-        self.encoder = encoder
         self.pipeline = pipeline
         self.scaling_factor = float(vcfg.scaling_factor)
         self.shift_factor = float(getattr(vcfg, "shift_factor", None) or 0.0)
         f = 2 ** (len(vcfg.block_out_channels) - 1)
         self.image_shape = (int(vcfg.out_channels), self.shape[1] * f, self.shape[2] * f)
-        self.prompt_set: PromptSet | None = None
-        self.guidance = DEFAULT_GUIDANCE
-        self._master: tuple[torch.Tensor, torch.Tensor] | None = None  # (cond (P, L, D), uncond (1, L, D))
-        self._cond: torch.Tensor | None = None
-        self._uncond: torch.Tensor | None = None
-        self._encoded = False  # the bound embeddings came from self.encoder (re-encoded on a dtype change)
 
-    # -- device, dtype and conditioning ----------------------------------------------------------
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiffusersLatent:
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LatentUNet:
         super().to(device, dtype)
         vae_dtype = torch.float64 if self.net_dtype == torch.float64 else torch.float32
         with quiet_diffusers():
             self.vae.to(device=self.device, dtype=vae_dtype)
-        if self.encoder is not None:
-            self.encoder.to(self.device, self.net_dtype)
-        if self._encoded and self.prompt_set is not None and self.encoder is not None:
-            self.set_prompts(self.prompt_set)  # re-encode in the new dtype (exact, not a cast of a cast)
-        else:
-            self._place_embeddings()
         return self
 
-    def set_prompts(self, prompts: PromptSet) -> list[str]:
-        """Encode and bind ``prompts`` (with its negative prompt and guidance); returns notes (e.g. truncation)."""
-        if self.encoder is None:
-            raise StepoptError(f"{self.id}: no text encoder is loaded; bind embeddings with set_prompt_embeddings")
-        uniq = list(dict.fromkeys([prompts.negative_prompt, *prompts.prompts]))
-        emb = self.encoder(uniq)
-        row = {p: i for i, p in enumerate(uniq)}
-        cond = emb[[row[p] for p in prompts.prompts]]
-        uncond = emb[row[prompts.negative_prompt]][None]
-        self._bind(cond, uncond, prompts, encoded=True)
-        cut = self.encoder.truncated(uniq)
-        if not cut:
-            return []
-        return [
-            f"{len(cut)} prompt(s) exceed the text encoder's {self.encoder.max_length} tokens and are truncated "
-            f"(as diffusers does), e.g. {uniq[cut[0]][:60]!r}"
-        ]
-
-    def set_prompt_embeddings(
-        self, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, prompts: PromptSet | None = None
-    ) -> None:
-        """Bind precomputed text embeddings: ``cond`` ``(P, L, D)``, ``uncond`` ``(L, D)`` or ``(1, L, D)``."""
-        cond = torch.as_tensor(cond)
-        uncond = torch.as_tensor(uncond).reshape(1, *cond.shape[1:])
-        if cond.ndim != 3 or cond.shape[0] < 1:
-            raise StepoptError(f"{self.id}: prompt embeddings must have shape (P, L, D), got {tuple(cond.shape)}")
-        record = prompts or PromptSet(tuple(f"<embedding {i}>" for i in range(cond.shape[0])), "<embedding>", guidance)
-        self._bind(cond, uncond, PromptSet(record.prompts, record.negative_prompt, guidance), encoded=False)
-
-    def set_guidance(self, guidance: float) -> None:
-        """Change the guidance scale, keeping the bound prompts."""
-        if self.prompt_set is None:
-            raise StepoptError(f"{self.id}: no prompts are bound; call set_prompts first")
-        ps = self.prompt_set
-        self.prompt_set = PromptSet(ps.prompts, ps.negative_prompt, guidance)
-        self.guidance = self.prompt_set.guidance
-
-    def _bind(self, cond: torch.Tensor, uncond: torch.Tensor, prompts: PromptSet, *, encoded: bool) -> None:
-        self.prompt_set = prompts
-        self._encoded = encoded
-        self.guidance = prompts.guidance
-        self._master = (cond.detach(), uncond.detach())
-        self._place_embeddings()
-
-    def _place_embeddings(self) -> None:
-        if self._master is not None:
-            cond, uncond = self._master
-            self._cond = cond.to(device=self.device, dtype=self.net_dtype)
-            self._uncond = uncond.to(device=self.device, dtype=self.net_dtype)
-
-    @property
-    def n_prompts(self) -> int:
-        return 0 if self._cond is None else int(self._cond.shape[0])
-
-    def cond_for_seeds(self, seeds: Sequence[int]) -> dict[str, torch.Tensor]:
-        """``{"prompt_index": seed mod P}`` for the samples of ``seeds`` (see the module docstring)."""
-        p = max(self.n_prompts, 1)
-        return {"prompt_index": torch.tensor([int(s) % p for s in seeds], dtype=torch.long)}
-
-    def conditioning_record(self) -> dict[str, Any] | None:
-        return None if self.prompt_set is None else self.prompt_set.record()
-
-    def conditioning_prompts(self) -> list[str]:
-        return [] if self.prompt_set is None else list(self.prompt_set.prompts)
-
-    # -- the denoiser ------------------------------------------------------------------------------
-
-    def _rows(self, cond: Mapping[str, Any], batch: int, device: torch.device) -> torch.Tensor:
-        unknown = set(cond) - {"prompt_index"}
-        if unknown:
-            raise StepoptError(f"{self.id}: unknown conditioning {sorted(unknown)}; this pipeline takes prompt_index")
-        if self._cond is None:
-            raise StepoptError(f"{self.id}: no prompts are bound; call set_prompts first")
-        idx = cond.get("prompt_index")
-        if idx is None:
-            if self.n_prompts != 1:
-                raise StepoptError(
-                    f"{self.id}: {self.n_prompts} prompts are bound but the caller passed no per-sample prompt_index "
-                    "(this command supports one prompt per run, or use `stepopt sample`)"
-                )
-            return torch.zeros(batch, dtype=torch.long, device=device)
-        rows = torch.as_tensor(idx, dtype=torch.long).reshape(-1).to(device)
-        if rows.numel() == 1:
-            rows = rows.expand(batch)
-        if rows.numel() != batch:
-            raise StepoptError(f"{self.id}: prompt_index has {rows.numel()} entries for a batch of {batch}")
-        if bool(((rows < 0) | (rows >= self.n_prompts)).any()):
-            raise StepoptError(f"{self.id}: prompt_index out of range for {self.n_prompts} prompts")
-        return rows
-
     def network_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
-        """Guided ``F = F_u + s (F_c - F_u)`` (float64) from one UNet call on ``[uncond; cond]`` (2B rows)."""
-        b = x_t.shape[0]
-        rows = self._rows(cond, b, x_t.device)
-        assert self._cond is not None and self._uncond is not None
-        emb = self._cond.index_select(0, rows.to(self._cond.device))
-        c = self.shape[0]
-        if self.guidance == 1.0:
-            return self.unet(x_t, t, encoder_hidden_states=emb).sample[:, :c].to(torch.float64)
-        t = t.reshape(-1).expand(b) if t.numel() == 1 else t
-        emb2 = torch.cat([self._uncond.expand(b, -1, -1), emb])
-        out = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=emb2).sample
-        f = out[:, :c].to(torch.float64)
-        f_u, f_c = f[:b], f[b:]
-        return f_u + self.guidance * (f_c - f_u)
-
-    # -- images ------------------------------------------------------------------------------------
+        """The conditional prediction ``F`` (first ``C`` channels, float64) for text embeddings ``(B, L, D)``."""
+        unknown = set(cond) - {"encoder_hidden_states"}
+        emb = cond.get("encoder_hidden_states")
+        if unknown or emb is None:
+            raise StepoptError(f"{self.id}: the latent UNet takes encoder_hidden_states (B, L, D) as conditioning")
+        return self.unet(x_t, t, encoder_hidden_states=emb).sample[:, : self.shape[0]].to(torch.float64)
 
     def decode(self, x: torch.Tensor, batch_size: int = DECODE_BATCH) -> torch.Tensor:
         """Images ``(B, *image_shape)`` in ``[-1, 1]`` (float32, CPU) from final states ``x`` (the EDM-frame latent)."""
@@ -335,9 +218,124 @@ class DiffusersLatent(DiffusersUNet):
             "image_shape": list(self.image_shape or ()),
             "vae_scaling_factor": self.scaling_factor,
             "vae_shift_factor": self.shift_factor,
-            "guidance": self.guidance,
-            "n_prompts": self.n_prompts,
         }
+        return d
+
+
+def encode_prompts(encoder: CLIPPromptEncoder, prompts: PromptSet) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``(cond (P, L, D), uncond (1, L, D), notes)`` for ``prompts``; each distinct text is encoded once."""
+    uniq = list(dict.fromkeys([prompts.negative_prompt, *prompts.prompts]))
+    emb = encoder(uniq)
+    row = {p: i for i, p in enumerate(uniq)}
+    cond = emb[[row[p] for p in prompts.prompts]]
+    uncond = emb[row[prompts.negative_prompt]][None]
+    cut = encoder.truncated(uniq)
+    notes = (
+        [
+            f"{len(cut)} prompt(s) exceed the text encoder's {encoder.max_length} tokens and are truncated "
+            f"(as diffusers does), e.g. {uniq[cut[0]][:60]!r}"
+        ]
+        if cut
+        else []
+    )
+    return cond, uncond, notes
+
+
+class DiffusersLatent(ClassifierFreeGuidance):
+    """A latent text-to-image pipeline: the :class:`LatentUNet` under classifier-free guidance for a
+    :class:`PromptSet` (prompts, negative prompt, guidance scale), with its text encoder.
+
+    Call as ``model(x, sigma, prompt_index=idx)`` with ``x`` of shape ``(B, *shape)`` (the latent) and
+    ``idx`` a ``(B,)`` index into the prompts (omit it with one prompt). The configuration is fixed:
+    :meth:`with_prompts` and :meth:`with_scale` return new models around the same network.
+    """
+
+    inner: LatentUNet
+
+    def __init__(
+        self,
+        net: LatentUNet,
+        prompts: PromptSet,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        *,
+        encoder: CLIPPromptEncoder | None = None,
+    ) -> None:
+        super().__init__(net, cond, uncond, prompts.guidance)
+        self.prompt_set = prompts
+        self.guidance = prompts.guidance
+        self.encoder = encoder  # None: fixed embeddings (only the guidance can change)
+
+    @classmethod
+    def from_prompts(
+        cls, net: LatentUNet, encoder: CLIPPromptEncoder, prompts: PromptSet
+    ) -> tuple[DiffusersLatent, list[str]]:
+        """Encode ``prompts`` with ``encoder`` (in the network's dtype); returns the model and notes (truncation)."""
+        encoder.to(net.device, net.net_dtype)
+        cond, uncond, notes = encode_prompts(encoder, prompts)
+        return cls(net, prompts, cond, uncond, encoder=encoder), notes
+
+    @classmethod
+    def from_embeddings(
+        cls,
+        net: LatentUNet,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        guidance: float,
+        prompts: PromptSet | None = None,
+    ) -> DiffusersLatent:
+        """Precomputed text embeddings: ``cond`` ``(P, L, D)``, ``uncond`` ``(L, D)`` or ``(1, L, D)``."""
+        cond = torch.as_tensor(cond)
+        if cond.ndim != 3 or cond.shape[0] < 1:
+            raise StepoptError(f"{net.id}: prompt embeddings must have shape (P, L, D), got {tuple(cond.shape)}")
+        record = prompts or PromptSet(tuple(f"<embedding {i}>" for i in range(cond.shape[0])), "<embedding>", guidance)
+        return cls(net, PromptSet(record.prompts, record.negative_prompt, guidance), cond, uncond)
+
+    def with_prompts(self, prompts: PromptSet) -> tuple[DiffusersLatent, list[str]]:
+        """The same network and text encoder for another prompt set; returns the model and notes."""
+        if self.encoder is None:
+            raise StepoptError(f"{self.id}: no text encoder is loaded; its prompt embeddings are fixed")
+        model, notes = DiffusersLatent.from_prompts(self.inner, self.encoder, prompts)
+        model.id = self.id
+        return model, notes
+
+    def with_scale(self, scale: float) -> DiffusersLatent:
+        """The same prompts at guidance ``scale``."""
+        ps = PromptSet(self.prompt_set.prompts, self.prompt_set.negative_prompt, scale)
+        model = DiffusersLatent(self.inner, ps, *self.master_conditions(), encoder=self.encoder)
+        model.id = self.id
+        return model
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiffusersLatent:
+        """Move the network (in place); prompts encoded by the text encoder are re-encoded in the new dtype."""
+        super().to(device, dtype)
+        if self.encoder is not None:
+            self.encoder.to(self.device, self.net_dtype)
+            cond, uncond, _ = encode_prompts(self.encoder, self.prompt_set)  # exact, not a cast of a cast
+            self._master = (cond.detach(), uncond.detach())
+            self._placed = None
+        return self
+
+    @property
+    def unet(self) -> Any:
+        """The pipeline's UNet (the wrapped network's)."""
+        return self.inner.unet
+
+    @property
+    def vae(self) -> Any:
+        """The pipeline's VAE (the wrapped network's)."""
+        return self.inner.vae
+
+    def conditioning_record(self) -> dict[str, Any] | None:
+        return self.prompt_set.record()
+
+    def conditioning_prompts(self) -> list[str]:
+        return list(self.prompt_set.prompts)
+
+    def describe(self) -> dict[str, Any]:
+        d = self.inner.describe()
+        d["id"] = self.id
+        d["latent"] = {**d["latent"], "guidance": self.guidance, "n_prompts": self.n_prompts}
         return d
 
 
@@ -426,22 +424,23 @@ def load_latent_pipeline(
     if isinstance(cad, int) and cad != hidden:
         raise StepoptError(f"{unet_cfg}: cross_attention_dim {cad} != the text encoder's hidden_size {hidden}")
     fp = unet_fingerprint(unet.float(), settings, extra={"text_encoder": text_encoder})
-    model = DiffusersLatent(
-        unet,
-        vae,
-        settings,
-        id=f"diffusers:{path}",
-        fingerprint=fp,
-        encoder=CLIPPromptEncoder(tokenizer, text_encoder),
-        pipeline=pipeline,
-        round_timesteps=round_timesteps,
+    net = LatentUNet(
+        unet, vae, settings, id=f"diffusers:{path}", fingerprint=fp, pipeline=pipeline, round_timesteps=round_timesteps
     )
-    model.to(device, dtype or torch.float32)
-    model.set_prompts(PromptSet())
-    return model
+    net.to(device, dtype or torch.float32)
+    return DiffusersLatent.from_prompts(net, CLIPPromptEncoder(tokenizer, text_encoder), PromptSet())[0]
 
 
 # -- the command-line options, as library calls ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A text-conditioned model configured from the command-line options, what it records, and notes."""
+
+    model: DiffusersLatent
+    record: dict[str, Any]
+    notes: list[str]
 
 
 def configure_conditioning(
@@ -453,10 +452,10 @@ def configure_conditioning(
     *,
     default_guidance: float | None = None,
     recorded: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, Any], list[str]] | None:
-    """Bind ``--prompt``/``--prompt-file``/``--negative-prompt``/``--guidance`` to ``model``.
+) -> Conditioning | None:
+    """The model for ``--prompt``/``--prompt-file``/``--negative-prompt``/``--guidance`` (``model`` is unchanged).
 
-    Returns ``(record, notes)`` for a text-conditioned model (defaults: the prompt ``""``, the
+    Returns a :class:`Conditioning` for a text-conditioned model (defaults: the prompt ``""``, the
     negative prompt ``""``, ``guidance`` else ``default_guidance`` else 7.5; a model with fixed
     embeddings and no text encoder keeps its prompts and its own guidance unless one is given),
     ``None`` for any other model, which refuses these options. ``recorded`` (a schedule's
@@ -487,14 +486,13 @@ def configure_conditioning(
         if given and given[0] != "--guidance":
             raise StepoptError(f"{given[0]}: {model.id} has no text encoder; its prompt embeddings are fixed")
         g0 = guidance if guidance is not None else default_guidance
-        model.set_guidance(model.guidance if g0 is None else g0)
-        record = model.conditioning_record()
-        return (record, []) if record is not None else None
+        fixed = model if g0 is None else model.with_scale(g0)
+        return Conditioning(fixed, fixed.prompt_set.record(), [])
     g = guidance if guidance is not None else (default_guidance if default_guidance is not None else DEFAULT_GUIDANCE)
     neg = negative_prompt if negative_prompt is not None else default_negative
     ps = PromptSet(read_prompts(prompts, prompt_file) or default_prompts, neg, g)
-    notes = model.set_prompts(ps)
-    return {**ps.record(), "prompts": list(ps.prompts)}, notes
+    configured, notes = model.with_prompts(ps)
+    return Conditioning(configured, {**ps.record(), "prompts": list(ps.prompts)}, notes)
 
 
 def conditioning_mismatches(
