@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,44 @@ def test_optimizers_build_start_grids_in_one_place() -> None:
         if ".sigma_max, " in p.read_text(encoding="utf-8") and "baseline_sigmas(" in p.read_text(encoding="utf-8")
     ]
     assert ad_hoc == []
+
+
+def _raised_text(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of the string parts of every ``raise X(...)`` and ``report(...)`` message in ``path``."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        call = node.exc if isinstance(node, ast.Raise) else node if isinstance(node, ast.Call) else None
+        if not isinstance(call, ast.Call):
+            continue
+        if isinstance(node, ast.Call) and not (isinstance(call.func, ast.Attribute) and call.func.attr == "report"):
+            continue
+        for arg in [*call.args, *(k.value for k in call.keywords)]:
+            for c in ast.walk(arg):
+                if isinstance(c, ast.Constant) and isinstance(c.value, str):
+                    out.append((c.lineno, c.value))
+    return out
+
+
+def test_library_errors_name_parameters_not_flags() -> None:
+    """Library messages name parameters (in backticks); only the command line (stepopt.cli) names flags."""
+    flag = re.compile(r"(?<![\w-])--[a-z]")
+    bad = [
+        f"{p.relative_to(PKG)}:{line}: {text}"
+        for p in PKG.rglob("*.py")
+        if "cli" not in p.relative_to(PKG).parts
+        for line, text in _raised_text(p)
+        if flag.search(text)
+    ]
+    assert bad == []
+
+
+def test_the_command_line_shows_flags_for_parameters() -> None:
+    import doctest
+
+    import stepopt.cli.flags
+
+    assert doctest.testmod(stepopt.cli.flags).failed == 0
+    from stepopt.cli.flags import cli_message
+
+    shown = cli_message("`trust_code` and `prompt_file`, not `lr_theta`")
+    assert shown == "--trust-code and --prompt-file, not `lr_theta`"

@@ -321,13 +321,13 @@ def test_prompt_set_and_records(tmp_path: Path) -> None:
     assert rec["n_prompts"] == 2 and rec["guidance"] == 3.0 and rec["negative_prompt"] == ""
     assert rec["prompts_sha256"] != PromptSet(("b", "a"), "", 3.0).record()["prompts_sha256"]  # order matters
     assert rec["prompts_sha256"].startswith("sha256:") and len(rec["prompts_sha256"]) == 71
-    with pytest.raises(StepoptError, match=r"--guidance -1\.0: expected a finite scale >= 0"):
+    with pytest.raises(StepoptError, match=r"`guidance` -1\.0: expected a finite scale >= 0"):
         PromptSet(("a",), "", -1.0)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
     with pytest.raises(StepoptError, match="no prompts"):
         read_prompts((), empty)
-    with pytest.raises(StepoptError, match=r"--prompt-file .*missing\.txt: cannot read"):
+    with pytest.raises(StepoptError, match=r"`prompt_file` .*missing\.txt: cannot read"):
         read_prompts((), tmp_path / "missing.txt")
     problems, notes = conditioning_mismatches(rec, PromptSet(("c",), "", 7.5).record())
     assert problems == ["guidance 7.5 differs from the schedule's 3.0 (it was optimized for that guided ODE)"]
@@ -339,7 +339,7 @@ def test_prompt_set_and_records(tmp_path: Path) -> None:
 def test_non_text_models_refuse_prompt_options(tmp_path: Path) -> None:
     gmm = load_model("builtin:gmm-digits")
     assert configure_conditioning(gmm) is None
-    with pytest.raises(StepoptError, match="--guidance: builtin:gmm-digits takes no text conditioning"):
+    with pytest.raises(StepoptError, match="`guidance`: builtin:gmm-digits takes no text conditioning"):
         configure_conditioning(gmm, guidance=2.0)
     r = run("optimize", "--prompt", "a cat", "--out", tmp_path / "s.yaml")
     assert r.exit_code == 1 and "--prompt: builtin:gmm-digits takes no text conditioning" in r.stderr

@@ -234,7 +234,7 @@ def test_api_sample_refuses_a_schedule_files_code(good: Path, tmp_path: Path) ->
     from stepopt.errors import StepoptError
 
     s = _evil_schedule(good, tmp_path, f"python:{tmp_path}/evil.py:f")
-    with pytest.raises(StepoptError, match="--trust-code"):
+    with pytest.raises(StepoptError, match="`trust_code`"):  # the API's keyword (the CLI shows --trust-code)
         stepopt.sample(s, n=1)
     assert not (tmp_path / "ran.txt").exists()
 

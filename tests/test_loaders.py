@@ -29,9 +29,9 @@ def edm_pickle(tmp_path):
 
 def test_edm_pickle_needs_trust(edm_pickle):
     p, _ = edm_pickle
-    with pytest.raises(StepoptError, match="refusing to load without --trust-code"):
+    with pytest.raises(StepoptError, match="refusing to load without `trust_code`"):
         load_model(f"edm:{p}")
-    with pytest.raises(StepoptError, match="refusing to unpickle without --trust-code"):
+    with pytest.raises(StepoptError, match="refusing to unpickle without `trust_code`"):
         load_edm_pickle(str(p), LoadOptions(torch.device("cpu"), None))
     r = CliRunner().invoke(app, ["optimize", "--model", f"edm:{p}", "--optimizer", "trust-region"])
     assert r.exit_code == 1 and "--trust-code" in r.stderr and "Traceback" not in r.output
@@ -65,7 +65,7 @@ def test_edm_pickle_errors(tmp_path):
 
 
 def test_python_factory_needs_trust_code():
-    with pytest.raises(StepoptError, match="refusing to load without --trust-code"):
+    with pytest.raises(StepoptError, match="refusing to load without `trust_code`"):
         load_model("python:_edm_like:make_user_denoiser")
     r = CliRunner().invoke(app, ["optimize", "-m", "python:os:system", "-O", "ays"])
     assert r.exit_code == 1 and "--trust-code" in r.stderr and "Traceback" not in r.output

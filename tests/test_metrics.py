@@ -172,7 +172,7 @@ def test_option_defaults_are_torch_fidelitys() -> None:
 
 def test_requests_are_checked_before_work(tmp_path) -> None:
     opts = F.FidelityOptions()
-    with pytest.raises(StepoptError, match="need --reference"):
+    with pytest.raises(StepoptError, match="need `reference`"):
         F.check_request(["fid"], None, opts)
     F.check_request(["isc"], None, opts)  # unary: no reference needed
     np.savez(tmp_path / "ref.npz", mu=np.zeros(3), sigma=np.eye(3))

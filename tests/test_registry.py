@@ -13,7 +13,6 @@ from stepopt.errors import StepoptError
 from stepopt.metrics import METRIC_NAMES, METRICS
 from stepopt.models import (
     BUILTINS,
-    LOADER_SUMMARIES,
     LOADERS,
     DiffusionModel,
     LoadOptions,
@@ -90,7 +89,6 @@ def test_a_registered_loader_receives_one_options_object() -> None:
         assert isinstance(load_model("probe:x", trust_pickle=True), _Probe)  # the old name of trust_code
     finally:
         LOADERS.unregister("probe")
-        LOADER_SUMMARIES.pop("probe")
     assert seen == [
         ("abc", LoadOptions(torch.device("cpu"), torch.float16, trust_code=True)),
         ("x", LoadOptions(torch.device("cpu"), None, trust_code=True)),

@@ -27,7 +27,7 @@ T = TypeVar("T")
 def _parse_set(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. --set p=2")
+        raise ConfigError(f"`sets` item '{item}': expected KEY=VALUE, e.g. p=2")
     try:
         value = safeyaml.load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -94,13 +94,13 @@ def resolve_config(
         try:
             data = safeyaml.load(safeyaml.read_text(p))
         except safeyaml.InputFileError as e:
-            raise ConfigError(f"--config {p}: {e}") from None
+            raise ConfigError(f"`config` {p}: {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"--config {p}: not valid YAML ({' '.join(str(e).split())})") from None
+            raise ConfigError(f"`config` {p}: not valid YAML ({' '.join(str(e).split())})") from None
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise ConfigError(f"--config {p}: expected a mapping of option: value")
+            raise ConfigError(f"`config` {p}: expected a mapping of option: value")
         values.update(data)
     for item in sets:
         k, v = _parse_set(item)

@@ -72,11 +72,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.n < 2:
-            raise StepoptError(f"--n {self.n}: expected at least 2 samples")
+            raise StepoptError(f"`n` {self.n}: expected at least 2 samples")
         if self.batch_size < 1:
-            raise StepoptError(f"--batch-size {self.batch_size}: expected an integer >= 1")
+            raise StepoptError(f"`batch_size` {self.batch_size}: expected an integer >= 1")
         if self.seed < 0:
-            raise StepoptError(f"--seed {self.seed}: expected an integer >= 0")
+            raise StepoptError(f"`seed` {self.seed}: expected an integer >= 0")
 
     @property
     def seeds(self) -> list[int]:
@@ -123,7 +123,7 @@ class EvalRow:
 def check_same_model(items: Sequence[tuple[str, Schedule]]) -> None:
     """All schedules of one evaluation must name the same model id and fingerprint."""
     if not items:
-        raise StepoptError("no schedules to evaluate; pass --schedule FILE (repeatable)")
+        raise StepoptError("no `schedules` to evaluate")
     p0, s0 = items[0]
     for p, s in items[1:]:
         if (s.model.id, s.model.fingerprint) != (s0.model.id, s0.model.fingerprint):
@@ -367,7 +367,7 @@ def write_table(rows: Sequence[EvalRow], path: str | Path) -> Path:
     """Write the table in the format given by the extension (.md, .csv, .json), atomically."""
     p = Path(path)
     if p.suffix not in TABLE_FORMATS:
-        raise StepoptError(f"--out {p}: unknown table format '{p.suffix}'; expected one of {', '.join(TABLE_FORMATS)}")
+        raise StepoptError(f"`out` {p}: unknown table format '{p.suffix}'; expected one of {', '.join(TABLE_FORMATS)}")
     if p.suffix == ".md":
         text = render_markdown(rows)
     elif p.suffix == ".csv":

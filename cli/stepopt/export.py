@@ -67,7 +67,7 @@ class ExportRefused(StepoptError):
 
 def _refuse_or_note(reason: str, force: bool, differences: list[str]) -> None:
     if not force:
-        raise ExportRefused(f"{reason} (--force writes the nearest form and lists what differs)")
+        raise ExportRefused(f"{reason} (`force` writes the nearest form and lists what differs)")
     differences.append(reason)
 
 
@@ -132,7 +132,7 @@ def diffusers_export(s: Schedule, force: bool = False) -> dict[str, Any]:
     if s.model.time != "vp-discrete":
         raise ExportRefused(
             f"the model's time domain is '{s.model.time}'; diffusers' DDPM-style schedulers need a model with "
-            "integer DDPM timesteps (vp-discrete, e.g. diffusers:PATH); use --to k-diffusion or comfyui"
+            "integer DDPM timesteps (vp-discrete, e.g. diffusers:PATH); use k-diffusion or comfyui as `to`"
         )
     if s.model_sigmas is not None:
         _refuse_or_note(

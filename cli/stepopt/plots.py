@@ -146,22 +146,23 @@ def plot_metric(ax: Axes, rows: Sequence[Mapping[str, Any]], metric: str, styles
 
 
 def render(
-    path: str | Path,
+    out: str | Path,
     schedules: Sequence[tuple[str, Schedule]] = (),
-    rows: Sequence[Mapping[str, Any]] = (),
+    eval_rows: Sequence[Mapping[str, Any]] = (),
     metrics: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """One PNG: a schedule panel (if schedules) and one panel per metric (if rows)."""
-    p = Path(path)
+    """One PNG at ``out``: a schedule panel (if schedules) and one panel per metric (if eval rows)."""
+    rows = eval_rows
+    p = Path(out)
     if p.suffix.lower() != ".png":
-        raise StepoptError(f"--out {p}: plots are written as PNG; use a .png file name")
+        raise StepoptError(f"`out` {p}: plots are written as PNG; use a .png file name")
     mets = list(metrics) if metrics else (metric_names(rows) if rows else [])
     if mets and not rows:
-        raise StepoptError("metric curves need an eval table: pass --eval TABLE.json")
+        raise StepoptError("metric curves need an eval table: pass its rows as `eval_rows`")
     n_panels = (1 if schedules else 0) + len(mets)
     if n_panels == 0:
-        raise StepoptError("nothing to plot: pass --schedule FILE and/or --eval TABLE.json")
+        raise StepoptError("nothing to plot: pass `schedules` and/or `eval_rows`")
     cols = min(n_panels, 3)
     nrows = (n_panels + cols - 1) // cols
     fig = Figure(figsize=(5.2 * cols, 4.0 * nrows), dpi=110, layout="constrained")
@@ -194,7 +195,7 @@ def load_eval_json(path: str | Path) -> list[dict[str, Any]]:
     except (ValueError, RecursionError) as e:
         raise StepoptError(f"{p}: not a readable eval JSON file ({e.__class__.__name__})") from None
     if not isinstance(data, Mapping) or not isinstance(data.get("rows"), list):
-        raise StepoptError(f"{p}: expected an object with a 'rows' list (the output of stepopt eval --out X.json)")
+        raise StepoptError(f"{p}: expected an object with a 'rows' list (a JSON table written by stepopt eval)")
     rows = list(data["rows"])
     for i, r in enumerate(rows):
         if not isinstance(r, Mapping) or not isinstance(r.get("metrics", {}), Mapping):

@@ -18,7 +18,7 @@ CODE_LOADERS: dict[str, str] = {
     "edm": "unpickling runs code named by the checkpoint",
     "python": "it imports and runs a Python module",
 }
-TRUST_FLAG = "--trust-code"
+TRUST_PARAM = "`trust_code`"  # the opt-in as errors name it (the command line shows --trust-code)
 PUBLISHED_PREFIX = "published:"
 
 
@@ -43,10 +43,10 @@ def check_file_model(
     risk = file_model_risk(model_id)
     if risk is None or trust_code or str(source).startswith(PUBLISHED_PREFIX):  # shipped files are part of stepopt
         return
-    other = ", or name the model yourself with --model" if model_option else ""
+    other = ", or name the model yourself with `model`" if model_option else ""
     raise StepoptError(
-        f"{source}: model.id '{model_id}' is not a built-in model and loading it needs {TRUST_FLAG} ({risk});"
-        f" pass {TRUST_FLAG} if you trust this file{other}"
+        f"{source}: model.id '{model_id}' is not a built-in model and loading it needs {TRUST_PARAM} ({risk});"
+        f" pass {TRUST_PARAM} if you trust this file{other}"
     )
 
 
@@ -59,6 +59,6 @@ def check_code_loader(model_id: str, trust_code: bool) -> None:
     prefix = str(model_id).partition(":")[0]
     if prefix in CODE_LOADERS and not trust_code:
         raise StepoptError(
-            f"model '{model_id}': refusing to load without {TRUST_FLAG} ({CODE_LOADERS[prefix]}; pass {TRUST_FLAG}"
+            f"model '{model_id}': refusing to load without {TRUST_PARAM} ({CODE_LOADERS[prefix]}; pass {TRUST_PARAM}"
             " only for code and checkpoints from a source you trust)"
         )

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from stepopt import __version__, distributed
+from stepopt.cli.flags import cli_message
 from stepopt.errors import StepoptError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -229,11 +230,12 @@ def _one_line(e: BaseException) -> str:
 
 
 def fail(message: str, code: int = 1) -> None:
-    """Print ``error: message`` (one line) to stderr and exit.
+    """Print ``error: message`` (one line, library parameters shown as their flags) to stderr and exit.
 
     Among several ranks the line names the rank, and an error every rank reports alike (a bad
     input) is printed once (:func:`stepopt.distributed.report_failure`).
     """
+    message = cli_message(message)
     if distributed.launched():
         if not distributed.report_failure(message):
             raise typer.Exit(code)

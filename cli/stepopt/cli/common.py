@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from stepopt.cli.flags import cli_message
 from stepopt.errors import StepoptError
 from stepopt.schedule import Schedule
 
@@ -147,7 +148,7 @@ def load_with_options(
     distributed.init(dev)  # under torchrun: join the process group (NCCL on CUDA, gloo on the CPU)
     m = load_model(model_id, device=dev, dtype=getattr(torch, dtype), trust_code=trust_code)
     conditioning = configure_conditioning(m, prompts or (), prompt_file, negative_prompt, guidance, recorded=recorded)
-    notes = list(conditioning.notes) if conditioning else []
+    notes = [cli_message(n) for n in conditioning.notes] if conditioning else []
     rec = recorded if isinstance(recorded, Mapping) else None
     if rec is not None and conditioning is not None:
         used = conditioning.record

@@ -12,10 +12,13 @@ from rich.table import Table
 
 from stepopt.cli.app import DebugOpt, JsonOpt, command, emit_json, err, fail
 from stepopt.cli.common import schedule_header, schedule_table
+from stepopt.cli.flags import FLAGS, cli_message
 from stepopt.errors import StepoptError
 from stepopt.schedule import PUBLISHED_PREFIX, Schedule, data_dir, dump_yaml, is_published, published_names
 from stepopt.solvers import all_solvers
-from stepopt.trust import TRUST_FLAG, file_model_risk
+from stepopt.trust import file_model_risk
+
+TRUST_FLAG = FLAGS["trust_code"]
 
 
 @command("show")
@@ -60,7 +63,7 @@ def validate(
             s = Schedule.load(f)
         except StepoptError as e:
             if json_out:
-                emit_json({"valid": ok, "invalid": {"path": str(f), "error": str(e)}, "needs_trust_code": trust})
+                emit_json({"valid": ok, "invalid": {"path": str(f), "error": cli_message(str(e))}, "needs_trust_code": trust})
             if debug:
                 raise
             fail(str(e) if str(e).startswith(str(f)) else f"{f}: {e}")
@@ -78,14 +81,14 @@ def validate(
 @command("models")
 def models(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     """List built-in models, model loaders, solvers, optimizers and the published schedules."""
-    from stepopt.models import BUILTINS, LOADER_SUMMARIES, load_model
+    from stepopt.models import BUILTINS, LOADERS, load_model
     from stepopt.optimizers import get_optimizer, optimizer_names
 
     rows: list[dict[str, Any]] = []
     for name, b in BUILTINS.items():
         m = load_model(f"builtin:{name}", device="cpu")
         rows.append({**m.describe(), "summary": b.summary})
-    loaders = [{"prefix": f"{k}:", "summary": v} for k, v in LOADER_SUMMARIES.items()]
+    loaders = [{"prefix": f"{k}:", "summary": cli_message(v.summary)} for k, v in LOADERS.items() if k != "builtin"]
     solvers: list[dict[str, Any]] = [
         {
             "name": s.name,

@@ -38,6 +38,7 @@ from stepopt.cli.app import (
     err,
 )
 from stepopt.cli.common import check_writable, default_out, load_with_options, schedule_header, schedule_json
+from stepopt.cli.flags import cli_message
 from stepopt.config import resolve_config
 from stepopt.errors import StepoptError
 from stepopt.schedule import Schedule
@@ -134,7 +135,7 @@ def optimize_cmd(
 
     def progress(event: str, data: Mapping[str, Any]) -> None:
         if event == "log":
-            err.print(str(data.get("message", "")), markup=False)
+            err.print(cli_message(str(data.get("message", ""))), markup=False)
 
     path = out if out is not None else default_out(m.id, ident.name, nfe, optimizer)
     state = state_file(path)

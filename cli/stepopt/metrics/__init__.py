@@ -82,7 +82,7 @@ def parse_metrics(spec: str | Sequence[str]) -> list[MetricRequest]:
     items = [spec] if isinstance(spec, str) else list(spec)
     names = [n.strip() for item in items for n in item.split(",") if n.strip()]
     if not names:
-        raise StepoptError(f"--metrics is empty; expected some of {', '.join(METRICS.names())}")
+        raise StepoptError(f"`metrics` is empty; expected some of {', '.join(METRICS.names())}")
     for n in names:
         if n not in METRICS:
             raise StepoptError(f"unknown metric '{n}'; expected some of {', '.join(METRICS.names())}")

@@ -203,14 +203,14 @@ def inception_weights(path: str | os.PathLike[str] | None = None) -> Path:
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise StepoptError(f"--feature-weights {p}: no such file (the Inception-v3 weights for FID)")
+            raise StepoptError(f"`feature_weights` {p}: no such file (the Inception-v3 weights for FID)")
         return p
     hub = inception_hub_path()
     if hub.is_file():
         return hub
     raise StepoptError(
         f"Inception-v3 weights not found (stepopt never downloads them): fetch {URL_INCEPTION_V3}"
-        f" elsewhere and pass --feature-weights PATH, or put the file at {hub}"
+        f" elsewhere and pass it as `feature_weights`, or put the file at {hub}"
     )
 
 
@@ -231,7 +231,7 @@ def extractor_weights(extractor: str, path: str | None = None) -> tuple[str | No
         return str(p), _file_fingerprint(p)
     if path is None or not Path(path).is_file():
         raise StepoptError(
-            f"feature extractor '{extractor}' needs its weights file (--feature-weights PATH);"
+            f"feature extractor '{extractor}' needs its weights file (`feature_weights`);"
             " stepopt never downloads weights"
         )
     return path, _file_fingerprint(path)
@@ -281,7 +281,7 @@ def resolve_reference(spec: str | None, extractor: str) -> Reference | None:
     if p.is_file() and p.suffix == ".npz":
         return Reference("npz", str(p))
     raise StepoptError(
-        f"--reference {spec}: not an image folder, an .npz of mu/sigma, or a torch-fidelity dataset"
+        f"`reference` {spec}: not an image folder, an .npz of mu/sigma, or a torch-fidelity dataset"
         f" ({', '.join(DATASETS_REGISTRY)})"
     )
 
@@ -291,14 +291,14 @@ def load_npz_statistics(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.nd
     try:
         with np.load(path, allow_pickle=False) as z:
             if "mu" not in z or "sigma" not in z:
-                raise StepoptError(f"--reference {path}: expected arrays 'mu' and 'sigma', found {', '.join(z.files)}")
+                raise StepoptError(f"`reference` {path}: expected arrays 'mu' and 'sigma', found {', '.join(z.files)}")
             mu, sigma = np.asarray(z["mu"]), np.asarray(z["sigma"])
     except (OSError, ValueError) as e:
-        raise StepoptError(f"--reference {path}: not a readable .npz ({e.__class__.__name__})") from None
+        raise StepoptError(f"`reference` {path}: not a readable .npz ({e.__class__.__name__})") from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise StepoptError(f"--reference {path}: mu {mu.shape} and sigma {sigma.shape} must be (D,) and (D, D)")
+        raise StepoptError(f"`reference` {path}: mu {mu.shape} and sigma {sigma.shape} must be (D,) and (D, D)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise StepoptError(f"--reference {path}: mu/sigma contain non-finite values")
+        raise StepoptError(f"`reference` {path}: mu/sigma contain non-finite values")
     return mu, sigma
 
 
@@ -334,7 +334,7 @@ def _npz_fid(options: FidelityOptions, input1: Dataset, ref: Reference) -> dict[
     dim = FEATURE_DIMS.get((fe, layer))
     if dim is not None and mu.shape[0] != dim:
         raise StepoptError(
-            f"--reference {ref.value}: statistics of dimension {mu.shape[0]}, but {fe} layer {layer} gives {dim}"
+            f"`reference` {ref.value}: statistics of dimension {mu.shape[0]}, but {fe} layer {layer} gives {dim}"
         )
     try:
         extractor = metric_fid.create_feature_extractor(fe, [layer], **kwargs)
@@ -356,12 +356,12 @@ def check_request(metrics: Sequence[str], reference: Reference | None, options: 
     binary = [m for m in wanted if m in BINARY_METRICS]
     if binary and reference is None:
         raise StepoptError(
-            f"{', '.join(binary)} with {options.feature_extractor} need --reference: an image folder,"
+            f"{', '.join(binary)} with {options.feature_extractor} need `reference`: an image folder,"
             f" an .npz of mu/sigma, or a torch-fidelity dataset name ({', '.join(DATASETS_REGISTRY)})"
         )
     if reference is not None and reference.kind == "npz" and any(m in ("kid", "prc") for m in wanted):
         raise StepoptError(
-            f"--reference {reference.value}: kid and prc need reference images, an .npz only has mu/sigma"
+            f"`reference` {reference.value}: kid and prc need reference images, an .npz only has mu/sigma"
         )
     return wanted
 

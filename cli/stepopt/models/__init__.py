@@ -101,15 +101,11 @@ class LoaderSpec:
 
 
 LOADERS: Registry[LoaderSpec] = Registry("model loader")
-# prefix -> summary, as `stepopt models` lists them (kept in step with LOADERS by register_loader).
-LOADER_SUMMARIES: dict[str, str] = {}
 
 
 def register_loader(prefix: str, fn: LoaderFn, summary: str) -> LoaderSpec:
     """Register ``prefix:...`` model ids (e.g. ``diffusers``): ``fn(ARG, options)`` returns the model."""
-    spec = LOADERS.register(prefix, LoaderSpec(prefix, fn, summary))
-    LOADER_SUMMARIES[prefix] = summary
-    return spec
+    return LOADERS.register(prefix, LoaderSpec(prefix, fn, summary))
 
 
 def builtin_names() -> list[str]:
@@ -123,9 +119,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise StepoptError(f"--device '{device}' is not a device; expected auto, cpu, cuda or cuda:N") from None
+        raise StepoptError(f"`device` '{device}' is not a device; expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise StepoptError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise StepoptError(f"`device` {device}: CUDA is not available on this machine; use cpu")
     return dev
 
 
@@ -176,7 +172,7 @@ def _load_diffusers(rest: str, options: LoadOptions) -> DiffusionModel:
 
 
 LOADERS.register("builtin", LoaderSpec("builtin", _load_builtin, "the built-in models: builtin:NAME"))
-register_loader("edm", load_edm_pickle, "NVIDIA EDM/EDM2 network pickle (dict with 'ema'); needs --trust-code")
+register_loader("edm", load_edm_pickle, "NVIDIA EDM/EDM2 network pickle (dict with 'ema'); needs `trust_code`")
 register_loader(
     "diffusers",
     _load_diffusers,
@@ -187,5 +183,5 @@ register_loader(
 register_loader(
     "python",
     load_python_factory,
-    "user code: python:MODULE:FACTORY or python:FILE.py:FACTORY returning a denoiser; needs --trust-code",
+    "user code: python:MODULE:FACTORY or python:FILE.py:FACTORY returning a denoiser; needs `trust_code`",
 )

@@ -33,7 +33,7 @@ def check_guidance(scale: float) -> float:
     """The guidance scale as a float; an error naming the parameter for a negative or non-finite one."""
     g = float(scale)
     if not math.isfinite(g) or g < 0:
-        raise StepoptError(f"--guidance {scale}: expected a finite scale >= 0 (1.0 = no guidance)")
+        raise StepoptError(f"`guidance` {scale}: expected a finite scale >= 0 (1.0 = no guidance)")
     return g
 
 

@@ -32,7 +32,7 @@ from stepopt.frames import EDM
 from stepopt.models.base import DiffusionModel, LoadOptions, fingerprint_arrays
 
 TRUST_PICKLE_HELP = (
-    "unpickling runs code named by the file; pass --trust-code only for checkpoints from a source you trust"
+    "unpickling runs code named by the file; pass `trust_code` only for checkpoints from a source you trust"
 )
 
 
@@ -100,7 +100,7 @@ def load_edm_pickle(path: str, options: LoadOptions) -> DiffusionModel:
     """Load ``edm:PATH.pkl``; requires ``options.trust_code`` because unpickling executes code."""
     p = Path(path).expanduser()
     if not options.trust_code:
-        raise StepoptError(f"edm:{path}: refusing to unpickle without --trust-code ({TRUST_PICKLE_HELP})")
+        raise StepoptError(f"edm:{path}: refusing to unpickle without `trust_code` ({TRUST_PICKLE_HELP})")
     if not p.is_file():
         raise StepoptError(f"edm:{path}: no such checkpoint file")
     try:

@@ -103,7 +103,7 @@ def load_data(model: DiffusionModel, cfg: AYSConfig, seed: int) -> tuple[torch.T
             source = "digits"
         else:
             raise StepoptError(
-                f"ays needs training data for model '{model.id}': --set data=PATH.npz "
+                f"ays needs training data for model '{model.id}': `data=PATH.npz` "
                 "(an array of shape (n, *model shape) in the model's data range; image folders are not supported yet)"
             )
     g = torch.Generator().manual_seed(int(seed))
@@ -126,7 +126,7 @@ def load_data(model: DiffusionModel, cfg: AYSConfig, seed: int) -> tuple[torch.T
                 key = cfg.data_key if cfg.data_key is not None else (keys[0] if len(keys) == 1 else None)
                 if key is None or key not in keys:
                     raise StepoptError(
-                        f"data '{source}' holds arrays {', '.join(keys)}; choose one with --set data_key=NAME"
+                        f"data '{source}' holds arrays {', '.join(keys)}; choose one with `data_key=NAME`"
                     )
                 x = torch.from_numpy(np.asarray(z[key], dtype=np.float64))
         except (OSError, ValueError) as e:

@@ -78,7 +78,7 @@ def candidate_grid(model: DiffusionModel, cfg: DPConfig, n_steps: int) -> np.nda
     """The M+1 candidate sigmas, strictly decreasing from sigma_max to sigma_min."""
     if cfg.candidates < n_steps:
         raise StepoptError(
-            f"candidates = {cfg.candidates} cannot hold {n_steps} steps; use --set candidates={n_steps} or more"
+            f"candidates = {cfg.candidates} cannot hold {n_steps} steps; use `candidates={n_steps}` or more"
         )
     kind = {"lam": "logsnr", "time": "time-uniform", "edm": "edm"}[cfg.spacing]
     return start_sigmas(kind, model, cfg.candidates, rho=cfg.rho)

@@ -85,7 +85,7 @@ class PromptSet:
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", tuple(str(p) for p in self.prompts))
         if not self.prompts:
-            raise StepoptError("the prompt set is empty; give --prompt TEXT or a --prompt-file with one prompt a line")
+            raise StepoptError("the prompt set is empty; give `prompts` or a `prompt_file` with one prompt a line")
         object.__setattr__(self, "guidance", check_guidance(self.guidance))
 
     @property
@@ -111,10 +111,10 @@ def read_prompts(prompts: Sequence[str] = (), prompt_file: str | os.PathLike[str
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise StepoptError(f"--prompt-file {path}: cannot read ({e.__class__.__name__}: {e})") from None
+            raise StepoptError(f"`prompt_file` {path}: cannot read ({e.__class__.__name__}: {e})") from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
-            raise StepoptError(f"--prompt-file {path}: no prompts; expected one prompt a line")
+            raise StepoptError(f"`prompt_file` {path}: no prompts; expected one prompt a line")
         out.extend(lines)
     return tuple(out)
 
@@ -470,10 +470,10 @@ def configure_conditioning(
     rec_negative = rec.get("negative_prompt")
     default_negative = rec_negative if isinstance(rec_negative, str) else ""
     options = (
-        ("--prompt", prompts),
-        ("--prompt-file", prompt_file),
-        ("--negative-prompt", negative_prompt),
-        ("--guidance", guidance),
+        ("`prompts`", prompts),
+        ("`prompt_file`", prompt_file),
+        ("`negative_prompt`", negative_prompt),
+        ("`guidance`", guidance),
     )
     given = [name for name, v in options if v not in (None, (), [])]
     if not isinstance(model, DiffusersLatent):
@@ -483,7 +483,7 @@ def configure_conditioning(
             )
         return None
     if model.encoder is None:  # fixed embeddings (e.g. from a python: factory): only the guidance can change
-        if given and given[0] != "--guidance":
+        if given and given[0] != "`guidance`":
             raise StepoptError(f"{given[0]}: {model.id} has no text encoder; its prompt embeddings are fixed")
         g0 = guidance if guidance is not None else default_guidance
         fixed = model if g0 is None else model.with_scale(g0)

@@ -155,8 +155,8 @@ def make_distance(
         if not vgg_weights or not lpips_weights:
             raise StepoptError(
                 "loss 'lpips' needs pretrained weights that stepopt never downloads: "
-                "--set vgg_weights=PATH (torchvision vgg16 state dict) --set lpips_weights=PATH (LPIPS v0.1 vgg.pth); "
-                "or choose --set loss=l2 (or loss=features for the digits models)"
+                "`vgg_weights=PATH` (torchvision vgg16 state dict) `lpips_weights=PATH` (LPIPS v0.1 vgg.pth); "
+                "or choose `loss=l2` (or loss=features for the digits models)"
             )
         if len(shape) != 3 or shape[0] not in (1, 3):
             raise StepoptError(f"loss 'lpips' needs image states (1 or 3 channels, H, W); this model's are {shape}")
@@ -166,7 +166,7 @@ def make_distance(
         if tuple(shape) != (1, 8, 8):
             raise StepoptError(
                 f"loss 'features' uses the 8x8 digits classifier; this model's states are {tuple(shape)}; "
-                "choose --set loss=l2 or lpips"
+                "choose `loss=l2` or lpips"
             )
         from stepopt.metrics.digits_features import load_classifier
 

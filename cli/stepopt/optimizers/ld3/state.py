@@ -66,7 +66,7 @@ class Ld3State:
         """Read a state file and check that it belongs to the run described by ``key``."""
         p = Path(path)
         if not p.is_file():
-            raise StepoptError(f"no LD3 state file to resume at '{p}'; run without --resume to start afresh")
+            raise StepoptError(f"no LD3 state file to resume at '{p}'; run without `resume` to start afresh")
         try:
             data = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as e:  # unreadable or truncated file: one clear line
@@ -77,7 +77,7 @@ class Ld3State:
         if diff:
             raise StepoptError(
                 f"LD3 state file '{p}' belongs to another run (differs in {', '.join(diff)}); "
-                "run with the same options, or without --resume to start afresh"
+                "run with the same options, or without `resume` to start afresh"
             )
         names = {f.name for f in fields(cls)}
         try:

@@ -205,11 +205,11 @@ class Trainer:
         if self.ctx.init_schedule is not None:
             if self.ctx.init_schedule.n_steps != self.n:
                 raise StepoptError(
-                    f"--init schedule has {self.ctx.init_schedule.n_steps} steps, this run needs {self.n} "
+                    f"`init_schedule` has {self.ctx.init_schedule.n_steps} steps, this run needs {self.n} "
                     f"({self.ctx.solver.name} at this NFE)"
                 )
             init_s = self.ctx.init_schedule
-            theta, xi = params_from_sigmas(init_s.sigmas, self.space, init_s.model_sigmas, "--init schedule")
+            theta, xi = params_from_sigmas(init_s.sigmas, self.space, init_s.model_sigmas, "`init_schedule`")
             init = f"schedule ({init_s.method.name})"
         elif init != "uniform":
             kinds = BASELINE_STARTS if init == "best" else (init,) if init in BASELINE_STARTS else ()
@@ -273,7 +273,7 @@ class Trainer:
         else:
             if state_path is not None and state_path.exists():
                 ctx.report(
-                    "log", message=f"ld3: starting afresh; overwriting '{state_path}' (use --resume to continue)"
+                    "log", message=f"ld3: starting afresh; overwriting '{state_path}' (use `resume` to continue)"
                 )
             st = self.fresh_state(key)
         self.train(st, state_path)

@@ -197,7 +197,7 @@ def optimize_grid(
     if n_steps * cfg.min_gap >= lam_end - lam_start:
         raise StepoptError(
             f"min_gap {cfg.min_gap} is too large for {n_steps} steps over lam in [{lam_start:.4g}, {lam_end:.4g}]; "
-            f"use --set min_gap=X with X < {(lam_end - lam_start) / n_steps:.4g}"
+            f"use `min_gap=X` with X < {(lam_end - lam_start) / n_steps:.4g}"
         )
     weight_fn = lagrange_weights if cfg.weights == "paper" and identity.name in PAPER_WEIGHT_SOLVERS else None
     bound = ErrorBound(identity, n_steps, lam_start, lam_end, resolved.p, resolved.tau_steps(n_steps), weight_fn)
