@@ -158,3 +158,13 @@ def test_optimize_refuses_init_and_resume_for_optimizers_without_them(tmp_path):
     r = run("optimize", "--resume", "--out", str(tmp_path / "o.yaml"))
     assert r.exit_code == 1 and "keeps no resumable state" in r.stderr
     assert not (tmp_path / "o.yaml").exists()
+
+
+def test_library_parameters_are_shown_as_flags(tmp_path):
+    """The library names parameters (`sets`, `config`, `min_gap=X`); the command line shows the flags."""
+    r = run("optimize", "--set", "novalue", "--out", str(tmp_path / "s.yaml"))
+    assert r.exit_code == 1 and "error: --set 'novalue': expected KEY=VALUE, e.g. --set p=2" in r.stderr
+    r = run("optimize", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "s.yaml"))
+    assert r.exit_code == 1 and "error: --config " in r.stderr and "`" not in r.stderr
+    r = run("optimize", "--nfe", "10", "--set", "min_gap=2", "--out", str(tmp_path / "s.yaml"))
+    assert r.exit_code == 1 and "use --set min_gap=X with X <" in r.stderr and "`" not in r.stderr

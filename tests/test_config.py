@@ -37,7 +37,7 @@ def test_layers_override_in_order(tmp_path):
         (["tau=1.5"], "'tau' = 1.5: expected an integer"),
         (["init=edm"], "'init' = 'edm': expected one of 'logsnr', 'time-uniform'"),
         (["select=maybe"], "'select' = 'maybe': expected true or false"),
-        (["novalue"], "--set 'novalue': expected KEY=VALUE"),
+        (["novalue"], "`sets` 'novalue': expected KEY=VALUE"),
     ],
 )
 def test_bad_options_are_one_line_errors(sets, fragment):

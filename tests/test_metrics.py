@@ -291,7 +291,7 @@ def test_inception_weights_missing_is_one_line(monkeypatch, tmp_path) -> None:
     with pytest.raises(StepoptError) as e:
         F.inception_weights(None)
     msg = str(e.value)
-    assert "\n" not in msg and "--feature-weights" in msg and str(F.inception_hub_path()) in msg
+    assert "\n" not in msg and "`feature_weights`" in msg and str(F.inception_hub_path()) in msg
     hub = F.inception_hub_path()
     hub.parent.mkdir(parents=True)
     hub.write_bytes(b"x")

@@ -27,7 +27,7 @@ T = TypeVar("T")
 def _parse_set(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"`sets` item '{item}': expected KEY=VALUE, e.g. p=2")
+        raise ConfigError(f"`sets` '{item}': expected KEY=VALUE, e.g. `p=2`")
     try:
         value = safeyaml.load(raw) if raw.strip() else ""
     except yaml.YAMLError:

@@ -63,7 +63,8 @@ def validate(
             s = Schedule.load(f)
         except StepoptError as e:
             if json_out:
-                emit_json({"valid": ok, "invalid": {"path": str(f), "error": cli_message(str(e))}, "needs_trust_code": trust})
+                invalid = {"path": str(f), "error": cli_message(str(e))}
+                emit_json({"valid": ok, "invalid": invalid, "needs_trust_code": trust})
             if debug:
                 raise
             fail(str(e) if str(e).startswith(str(f)) else f"{f}: {e}")
