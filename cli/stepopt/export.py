@@ -354,7 +354,7 @@ def k_diffusion_sigmas(s: Schedule, force: bool = False, differences: list[str] 
         # Not even with --force: there is no nearest finite form of a grid from pure noise.
         raise ExportRefused(
             "the grid starts at sigma = inf (pure noise, a flow model): k-diffusion samplers start from "
-            "sigma_max * noise and ComfyUI's flow models take flow times t, not sigmas; use --to json or csv "
+            "sigma_max * noise and ComfyUI's flow models take flow times t, not sigmas; use json or csv as `to` "
             "(their timesteps are the flow times t)"
         )
     if s.model_sigmas is not None:
