@@ -244,7 +244,7 @@ def _flow_match_export(s: Schedule, force: bool, differences: list[str]) -> dict
     if s.solver.name != "euler":
         raise ExportRefused(
             f"solver '{s.solver.name}': diffusers' flow pipelines step with FlowMatchEulerDiscreteScheduler"
-            " (Euler); export an euler schedule, or use --to json"
+            " (Euler); export an euler schedule, or use json as `to`"
         )
     if s.final_step != "denoise":
         _refuse_or_note(
@@ -296,7 +296,7 @@ def diffusers_python(s: Schedule, force: bool = False) -> str:
     """A ready-to-run Python snippet that samples with ``s`` through a diffusers pipeline's UNet."""
     if s.model.time == "flow":
         raise ExportRefused(
-            "no snippet for flow models yet: use --to diffusers (pipe(..., sigmas=..., mu=...) with its scheduler)"
+            "no snippet for flow models yet: use diffusers as `to` (pipe(..., sigmas=..., mu=...) with its scheduler)"
         )
     d = diffusers_export(s, force)
     sch = d["scheduler"]
