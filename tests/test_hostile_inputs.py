@@ -657,7 +657,7 @@ def test_api_code_loaders_take_trust_code_and_share_the_cli_defaults(tmp_path: P
     from stepopt.errors import StepoptError
 
     model = user_model(tmp_path, "api_model", below=0.0)  # never NaN
-    with pytest.raises(StepoptError, match="--trust-code"):
+    with pytest.raises(StepoptError, match="`trust_code`"):  # the API's keyword (the CLI shows --trust-code)
         stepopt.baseline("logsnr", model, nfe=4)
     assert stepopt.baseline("logsnr", model, nfe=4, trust_code=True).model.id == model
     cli = pyinspect.signature(optimize_cmd).parameters
