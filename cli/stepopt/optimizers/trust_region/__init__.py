@@ -228,6 +228,13 @@ def _objective(sol: Solution, bound: ErrorBound, resolved: Resolved) -> dict[str
 def run(ctx: OptimizeContext, cfg: TrustRegionConfig) -> OptimizeResult:
     """Optimize the grid for ``ctx`` (N = ctx.n_steps: the solver's NFE rule, N = NFE for multistep)."""
     n = ctx.n_steps
+    if math.isinf(ctx.model.sigma_max):
+        # The paper's error model sigma^p / alpha per evaluation grows without bound at lam = -inf, so the
+        # bound has no finite limit for a grid from pure noise; a new error model would be needed there.
+        raise StepoptError(
+            f"trust-region: {ctx.model.id} starts from pure noise (sigma_max = inf), where the paper's error "
+            "bound has no finite limit; use -O ld3, gits or oss, or a baseline such as flow-default"
+        )
     orders, lowered = solver_orders(ctx.solver, n)
     report: dict[str, Any] = {"orders": orders, "lower_order_final": lowered}
     note = None
