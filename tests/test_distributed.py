@@ -191,6 +191,22 @@ def test_ld3_same_schedule_for_world_size_one_and_two(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_ays_same_schedule_for_world_size_one_and_two(tmp_path: Path) -> None:
+    """AYS with its KLUB blocks and validation shared out over 2 ranks: the same grid (1e-6 in lam)."""
+    sets = ["samples=256", "max_sweeps=2", "hierarchy=false", "val_noises=16", "klub_samples=512", "data_size=512"]
+    base = ["optimize", "-O", "ays", "-s", "euler", "-n", "4", *(a for kv in sets for a in ("--set", kv))]
+    _ok(run_one([*base, "-o", str(tmp_path / "one.yaml")], tmp_path / "c1"))
+    res = run_ranks([[*base, "-o", str(tmp_path / "two.yaml")]] * 2, tmp_path / "c2")
+    for r in res:
+        _ok(r)
+    a, b = Schedule.load(tmp_path / "one.yaml"), Schedule.load(tmp_path / "two.yaml")
+    np.testing.assert_allclose(np.log(b.sigmas), np.log(a.sigmas), rtol=0, atol=1e-6)
+    assert b.method.objective["final"] == pytest.approx(a.method.objective["final"], rel=1e-9)
+    ea, eb = a.method.config["report"]["network_evals"], b.method.config["report"]["network_evals"]
+    assert eb == ea  # the evaluations of every rank, counted once
+
+
+@pytest.mark.slow
 def test_torchrun_documented_form(tmp_path: Path, schedules: list[Path]) -> None:
     """`torchrun --nproc-per-node 2 -m stepopt -- eval ...` (the README's form) works as one process."""
     ev = ["eval", "-S", str(schedules[0]), "--n", "16", "--batch-size", "4", "--json"]

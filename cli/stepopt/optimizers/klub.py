@@ -47,7 +47,8 @@ terms are implemented:
   (``scripts/bench_ays.py``).
 
 Every random number depends only on (seed, purpose, grid index, block of samples), never on
-the network batch size, so estimates are reproducible across batch sizes and devices.
+the network batch size, so estimates are reproducible across batch sizes and devices (and, under
+``torchrun``, across world sizes: each rank runs its share of the blocks and the sums are reduced).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from stepopt import distributed
 from stepopt.models.base import DiffusionModel
 
 Mode = Literal["shared", "independent"]
@@ -228,6 +230,38 @@ class _Acc:
         return np.sqrt(var / max(self.n - 1, 1))
 
 
+class _Share:
+    """Under torchrun, which work units (one noise block of one point or interval) this rank runs.
+
+    Units are dealt round-robin in a fixed order, so every unit is run by exactly one rank; the
+    accumulators are then summed over the ranks (:func:`_reduce`). In one process every unit is taken.
+    """
+
+    def __init__(self) -> None:
+        self.active = distributed.active()
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.k = -1
+
+    def take(self) -> bool:
+        self.k += 1
+        return not self.active or self.k % self.world == self.rank
+
+
+def _reduce(accs: Sequence[_Acc]) -> None:
+    """Sum every rank's accumulators (float64) so each rank holds the totals one process would."""
+    if not accs or not distributed.active():
+        return
+    flat = np.concatenate([np.concatenate(([a.n], a.s1, a.s2, a.d2)) for a in accs])
+    total = distributed.all_sum(torch.from_numpy(flat)).numpy()
+    pos = 0
+    for a in accs:
+        a.n = round(float(total[pos]))
+        pos += 1
+        for name in ("s1", "s2", "d2"):
+            setattr(a, name, total[pos : pos + a.k].copy())
+            pos += a.k
+
+
 @dataclass(frozen=True)
 class CandidateEstimate:
     """The two-term KLUB estimate of each candidate for one grid point."""
@@ -268,6 +302,9 @@ class KLUBEstimator:
 
     @property
     def evals(self) -> int:
+        """Network evaluations so far (over every rank under torchrun)."""
+        if distributed.active():
+            return int(distributed.all_sum(torch.tensor(float(self.batcher.evals))))
         return self.batcher.evals
 
     # -- shared pieces ---------------------------------------------------------------------------
@@ -307,11 +344,14 @@ class KLUBEstimator:
         s = np.asarray(sigmas, dtype=np.float64)
         n_int = len(s) - 1
         accs = [_Acc(1) for _ in range(n_int)]
+        mine = _Share()
         for i in range(n_int):
             lo, hi = float(s[i + 1]), float(s[i])
             idx_all = self._indices(n_samples, 1, tag, i)
             z = float(normalizer(lo, hi, self.c))
             for b0 in range(0, n_samples, NOISE_BLOCK):
+                if not mine.take():
+                    continue
                 idx = idx_all[b0 : b0 + NOISE_BLOCK]
                 x0, e1, e2, uni = self._block(idx, 2, tag, i, b0 // NOISE_BLOCK)
                 sig = sample_proposal(uni[:, 0], lo, hi, self.c)
@@ -324,6 +364,7 @@ class KLUBEstimator:
                 weight = z / proposal_weight(sig, hi, self.c)
                 self._pair(x_s, sig_t, x_u, hi_t, weight, accs[i])
         self.batcher.flush()
+        _reduce(accs)
         return np.array([a.mean()[0] for a in accs]), np.array([a.stderr()[0] for a in accs])
 
     def _pair(
@@ -361,6 +402,7 @@ class KLUBEstimator:
         """
         s = np.asarray(sigmas, dtype=np.float64)
         accs = []
+        mine = _Share()
         for pos, i in enumerate(indices):
             lo, hi = float(s[i + 1]), float(s[i - 1])
             v = np.asarray(candidates[pos], dtype=np.float64)
@@ -368,6 +410,8 @@ class KLUBEstimator:
             accs.append(acc)
             idx_all = self._indices(n_samples, 3, tag, i)
             for b0 in range(0, n_samples, NOISE_BLOCK):
+                if not mine.take():
+                    continue
                 idx = idx_all[b0 : b0 + NOISE_BLOCK]
                 block = self._block(idx, 4, tag, i, b0 // NOISE_BLOCK)
                 if mode == "shared":
@@ -375,6 +419,7 @@ class KLUBEstimator:
                 else:
                     self._independent_block(block, lo, hi, v, acc)
         self.batcher.flush()
+        _reduce(accs)
         return [
             CandidateEstimate(
                 i, np.asarray(candidates[p], dtype=np.float64), a.mean(), a.stderr(), a.stderr_diff(), a.ref
