@@ -227,3 +227,51 @@ def test_diffusers_python_snippet_runs_and_reproduces_stepopt_sample(folder, tmp
     ns: dict = {}
     exec(compile(r.stdout, "snippet.py", "exec"), ns)
     assert _rel(ours, ns["sample"].to(torch.float64).numpy()) < RTOL
+
+
+# -- the latent Stable Diffusion path ---------------------------------------------------------------
+
+
+def test_latent_export_reproduces_stepopt_sample(tmp_path: Path) -> None:
+    """An optimized schedule of a tiny SD folder, exported --to diffusers and given to
+    StableDiffusionPipeline (its own prompt encoding and classifier-free guidance, latents in and out)
+    with the same initial noise, gives stepopt sample's latents to 1e-5 relative."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers (CLIP text encoder) is not installed")
+    import diffusers
+
+    from _tiny_latent import make_tiny_sd
+
+    folder = make_tiny_sd(tmp_path / "tiny-sd")
+    path = tmp_path / "s.yaml"
+    cond = ["--prompt", "a red cat", "--guidance", "5"]
+    args = ["optimize", "-m", f"diffusers:{folder}", "-s", "dpmpp-2m", "-n", "5", *cond, "-o", str(path)]
+    r = runner.invoke(app, [*args, "--set", "multistart=false", "--set", "maxiter=50"])
+    assert r.exit_code == 0, r.output
+    s = Schedule.load(path)
+    assert np.array_equal(np.asarray(s.timesteps), np.round(s.timesteps))  # on the integer timesteps
+    out = tmp_path / "ours.npz"
+    r = runner.invoke(app, ["sample", "-S", str(path), "--n", "2", "--no-decode", "--trust-code", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    with np.load(out, allow_pickle=False) as z:
+        ours = np.asarray(z["samples"], dtype=np.float64)
+    exp = _export(path, "diffusers", tmp_path)
+    assert exp["exact"] and exp["override"] is None, exp
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    cls = getattr(diffusers, exp["scheduler"]["class"])
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **exp["scheduler"]["kwargs"])
+    pipe.set_progress_bar_config(disable=True)
+    shape = tuple(load_model(f"diffusers:{folder}").shape)
+    latents = (unit_noise(shape, range(2)) * exp["init_latents_scale"]).to(torch.float32)
+    with torch.no_grad():
+        theirs = pipe(
+            prompt=["a red cat"] * 2,
+            guidance_scale=5.0,
+            latents=latents,
+            output_type="latent",
+            **exp["set_timesteps"],
+        ).images
+    theirs_np = theirs.to(torch.float64).numpy() * exp["output_scale"]
+    assert _rel(ours, theirs_np) < RTOL

@@ -83,6 +83,11 @@ class ClassifierFreeGuidance(DiffusionModel):
     def fingerprint(self) -> str:
         return self.inner.fingerprint
 
+    @property
+    def integer_timesteps(self) -> bool:
+        """The wrapped network's: grids for it lie on its trained timesteps (``stepopt.build``)."""
+        return self.inner.integer_timesteps
+
     def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.inner.round_sigma(sigma)
 
