@@ -77,10 +77,61 @@ def test_an_invalid_file_still_fails_cleanly_without_torch(tmp_path):
     assert probe("validate", str(bad)) == {"code": 1, "heavy": []}
 
 
-def test_model_card_matches_the_loaded_model():
+def test_models_imports_no_torch():
+    r = probe("models", "--json")
+    assert r == {"code": 0, "heavy": []}
+
+
+@pytest.mark.parametrize("name", ["gmm-digits", "gmm-digits-flow", "unet-digits", "gaussian", "point-mass"])
+def test_model_card_matches_the_loaded_model(name):
+    """Every built-in's card (numpy only) describes and fingerprints exactly what loading it gives."""
     from stepopt.model_cards import model_card
     from stepopt.models import load_model
 
-    card = model_card("builtin:gmm-digits")
-    assert card is not None and card.ref() == load_model("builtin:gmm-digits").ref()
-    assert model_card("builtin:unet-digits") is None
+    card = model_card(f"builtin:{name}")
+    model = load_model(f"builtin:{name}")
+    assert card is not None
+    assert card.ref() == model.ref()
+    assert card.describe() == model.describe()
+    assert (card.integer_timesteps, tuple(card.shape)) == (model.integer_timesteps, tuple(model.shape))
+
+
+def test_cards_cover_exactly_the_registries():
+    """The summaries `stepopt models` lists without imports are the registries' own, name for name."""
+    from stepopt.model_cards import BUILTIN_SUMMARIES, LOADER_SUMMARIES, OPTIMIZER_SUMMARIES, model_card
+    from stepopt.models import BUILTINS, LOADERS
+    from stepopt.optimizers import OPTIMIZERS
+
+    assert {k: b.summary for k, b in BUILTINS.items()} == BUILTIN_SUMMARIES
+    assert {k: v.summary for k, v in LOADERS.items()} == LOADER_SUMMARIES
+    assert {k: v.summary for k, v in OPTIMIZERS.items()} == OPTIMIZER_SUMMARIES
+    assert model_card("builtin:gmm-digits-flow:shift=2") is None  # options: callers load the model
+    assert model_card("diffusers:/x") is None
+
+
+def test_models_json_equals_the_loaded_description():
+    from typer.testing import CliRunner
+
+    from stepopt.cli import app
+    from stepopt.models import BUILTINS, load_model
+
+    r = CliRunner().invoke(app, ["models", "--json"])
+    assert r.exit_code == 0, r.output
+    listed = json.loads(r.stdout)["builtins"]
+    live = [{**load_model(f"builtin:{k}").describe(), "summary": b.summary} for k, b in BUILTINS.items()]
+    assert listed == json.loads(json.dumps(live))
+
+
+@pytest.mark.parametrize("name", ["gmm-digits-flow", "unet-digits", "point-mass"])
+def test_baseline_from_a_card_equals_baseline_from_the_model(name):
+    from stepopt.build import baseline_schedule
+    from stepopt.model_cards import model_card
+    from stepopt.models import load_model
+    from stepopt.solvers import get_solver
+
+    ident = get_solver("dpmpp-2m").identity()
+    kinds = ("flow-default", "logsnr", "time-uniform") if name.endswith("flow") else ("edm", "logsnr", "kl-optimal")
+    for kind in kinds:
+        a = baseline_schedule(kind, model_card(f"builtin:{name}"), ident, 6)
+        b = baseline_schedule(kind, load_model(f"builtin:{name}"), ident, 6)
+        assert a.sigmas == b.sigmas and a.model == b.model, kind

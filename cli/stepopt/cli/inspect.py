@@ -82,14 +82,17 @@ def validate(
 @command("models")
 def models(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     """List built-in models, model loaders, solvers, optimizers and the published schedules."""
-    from stepopt.models import BUILTINS, LOADERS, load_model
-    from stepopt.optimizers import get_optimizer, optimizer_names
+    from stepopt.model_cards import BUILTIN_SUMMARIES, LOADER_SUMMARIES, OPTIMIZER_SUMMARIES, model_card
 
+    # Described from the model cards and summaries (numpy only): listing loads no network and no torch.
     rows: list[dict[str, Any]] = []
-    for name, b in BUILTINS.items():
-        m = load_model(f"builtin:{name}", device="cpu")
-        rows.append({**m.describe(), "summary": b.summary})
-    loaders = [{"prefix": f"{k}:", "summary": cli_message(v.summary)} for k, v in LOADERS.items() if k != "builtin"]
+    for name, summary in BUILTIN_SUMMARIES.items():
+        card = model_card(f"builtin:{name}")
+        if card is None:
+            err.print(f"warning: builtin:{name} cannot be described (its packaged files are missing)", markup=False)
+            continue
+        rows.append({**card.describe(), "summary": summary})
+    loaders = [{"prefix": f"{k}:", "summary": cli_message(v)} for k, v in LOADER_SUMMARIES.items() if k != "builtin"]
     solvers: list[dict[str, Any]] = [
         {
             "name": s.name,
@@ -101,7 +104,7 @@ def models(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
         }
         for s in all_solvers()
     ]
-    optimizers = [{"name": n, "summary": get_optimizer(n).summary} for n in optimizer_names()]
+    optimizers = [{"name": n, "summary": s} for n, s in sorted(OPTIMIZER_SUMMARIES.items())]
     published = [f"{PUBLISHED_PREFIX}{n}" for n in published_names()]
     configs = data_dir("configs")
     if json_out:

@@ -15,6 +15,7 @@ import torch
 
 from stepopt._defaults import DEFAULT_MODEL
 from stepopt.errors import StepoptError
+from stepopt.model_cards import BUILTIN_SUMMARIES, LOADER_SUMMARIES
 from stepopt.models.base import AnalyticModel, DiffusionModel, IsotropicGaussian, LoadOptions, PointMass
 from stepopt.models.flow import GaussianMixtureFlow, load_gmm_digits_flow
 from stepopt.models.gmm import GaussianMixture, load_digits, load_gmm_digits
@@ -74,18 +75,11 @@ def register_builtin(name: str, factory: Callable[[], DiffusionModel], summary: 
     return BUILTINS.register(name, Builtin(name, factory, summary))
 
 
-register_builtin("gmm-digits", load_gmm_digits, "10-component GMM fit to the 8x8 digits; exact denoiser (default)")
-register_builtin(
-    "gmm-digits-flow",
-    load_gmm_digits_flow,
-    "the same GMM as a rectified-flow velocity model from pure noise (sigma_max inf); shift 3 "
-    "(builtin:gmm-digits-flow:shift=S or :mu=M for others); exact denoiser and ODE",
-)
-register_builtin("unet-digits", _unet_digits, "small EDM-preconditioned UNet trained on the 8x8 digits (safetensors)")
-register_builtin(
-    "gaussian", _gaussian, "isotropic Gaussian N(0, 0.5^2 I) on 8x8; closed-form ODE (analytic test model)"
-)
-register_builtin("point-mass", _point_mass, "a single 8x8 point; closed-form ODE (analytic test model)")
+register_builtin("gmm-digits", load_gmm_digits, BUILTIN_SUMMARIES["gmm-digits"])
+register_builtin("gmm-digits-flow", load_gmm_digits_flow, BUILTIN_SUMMARIES["gmm-digits-flow"])
+register_builtin("unet-digits", _unet_digits, BUILTIN_SUMMARIES["unet-digits"])
+register_builtin("gaussian", _gaussian, BUILTIN_SUMMARIES["gaussian"])
+register_builtin("point-mass", _point_mass, BUILTIN_SUMMARIES["point-mass"])
 
 
 LoaderFn = Callable[[str, LoadOptions], DiffusionModel]
@@ -171,17 +165,7 @@ def _load_diffusers(rest: str, options: LoadOptions) -> DiffusionModel:
     return load_diffusers(rest, options.device, options.dtype)
 
 
-LOADERS.register("builtin", LoaderSpec("builtin", _load_builtin, "the built-in models: builtin:NAME"))
-register_loader("edm", load_edm_pickle, "NVIDIA EDM/EDM2 network pickle (dict with 'ema'); needs `trust_code`")
-register_loader(
-    "diffusers",
-    _load_diffusers,
-    "local diffusers folder, offline: pixel UNet2DModel + DDPM-style scheduler (epsilon, v, sample), or a latent "
-    "text-to-image pipeline (StableDiffusionPipeline layout: UNet2DConditionModel, AutoencoderKL, CLIP; prompts, "
-    "classifier-free guidance, VAE decode; needs transformers)",
-)
-register_loader(
-    "python",
-    load_python_factory,
-    "user code: python:MODULE:FACTORY or python:FILE.py:FACTORY returning a denoiser; needs `trust_code`",
-)
+LOADERS.register("builtin", LoaderSpec("builtin", _load_builtin, LOADER_SUMMARIES["builtin"]))
+register_loader("edm", load_edm_pickle, LOADER_SUMMARIES["edm"])
+register_loader("diffusers", _load_diffusers, LOADER_SUMMARIES["diffusers"])
+register_loader("python", load_python_factory, LOADER_SUMMARIES["python"])

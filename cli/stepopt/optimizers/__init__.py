@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 
 from stepopt.build import make_schedule
 from stepopt.config import config_to_dict
+from stepopt.model_cards import OPTIMIZER_SUMMARIES
 from stepopt.models.base import DiffusionModel
 from stepopt.registry import Registry
 from stepopt.schedule import MethodInfo, Schedule
@@ -73,6 +74,10 @@ OPTIMIZERS: Registry[OptimizerSpec] = Registry(
 
 
 def register(spec: OptimizerSpec) -> OptimizerSpec:
+    """Add an optimizer; a built-in one without ``summary`` takes the one-line description that
+    :data:`stepopt.model_cards.OPTIMIZER_SUMMARIES` keeps for ``stepopt models``."""
+    if not spec.summary and spec.name in OPTIMIZER_SUMMARIES:
+        spec = replace(spec, summary=OPTIMIZER_SUMMARIES[spec.name])
     return OPTIMIZERS.register(spec.name, spec)
 
 

@@ -335,6 +335,5 @@ SPEC = register(
         name="ays",
         config_cls=AYSConfig,
         run=run,
-        summary="Align Your Steps: KLUB coordinate search with early stopping on the target solver",
     )
 )

@@ -117,6 +117,5 @@ SPEC = register(
         name="gits",
         config_cls=GITSConfig,
         run=run,
-        summary="GITS (Chen et al. 2024): DP over a local-error cost matrix from teacher trajectories",
     )
 )

@@ -102,6 +102,5 @@ SPEC = register(
         name="oss",
         config_cls=OSSConfig,
         run=run,
-        summary="Optimal Stepsize (Pei et al. 2025): DP over the student's own states against teacher trajectories",
     )
 )

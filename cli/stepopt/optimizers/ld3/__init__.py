@@ -110,7 +110,6 @@ SPEC = register(
         name="ld3",
         config_cls=Ld3Config,
         run=run,
-        summary="LD3 (Tong et al. 2025): grid learned by backprop through the solver against a teacher",
         takes_init=True,
         resumable=True,
     )

@@ -413,6 +413,5 @@ SPEC = register(
         name="trust-region",
         config_cls=TrustRegionConfig,
         run=run,
-        summary="Xue et al. 2024: minimize the multistep solver's error bound (model-free, about a second)",
     )
 )
