@@ -77,9 +77,10 @@ def test_an_invalid_file_still_fails_cleanly_without_torch(tmp_path):
     assert probe("validate", str(bad)) == {"code": 1, "heavy": []}
 
 
-def test_models_imports_no_torch():
-    r = probe("models", "--json")
-    assert r == {"code": 0, "heavy": []}
+def test_models_and_plot_import_no_torch(schedule_file, tmp_path):
+    assert probe("models", "--json") == {"code": 0, "heavy": []}
+    assert probe("plot", "-S", str(schedule_file), "--out", str(tmp_path / "p.png")) == {"code": 0, "heavy": []}
+    assert (tmp_path / "p.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("name", ["gmm-digits", "gmm-digits-flow", "unet-digits", "gaussian", "point-mass"])

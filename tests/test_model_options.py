@@ -78,7 +78,8 @@ def test_baseline_loads_on_the_requested_device(tmp_path: Path, monkeypatch) -> 
         return real(spec, device, dtype, **kw)
 
     monkeypatch.setattr(models, "load_model", spy)
-    model = ["--model", "builtin:unet-digits"]  # a network (gmm-digits needs no loading at all: a model card)
+    # A model without a card (built-ins without options are described by numpy-only cards, not loaded)
+    model = ["--model", "builtin:gmm-digits-flow:shift=2"]
     r = run("baseline", "logsnr", *model, "--device", "cpu", "--dtype", "bfloat16", "--out", tmp_path / "s.yaml")
     assert r.exit_code == 0, r.stderr
     assert seen == [(torch.device("cpu"), torch.bfloat16)]
