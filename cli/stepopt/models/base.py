@@ -125,6 +125,26 @@ class DiffusionModel(ABC):
         adapter rounds the timestep): every grid written for it lies on those timesteps."""
         return False
 
+    def differentiable_time(self) -> DiffusionModel:
+        """This denoiser with the network's time differentiable in sigma, for optimizers that
+        backpropagate into the grid (ld3, trust-region ``teacher_refine``).
+
+        A network trained at integer timesteps (``integer_timesteps``) gets its timestep rounded when
+        sampling, and a rounded value has zero derivative: the grid would see the network's time
+        dependence only through the input scaling. Such models return a twin sharing the weights
+        whose time embedding is evaluated at the fractional timestep (equal to the model's output
+        wherever sigma lies on a trained timestep). Models whose time is already continuous, and
+        those that cannot take a fractional time (:attr:`time_gradient` says so), return themselves.
+        """
+        return self
+
+    @property
+    def time_gradient(self) -> str:
+        """How the grid's gradient reaches the network's time: ``continuous`` (the time the network
+        sees is a smooth function of sigma), ``fractional-timestep`` (via :meth:`differentiable_time`)
+        or ``none`` (only through the input scaling, e.g. a learned embedding table)."""
+        return "continuous"
+
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id,

@@ -19,6 +19,7 @@ index may be omitted.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -90,6 +91,19 @@ class ClassifierFreeGuidance(DiffusionModel):
 
     def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.inner.round_sigma(sigma)
+
+    def differentiable_time(self) -> ClassifierFreeGuidance:
+        """The same guidance around the wrapped network's differentiable-time twin (itself if it has none)."""
+        inner = self.inner.differentiable_time()
+        if inner is self.inner:
+            return self
+        twin = copy.copy(self)
+        twin.inner = inner
+        return twin
+
+    @property
+    def time_gradient(self) -> str:
+        return self.inner.time_gradient
 
     def decode(self, x: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         return self.inner.decode(x, batch_size)

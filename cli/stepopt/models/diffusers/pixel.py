@@ -27,6 +27,17 @@ integer-timestep grids, the rounding is exact. Rounding only the index keeps ``D
 ``(sigma - sigma(t*)) eps``, up to several percent of sigma near t = 0. With
 ``round_timesteps=False`` the fractional index is passed (positional embeddings accept it).
 
+**Gradients** (optimizers that backpropagate into the grid: ld3, trust-region ``teacher_refine``).
+A rounded index has zero derivative, so through the sampling model the grid sees the network's time
+dependence only through the input scaling ``a`` and the output conversion (on the tiny test UNet
+dD/dsigma was a third of its value with the fractional index). :meth:`DiffusersUNet.differentiable_time`
+is a twin sharing the network that passes the fractional index ``t(sigma)`` to the sinusoidal time
+embedding (the continuous function the integer embeddings are samples of; it equals the sampling
+model at every trained timestep). The optimizers train through the twin and score grids with the
+sampling model (what a user gets), so gradients are those of the continuous-time loss while every
+reported number is the integer-timestep one. A learned embedding table (``time_embedding_type:
+learned``) has no value between its rows: its twin is itself (``time_gradient: none``).
+
 **Precision**: grid arithmetic stays float64 and the network runs in its own dtype.
 ``load_pixel_unet(..., dtype)`` runs the *network* in ``dtype`` (``float32``, ``float16``,
 ``bfloat16`` or ``float64``); the solver state stays float32 for the half-precision types
@@ -36,6 +47,7 @@ conversion and guidance are computed in float64.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -107,6 +119,20 @@ class DiffusersUNet(DiffusionModel):
     @property
     def integer_timesteps(self) -> bool:
         return self.round_timesteps
+
+    def differentiable_time(self) -> DiffusersUNet:
+        """A twin (same network) that passes the fractional index: see the module docstring, "Gradients"."""
+        if not self.round_timesteps or self._learned_time:
+            return self
+        twin = copy.copy(self)
+        twin.round_timesteps = False
+        return twin
+
+    @property
+    def time_gradient(self) -> str:
+        if not self.round_timesteps:
+            return "continuous"
+        return "none" if self._learned_time else "fractional-timestep"
 
     def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         if not self.round_timesteps:

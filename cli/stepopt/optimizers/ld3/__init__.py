@@ -27,6 +27,14 @@ clamps with the gaps between the raw logits, which are all zero at the start, so
 until the logits separate: a bug that stepopt does not reproduce.) The schedule stores
 ``sigma(s'_i)`` as ``model_sigmas``.
 
+**Network time.** A network trained at integer timesteps (a diffusers DDPM model) rounds its
+timestep when sampling, and a rounded time has no derivative: the grid and ``xi`` would feel the
+network's time dependence only through the input scaling. The student is therefore trained through
+the model's :meth:`~stepopt.models.base.DiffusionModel.differentiable_time` twin (the same weights,
+the time embedding evaluated at the fractional timestep), while validation -- which grid is kept,
+every reported number -- runs the model as it samples. The report's ``time_gradient`` records the
+path (``fractional-timestep``; ``none`` for a learned embedding table, which is also logged).
+
 **Soft teacher loss** (the paper's relaxed, soft surrogate objective). For each training pair
 ``(x_T, Psi*(x_T))``, ``min over x'_T in B(x_T, r) of d(Psi_theta(x'_T), Psi*(x_T))`` with the
 radius ``r = gamma D / N^2`` (gamma = 0.001, D the data dimension) on unit-variance noise (before

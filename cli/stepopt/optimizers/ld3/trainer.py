@@ -75,7 +75,10 @@ class Trainer:
         self.lr_noise0 = 12.0 / self.n if cfg.lr_noise == "auto" else float(cfg.lr_noise)
         use_ckpt = not isinstance(self.model, AnalyticModel) if cfg.checkpoint == "auto" else bool(cfg.checkpoint)
         self.checkpointed = use_ckpt
-        self.denoiser: Callable[..., torch.Tensor] = Recompute(self.model) if use_ckpt else self.model
+        # Training backpropagates through the network's time: models trained at integer timesteps
+        # train through their fractional-timestep twin; validation runs the model as it samples.
+        self.grad_model = self.model.differentiable_time()
+        self.denoiser: Callable[..., torch.Tensor] = Recompute(self.grad_model) if use_ckpt else self.grad_model
         self.distance: Distance = make_distance(
             cfg.loss,
             tuple(self.model.shape),
@@ -123,12 +126,18 @@ class Trainer:
         theta: torch.Tensor,
         xi: torch.Tensor | None,
         callback: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        sampling: bool = False,
     ) -> torch.Tensor:
-        """The solver on the grid of ``(theta, xi)`` from the noise ``x`` at sigma_max."""
+        """The solver on the grid of ``(theta, xi)`` from the noise ``x`` at sigma_max.
+
+        ``sampling``: run the model as it samples (integer timesteps where it has them) instead of
+        the differentiable training path.
+        """
         sig, msig = ld3_grid(theta, xi, self.space, self.cfg.window)
         return solve(
             self.ctx.solver,
-            self.denoiser,
+            self.model if sampling else self.denoiser,
             x,
             sig,
             model_sigmas=msig,
@@ -138,7 +147,7 @@ class Trainer:
 
     def validate(self, theta: torch.Tensor, xi: torch.Tensor | None) -> float:
         """Mean distance to the teacher on the validation pairs, from their original noise."""
-        return self.validator.loss(self.distance, lambda x: self.student_from(x, theta, xi))
+        return self.validator.loss(self.distance, lambda x: self.student_from(x, theta, xi, sampling=True))
 
     def non_finite(self, what: str, iteration: int, eps: torch.Tensor, theta: torch.Tensor, xi: Any) -> StepoptError:
         """The error for a non-finite value, naming the iteration and the first bad solver step."""
@@ -263,6 +272,12 @@ class Trainer:
         key = run_key(ctx, cfg)
         state_path = Path(ctx.state_path) if ctx.state_path is not None else None
         self.load_pairs()
+        if self.model.time_gradient == "none":
+            ctx.report(
+                "log",
+                message=f"ld3: {self.model.id} cannot take a fractional timestep (learned embedding table): the grid "
+                "is trained through the input scaling only, not the network's time embedding",
+            )
         if ctx.resume:
             if state_path is None:
                 raise StepoptError("ld3: resume needs a state file path")
@@ -299,6 +314,7 @@ class Trainer:
             "rounds_done": st.round,
             "stop_reason": st.stop_reason,
             "checkpoint": self.checkpointed,
+            "time_gradient": self.model.time_gradient,
             "teacher": cfg.teacher.describe(self.model),
             "validation_rmse": self.validator.rmse(sigmas, model_sigmas),
             "seconds_teacher": round(self.teacher_seconds, 4),

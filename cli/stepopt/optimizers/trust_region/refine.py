@@ -6,7 +6,7 @@ same for every network, and on a given model its minimizer can be worse than a s
 modelling: among the bound's minimizer and every baseline the one with the lowest RMSE against the
 teacher on the validator's noises is the start, and the N-1 interior lam's are then moved to
 minimize that RMSE, by L-BFGS (strong Wolfe line search) with the gradient backpropagated through
-the solver (and through the network's sigma input where it is differentiable).
+the solver (and through the network's time: :meth:`~stepopt.models.base.DiffusionModel.differentiable_time`).
 
 Parameterization: the N gaps of the fixed interval ``[lam_start, lam_end]`` as a softmax of N free
 numbers, so every iterate is an increasing grid with the model's endpoints; a gap below
@@ -49,12 +49,15 @@ def refine_grid(validator: Any, lam0: np.ndarray, maxiter: int) -> tuple[np.ndar
     x_all, y_all = validator.x_t, validator.targets.to(torch.float64)
     n_rows = x_all.shape[0]
     net, solver, final_step = validator.model, validator.solver, validator.final_step
+    # The minimizing runs through the network's differentiable time (a fractional timestep for models
+    # trained at integer ones); the start and the result are scored as the model samples.
+    grad_net = net.differentiable_time()
     bs = validator.batch_size
     evals = [0]
 
     def counted(x: Any, sigma: Any, **cond: Any) -> Any:
         evals[0] += x.shape[0]
-        return net(x, sigma, **cond)
+        return (grad_net if torch.is_grad_enabled() else net)(x, sigma, **cond)
 
     def run_loss(z: Any, grad: bool) -> float:
         total = 0.0
