@@ -335,16 +335,18 @@ class GridValidator:
     def loss(
         self,
         distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        run: Callable[[torch.Tensor], torch.Tensor],
+        run: Callable[[torch.Tensor, dict[str, Any] | None], torch.Tensor],
     ) -> float:
-        """Mean over the seeds of ``distance(run(x_t), target)`` (per-sample values), batch by batch."""
+        """Mean over the seeds of ``distance(run(x_t, cond), target)`` (per-sample values), batch by batch;
+        ``cond`` is the batch's rows of the seeds' conditioning (None for unconditional models)."""
         n = self.x_t.shape[0]
         a, b = distributed.shard(n) if distributed.active() else (0, n)
         total = 0.0
         with torch.no_grad():
             for start in range(a, b, self.batch_size):
                 stop = min(start + self.batch_size, b)
-                total += float(distance(run(self.x_t[start:stop]), self.targets[start:stop]).sum())
+                cond = slice_cond(self.cond, start, stop, n)
+                total += float(distance(run(self.x_t[start:stop], cond), self.targets[start:stop]).sum())
         if distributed.active():  # each rank's share of the seeds, summed in float64
             total = float(distributed.all_sum(torch.tensor(total, dtype=torch.float64)))
         return total / n

@@ -23,6 +23,10 @@ interior sigmas of the grid by the paper's iterative coordinate search (Sec. 3.3
   ``hierarchy: false`` the requested step count is optimised directly (on gmm-digits with Euler:
   the same error at 20 steps for twice the evaluations, a worse one at 7 steps).
 
+**Conditional models** (several prompts): the KLUB pairs data row j of the whole data set with
+prompt ``j mod P`` (:mod:`stepopt.optimizers.klub`), the stopping measure each validation seed with
+its own prompt (seed mod P), as ``sample`` does.
+
 The result records the KLUB of the start and of the kept grid (same random numbers), the kept
 sweep and the stopping measure of every sweep.
 """
@@ -95,6 +99,14 @@ class AYSConfig:
 # -- data ----------------------------------------------------------------------------------------
 def load_data(model: DiffusionModel, cfg: AYSConfig, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
     """The fixed data subset ``(n, *model.shape)`` in float64 and a description for the report."""
+    x, info, _ = load_data_rows(model, cfg, seed)
+    return x, info
+
+
+def load_data_rows(
+    model: DiffusionModel, cfg: AYSConfig, seed: int
+) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+    """:func:`load_data` and each subset row's index in the full data (which condition it pairs with)."""
     source = cfg.data
     if source == "auto":
         if isinstance(model, AnalyticModel):
@@ -111,7 +123,7 @@ def load_data(model: DiffusionModel, cfg: AYSConfig, seed: int) -> tuple[torch.T
         if not isinstance(model, AnalyticModel):
             raise StepoptError(f"data=model needs an analytic model with exact samples; '{model.id}' is not one")
         x = model.sample(cfg.data_size, generator=g).to(torch.float64).cpu()
-        return x, {"source": "model.sample (exact)", "size": int(x.shape[0])}
+        return x, {"source": "model.sample (exact)", "size": int(x.shape[0])}, torch.arange(x.shape[0])
     if source == "digits":
         arr, _ = load_digits()
         x = torch.from_numpy(arr)
@@ -142,9 +154,11 @@ def load_data(model: DiffusionModel, cfg: AYSConfig, seed: int) -> tuple[torch.T
             f" (first: row {int(torch.nonzero(bad)[0])})"
         )
     n_all = x.shape[0]
+    rows = torch.arange(n_all)
     if n_all > cfg.data_size:
-        x = x[torch.randperm(n_all, generator=g)[: cfg.data_size]]
-    return x.contiguous(), {"source": desc, "size": int(x.shape[0]), "available": int(n_all)}
+        rows = torch.randperm(n_all, generator=g)[: cfg.data_size]
+        x = x[rows]
+    return x.contiguous(), {"source": desc, "size": int(x.shape[0]), "available": int(n_all)}, rows
 
 
 # -- the search ----------------------------------------------------------------------------------
@@ -258,8 +272,12 @@ def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
             f"ays: {model.id} starts from pure noise (sigma_max = inf); the KLUB to sigma = inf is not "
             "implemented yet: use ld3, or a baseline"
         )
-    data, data_info = load_data(model, cfg, ctx.seed)
-    est = KLUBEstimator(model, data, c=cfg.c, batch_size=cfg.batch_size, device=ctx.device, seed=ctx.seed)
+    data, data_info, data_rows = load_data_rows(model, cfg, ctx.seed)
+    est = KLUBEstimator(
+        model, data, c=cfg.c, batch_size=cfg.batch_size, device=ctx.device, seed=ctx.seed, rows=data_rows
+    )
+    if model.cond_for_seeds([0]) is not None:
+        data_info["conditioning"] = "data row j (of the whole data set) with the condition of seed j: prompt j mod P"
     validate = stop_validator(ctx, cfg)
     start, init_kind = initial_grid(model, n, cfg)
     ctx.report("log", message=f"ays: {data_info['size']} data points ({data_info['source']}), init {init_kind}")

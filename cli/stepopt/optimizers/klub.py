@@ -49,6 +49,11 @@ terms are implemented:
 Every random number depends only on (seed, purpose, grid index, block of samples), never on
 the network batch size, so estimates are reproducible across batch sizes and devices (and, under
 ``torchrun``, across world sizes: each rank runs its share of the blocks and the sums are reduced).
+
+**Conditional models** (several prompts): every query of a data point uses that point's condition,
+the one :meth:`~stepopt.models.base.DiffusionModel.cond_for_seeds` gives the seed equal to its row in
+the whole data set (prompt ``row mod P``, the rule ``sample`` uses for seeds): a prompt file that lists
+the data's captions in order pairs each image with its caption.
 """
 
 from __future__ import annotations
@@ -153,19 +158,27 @@ def _generator(*key: int) -> torch.Generator:
 
 # -- batched network calls --------------------------------------------------------------------------
 class Batcher:
-    """Collects denoiser queries and evaluates them in batches of ``batch_size`` rows (no autograd)."""
+    """Collects denoiser queries and evaluates them in batches of ``batch_size`` rows (no autograd).
+
+    Each row carries the index of its data point; a conditional model gets each row the condition of
+    that index (:meth:`~stepopt.models.base.DiffusionModel.cond_for_seeds`: prompt ``index mod P``).
+    """
 
     def __init__(self, model: DiffusionModel, batch_size: int, device: torch.device) -> None:
         self.model = model
         self.batch_size = int(batch_size)
         self.device = device
         self.evals = 0
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]]] = []
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]]] = []
         self._rows = 0
+        self.conditional = model.cond_for_seeds([0]) is not None
 
-    def add(self, x: torch.Tensor, sigma: torch.Tensor, done: Callable[[torch.Tensor], None]) -> None:
-        """Queue ``D(x, sigma)`` (x float64 on the device); ``done`` receives the float64 output."""
-        self._pending.append((x, sigma, done))
+    def add(
+        self, x: torch.Tensor, sigma: torch.Tensor, rows: torch.Tensor, done: Callable[[torch.Tensor], None]
+    ) -> None:
+        """Queue ``D(x, sigma)`` (x float64 on the device) for the data points ``rows``; ``done`` receives
+        the float64 output."""
+        self._pending.append((x, sigma, rows, done))
         self._rows += x.shape[0]
         if self._rows >= self.batch_size:
             self.flush()
@@ -176,16 +189,18 @@ class Batcher:
         pending, self._pending, self._rows = self._pending, [], 0
         xs = torch.cat([p[0] for p in pending])
         ss = torch.cat([p[1] for p in pending])
+        rows = torch.cat([p[2] for p in pending]).tolist() if self.conditional else []
         outs = []
         with torch.no_grad():
             for start in range(0, xs.shape[0], self.batch_size):
                 xb = xs[start : start + self.batch_size].to(self.model.dtype)
                 sb = ss[start : start + self.batch_size]
-                outs.append(self.model(xb, sb).to(torch.float64))
+                cond = self.model.cond_for_seeds(rows[start : start + self.batch_size]) if self.conditional else None
+                outs.append(self.model(xb, sb, **(cond or {})).to(torch.float64))
         self.evals += xs.shape[0]
         out = torch.cat(outs)
         pos = 0
-        for x, _, done in pending:
+        for x, _, _, done in pending:
             n = x.shape[0]
             done(out[pos : pos + n])
             pos += n
@@ -290,11 +305,16 @@ class KLUBEstimator:
         batch_size: int = 4096,
         device: torch.device | str | None = None,
         seed: int = 0,
+        rows: torch.Tensor | None = None,
     ) -> None:
         if data.ndim < 2 or tuple(data.shape[1:]) != tuple(model.shape):
             raise ValueError(f"data must have shape (n, {', '.join(map(str, model.shape))}), got {tuple(data.shape)}")
         self.model = model
         self.data = data.to(torch.float64).cpu()
+        # Each data point's index in the whole data set (a subset keeps its rows' own): its condition's seed.
+        self.rows = torch.arange(data.shape[0]) if rows is None else torch.as_tensor(rows, dtype=torch.long).cpu()
+        if self.rows.shape != (data.shape[0],):
+            raise ValueError(f"rows must have one index per data point ({data.shape[0]}), got {tuple(self.rows.shape)}")
         self.c = float(c)
         self.seed = int(seed)
         self.device = torch.device(device) if device is not None else model.device
@@ -315,8 +335,10 @@ class KLUBEstimator:
         reps = -(-n // m)
         return torch.cat([torch.randperm(m, generator=g) for _ in range(reps)])[:n]
 
-    def _block(self, idx: torch.Tensor, *key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
-        """x0, eps1, eps2 (on the device, float64) and two uniforms per sample for one block."""
+    def _block(
+        self, idx: torch.Tensor, *key: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor]:
+        """x0, eps1, eps2 (on the device, float64), two uniforms per sample and the data indices, for one block."""
         g = _generator(self.seed, *key)
         n = idx.shape[0]
         shape = (n, *self.model.shape)
@@ -324,7 +346,7 @@ class KLUBEstimator:
         e2 = torch.randn(shape, generator=g, dtype=torch.float64)
         uni = torch.rand((n, 2), generator=g, dtype=torch.float64).numpy()
         dev = self.device
-        return self.data[idx].to(dev), e1.to(dev), e2.to(dev), uni
+        return self.data[idx].to(dev), e1.to(dev), e2.to(dev), uni, self.rows[idx]
 
     @staticmethod
     def _bcast(v: np.ndarray, x: torch.Tensor) -> torch.Tensor:
@@ -353,7 +375,7 @@ class KLUBEstimator:
                 if not mine.take():
                     continue
                 idx = idx_all[b0 : b0 + NOISE_BLOCK]
-                x0, e1, e2, uni = self._block(idx, 2, tag, i, b0 // NOISE_BLOCK)
+                x0, e1, e2, uni, _ = self._block(idx, 2, tag, i, b0 // NOISE_BLOCK)
                 sig = sample_proposal(uni[:, 0], lo, hi, self.c)
                 x_s = x0 + self._bcast(sig, x0) * e1
                 x_u = x_s + self._bcast(np.sqrt(hi * hi - sig * sig), x0) * e2
@@ -362,7 +384,7 @@ class KLUBEstimator:
                 sig_t = torch.as_tensor(sig, dtype=torch.float64, device=dev)
                 hi_t = torch.full((n,), hi, dtype=torch.float64, device=dev)
                 weight = z / proposal_weight(sig, hi, self.c)
-                self._pair(x_s, sig_t, x_u, hi_t, weight, accs[i])
+                self._pair(x_s, sig_t, x_u, hi_t, idx, weight, accs[i])
         self.batcher.flush()
         _reduce(accs)
         return np.array([a.mean()[0] for a in accs]), np.array([a.stderr()[0] for a in accs])
@@ -373,6 +395,7 @@ class KLUBEstimator:
         sig: torch.Tensor,
         x_u: torch.Tensor,
         u: torch.Tensor,
+        rows: torch.Tensor,
         weight: np.ndarray,
         acc: _Acc,
     ) -> None:
@@ -380,7 +403,7 @@ class KLUBEstimator:
             n = x_s.shape[0]
             acc.add((weight * self._sqnorm(out[:n], out[n:]))[:, None])
 
-        self.batcher.add(torch.cat([x_s, x_u]), torch.cat([sig, u]), done)
+        self.batcher.add(torch.cat([x_s, x_u]), torch.cat([sig, u]), torch.cat([rows, rows]), done)
 
     # -- candidates for one or several grid points ------------------------------------------------
     def candidates(
@@ -429,7 +452,7 @@ class KLUBEstimator:
 
     def _shared_block(
         self,
-        block: tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray],
+        block: tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor],
         lo: float,
         hi: float,
         v: np.ndarray,
@@ -440,7 +463,7 @@ class KLUBEstimator:
         For candidate ``v`` the upper term's integrand on ``[v, hi]`` has the proposal's shape and the
         lower term's on ``[lo, v]`` has ``g_v <= g_hi``, so the weight ``Z / g_hi`` stays bounded.
         """
-        x0, e1, e2, uni = block
+        x0, e1, e2, uni, data_rows = block
         n, k = x0.shape[0], len(v)
         sig = sample_proposal(uni[:, 0], lo, hi, self.c)
         pre = _is_weight(sig, lo, hi, self.c)
@@ -463,6 +486,7 @@ class KLUBEstimator:
             ]
         )
         n_hi = hi_rows.shape[0]
+        rows_all = torch.cat([data_rows, data_rows[hi_rows.cpu()], data_rows[v_rows.cpu()]])
 
         def done(out: torch.Tensor) -> None:
             d_s, d_hi, d_v = out[:n], out[n : n + n_hi], out[n + n_hi :]
@@ -475,11 +499,11 @@ class KLUBEstimator:
                 f[rows, cols] = self._sqnorm(d_s[v_rows], d_v)
             acc.add(f * pre[:, None])
 
-        self.batcher.add(xs, ss, done)
+        self.batcher.add(xs, ss, rows_all, done)
 
     def _independent_block(
         self,
-        block: tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray],
+        block: tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor],
         lo: float,
         hi: float,
         v: np.ndarray,
@@ -492,7 +516,7 @@ class KLUBEstimator:
         ``x0 + (sigma/hi)^2 (x_hi - x0) + sigma sqrt(1 - (sigma/hi)^2) e1`` (the same joint law), so
         ``D(x_hi, hi)`` is shared by all candidates: 3K + 1 evaluations per sample instead of 4K.
         """
-        x0, e1, e2, uni = block
+        x0, e1, e2, uni, data_rows = block
         n, k = x0.shape[0], len(v)
         dev = x0.device
         # (n, K) sigmas for the lower and the upper term; the same uniforms for every candidate.
@@ -522,7 +546,7 @@ class KLUBEstimator:
             fb = np.stack([self._sqnorm(parts[j, 2], d_hi) for j in range(k)], 1)
             acc.add(fa * wa + fb * wb)
 
-        self.batcher.add(torch.cat(xs), torch.cat(ss), done)
+        self.batcher.add(torch.cat(xs), torch.cat(ss), data_rows.repeat(1 + 3 * k), done)
 
 
 def _is_weight(sigma: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float, c: float) -> np.ndarray:

@@ -60,8 +60,10 @@ validation mean of d from the original noise.
 
 **Teacher** (the paper's setup): ``n_train + n_valid`` pairs (50/50) from seeds ``data_seed,
 data_seed+1, ...`` via :class:`stepopt.teacher.GridValidator` (exact ODE for analytic models; for
-networks the ``teacher`` solver, cached on disk). With ``final_step: denoise`` the target is the
-teacher's state at sigma_min passed through the same final denoising jump. The report also gives
+networks the ``teacher`` solver, cached on disk). A conditional model (several prompts) gives pair i
+the condition of its seed (prompt ``seed mod P``) in training, validation and the teacher alike.
+With ``final_step: denoise`` the target is the teacher's state at sigma_min passed through the same
+final denoising jump. The report also gives
 ``validation_rmse``: the RMSE of the learned grid against the teacher on the validation pairs, the
 measure trust-region ``select`` and AYS's stopping use.
 

@@ -108,6 +108,12 @@ class Trainer:
         self.eps_train, self.eps_valid = eps[: cfg.n_train], eps[cfg.n_train :]
         self.y_train, self.y_valid = pairs.targets[: cfg.n_train], pairs.targets[cfg.n_train :]
 
+    def train_cond(self, idx: torch.Tensor) -> dict[str, Any] | None:
+        """The conditioning of training pairs ``idx``: pair i is the sample of seed ``data_seed + i``, so a
+        conditional model gives it that seed's condition (prompt ``seed mod P``), as ``sample`` and the
+        teacher do."""
+        return self.model.cond_for_seeds([self.cfg.data_seed + int(i) for i in idx.tolist()])
+
     # -- the student ---------------------------------------------------------------------------
     def student(
         self,
@@ -115,10 +121,11 @@ class Trainer:
         theta: torch.Tensor,
         xi: torch.Tensor | None,
         callback: Callable[[dict[str, Any]], None] | None = None,
+        cond: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         # From pure noise (sigma_max = inf) the state is the noise itself (noise-scaled; README: Conventions).
         x = (eps if math.isinf(self.model.sigma_max) else self.model.sigma_max * eps).to(self.model.dtype)
-        return self.student_from(x, theta, xi, callback)
+        return self.student_from(x, theta, xi, callback, cond=cond)
 
     def student_from(
         self,
@@ -128,11 +135,12 @@ class Trainer:
         callback: Callable[[dict[str, Any]], None] | None = None,
         *,
         sampling: bool = False,
+        cond: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """The solver on the grid of ``(theta, xi)`` from the noise ``x`` at sigma_max.
 
         ``sampling``: run the model as it samples (integer timesteps where it has them) instead of
-        the differentiable training path.
+        the differentiable training path. ``cond``: the rows' conditioning (:meth:`train_cond`).
         """
         sig, msig = ld3_grid(theta, xi, self.space, self.cfg.window)
         return solve(
@@ -141,15 +149,20 @@ class Trainer:
             x,
             sig,
             model_sigmas=msig,
+            cond=cond,
             callback=callback,
             final_step=self.ctx.final_step,
         )
 
     def validate(self, theta: torch.Tensor, xi: torch.Tensor | None) -> float:
         """Mean distance to the teacher on the validation pairs, from their original noise."""
-        return self.validator.loss(self.distance, lambda x: self.student_from(x, theta, xi, sampling=True))
+        return self.validator.loss(
+            self.distance, lambda x, cond: self.student_from(x, theta, xi, sampling=True, cond=cond)
+        )
 
-    def non_finite(self, what: str, iteration: int, eps: torch.Tensor, theta: torch.Tensor, xi: Any) -> StepoptError:
+    def non_finite(
+        self, what: str, iteration: int, eps: torch.Tensor, theta: torch.Tensor, xi: Any, cond: dict[str, Any] | None
+    ) -> StepoptError:
         """The error for a non-finite value, naming the iteration and the first bad solver step."""
         where = ""
         if not bool(torch.isfinite(theta).all()) or (xi is not None and not bool(torch.isfinite(xi).all())):
@@ -162,7 +175,7 @@ class Trainer:
                     bad.append(info)
 
             with torch.no_grad():
-                self.student(eps, theta, xi, callback=cb)
+                self.student(eps, theta, xi, callback=cb, cond=cond)
             if bad:
                 b = bad[0]
                 where = (
@@ -371,8 +384,14 @@ class Trainer:
                 x_cur = xi if cfg.decouple else None
                 val = self.validate(theta.detach(), None if x_cur is None else x_cur.detach())
                 if not math.isfinite(val):
+                    nv = min(cfg.valid_batch_size, cfg.n_valid)
                     raise self.non_finite(
-                        "the validation loss", st.iteration, self.eps_valid[: cfg.valid_batch_size], theta, x_cur
+                        "the validation loss",
+                        st.iteration,
+                        self.eps_valid[:nv],
+                        theta,
+                        x_cur,
+                        self.train_cond(torch.arange(cfg.n_train, cfg.n_train + nv)),
                     )
                 self.after_validation(st, val, theta, xi, opt_theta, opt_xi, joint)
                 ctx.report(
@@ -426,12 +445,13 @@ class Trainer:
             idx = idx_all[a:b]
         eps = st.noise[idx].clone().requires_grad_(soft)
         target = self.y_train[idx]
+        cond = self.train_cond(idx)
         x_arg = xi if cfg.decouple else None
         xi.requires_grad_(joint)
         opt_theta.zero_grad(set_to_none=True)
         opt_xi.zero_grad(set_to_none=True)
         if idx.shape[0] > 0:
-            per = self.distance(self.student(eps, theta, x_arg), target)
+            per = self.distance(self.student(eps, theta, x_arg, cond=cond), target)
             loss = per.sum() / batch if parallel else per.mean()
             loss.backward()
         else:  # more ranks than pairs: this rank contributes nothing to the sums
@@ -443,7 +463,7 @@ class Trainer:
                     p.grad = distributed.all_sum(p.grad if p.grad is not None else torch.zeros_like(p)).to(p.dtype)
             loss = distributed.all_sum(loss.detach())
         if not bool(torch.isfinite(loss)):
-            raise self.non_finite("the training loss", st.iteration + 1, eps.detach(), theta.detach(), x_arg)
+            raise self.non_finite("the training loss", st.iteration + 1, eps.detach(), theta.detach(), x_arg, cond)
         grads = [g for g in (theta.grad, xi.grad if joint else None, eps.grad if soft else None) if g is not None]
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             raise StepoptError(
@@ -456,7 +476,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_([xi], cfg.clip_grad)
             opt_xi.step()
         if not bool(torch.isfinite(theta).all() and torch.isfinite(xi).all()):
-            raise self.non_finite("a grid parameter", st.iteration + 1, eps.detach(), theta.detach(), x_arg)
+            raise self.non_finite("a grid parameter", st.iteration + 1, eps.detach(), theta.detach(), x_arg, cond)
         if soft and eps.grad is not None:
             with torch.no_grad():
                 # SGD on the relaxed noise, projected back onto the ball around the original noise.
@@ -467,7 +487,8 @@ class Trainer:
                 scale = torch.where(norm > self.radius, self.radius / norm.clamp_min(1e-300), torch.ones_like(norm))
                 cand = orig + (diff * scale[:, None]).reshape(cand.shape)
                 # Keep a moved noise only where it lowers that pair's loss (with the updated grid).
-                new = self.distance(self.student(cand, theta.detach(), None if x_arg is None else xi.detach()), target)
+                x_new = None if x_arg is None else xi.detach()
+                new = self.distance(self.student(cand, theta.detach(), x_new, cond=cond), target)
                 ok = new < per.detach()
                 if bool(ok.any()):
                     st.noise[idx[ok]] = cand[ok]
