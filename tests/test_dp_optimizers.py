@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from _gaussian_net import GaussianNet
+from stepopt.baselines import baseline_sigmas
+from stepopt.config import config_to_dict, resolve_config
+from stepopt.errors import ConfigError
 from stepopt.models import GaussianMixture
 from stepopt.optimizers import optimize
 from stepopt.optimizers.dp import (
@@ -23,7 +27,8 @@ from stepopt.optimizers.dp import (
 )
 from stepopt.optimizers.gits import GITSConfig
 from stepopt.optimizers.oss import OSSConfig
-from stepopt.solvers import get_solver
+from stepopt.solvers import get_solver, solve
+from stepopt.teacher import TeacherConfig
 
 SMALL = {"candidates": 7, "trajectories": 4}
 
@@ -129,3 +134,39 @@ def test_gits_with_pfdiff(gmm: GaussianMixture) -> None:
     ident = get_solver("pfdiff-euler").identity()
     s = optimize("gits", gmm, ident, 3, GITSConfig(candidates=9, trajectories=4))
     assert len(s.sigmas) == 6  # NFE 3 with K = 1: 2 * 3 - 1 = 5 steps
+
+
+def test_dp_teacher_is_the_teacher_section_with_old_flat_keys() -> None:
+    """gits/oss nest the one TeacherConfig (default: 4 Heun steps uniform in lam per interval);
+    ``--set teacher.steps`` keeps the section's other defaults; old files' flat keys still read."""
+    assert DPConfig().teacher == TeacherConfig(solver="heun", steps=4, grid="logsnr")
+    assert resolve_config(GITSConfig, None, ["teacher.steps=8"]).teacher == TeacherConfig(steps=8, grid="logsnr")
+    old = resolve_config(OSSConfig, None, ["teacher_solver=euler", "teacher_substeps=6", "teacher_order=1"])
+    assert old.teacher == TeacherConfig(solver="euler", order=1, steps=6, grid="logsnr")
+    assert config_to_dict(GITSConfig())["teacher"] == TeacherConfig(steps=4, grid="logsnr").to_dict()
+    with pytest.raises(ConfigError, match="teacher steps must be >= 1"):
+        resolve_config(GITSConfig, None, ["teacher.steps=0"])
+
+
+def test_dp_network_teacher_runs_the_configured_solver_between_candidates() -> None:
+    """For a network the trajectory's state at c_j is ``teacher.steps`` steps of ``teacher.solver``
+    on a ``teacher.grid`` grid of [c_{j-1}, c_j] from the state at c_{j-1}; more steps approach
+    the exact ODE (closed form for the Gaussian)."""
+    net = GaussianNet()
+    cfg = GITSConfig(candidates=5, trajectories=3, teacher=TeacherConfig(solver="heun", steps=2, grid="edm"))
+    cand = candidate_grid(net, cfg, 3)
+    traj, info = teacher_trajectories(net, cand, cfg, cache=False)
+    heun = get_solver("heun").identity()
+    x = traj[:, 0]
+    for j in range(1, len(cand)):
+        sub = baseline_sigmas("edm", 2, float(cand[j - 1]), float(cand[j]), net.frame)
+        x = solve(heun, net, x, torch.as_tensor(sub))
+        assert torch.equal(traj[:, j], x)
+    assert info["network_evals"] == 3 * 5 * get_solver("heun").nfe(heun, 2)
+    assert info["teacher"]["substeps_per_interval"] == 2 and info["teacher"]["grid"] == "edm"
+    exact = net.inner.ode_solution(traj[:, 0], float(cand[0]), float(cand[-1]))
+    fine, _ = teacher_trajectories(net, cand, GITSConfig(candidates=5, trajectories=3), cache=False)
+    finer = GITSConfig(candidates=5, trajectories=3, teacher=TeacherConfig(steps=16, grid="logsnr"))
+    err4 = float((fine[:, -1] - exact).abs().max())
+    err16 = float((teacher_trajectories(net, cand, finer, cache=False)[0][:, -1] - exact).abs().max())
+    assert err16 < err4 / 8  # Heun is second order: 4x the steps, about 16x less error

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from _gaussian_net import GaussianNet
 from stepopt.cache import ENV_VAR, TeacherCache, cache_info, cache_root, clear_cache
 from stepopt.cli import app
 from stepopt.errors import StepoptError
 from stepopt.models import IsotropicGaussian
-from stepopt.models.base import DiffusionModel
 from stepopt.sampling import initial_noise
 from stepopt.teacher import TeacherConfig, teacher_key, teacher_outputs
 
@@ -35,23 +34,6 @@ class CountingGaussian(IsotropicGaussian):
     def ode_solution(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
         self.calls.append(int(x.shape[0]))
         return super().ode_solution(x, sigma_from, sigma_to)
-
-
-class GaussianNet(DiffusionModel):
-    """The Gaussian's denoiser presented as a network (no ODE solution): the teacher runs a solver."""
-
-    def __init__(self) -> None:
-        self.inner = IsotropicGaussian(torch.zeros(1, 4, 4, dtype=torch.float64), c=0.5)
-        self.id, self.frame, self.shape = "python:gaussian-net", self.inner.frame, self.inner.shape
-        self.parameterization, self.sigma_min, self.sigma_max = "x0", 0.002, 80.0
-        self.dtype = torch.float64
-
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
-        return self.inner.denoise(x, sigma)
-
-    @property
-    def fingerprint(self) -> str:
-        return self.inner.fingerprint
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,10 @@
 Unknown keys and values of the wrong type are errors that list the valid keys. A field whose type
 is itself a dataclass (e.g. ``teacher: TeacherConfig``) is a nested section: a mapping in the file
 (``teacher: {steps: 200}``), a dotted key on the command line (``--set teacher.steps=200``), or,
-for files written before the nesting, the flat key ``teacher_steps``. Sections merge key by key.
+for files written before the nesting, the flat key ``teacher_steps``. Sections merge key by key
+into the field's default (a section whose default differs from its class's defaults keeps it). A
+config class may rename old flat keys (``RENAMED_KEYS``, e.g. ``teacher_substeps`` ->
+``teacher.steps``).
 """
 
 from __future__ import annotations
@@ -119,9 +122,11 @@ def _build(cls: type[T], values: Mapping[str, Any], prefix: str) -> T:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
     sections = {n: sub for n in names if (sub := _nested(hints[n])) is not None}
+    renamed: Mapping[str, str] = getattr(cls, "RENAMED_KEYS", {})
     flat: dict[str, Any] = {}
     parts: dict[str, dict[str, Any]] = {}
     for key, v in values.items():
+        key = renamed.get(key, key)
         head, dot, rest = key.partition(".")
         legacy = next((n for n in sections if key.startswith(n + "_") and key not in names), None)
         if dot and head in sections:
@@ -140,11 +145,18 @@ def _build(cls: type[T], values: Mapping[str, Any], prefix: str) -> T:
             raise ConfigError(f"'{prefix}{k}' = {v!r}: expected a mapping of {sections[k].__name__} options")
         out[k] = v if k in sections else _check_type(cls.__name__, prefix + k, v, hints[k])
     for k, sub_values in parts.items():
-        out[k] = _build(sections[k], sub_values, f"{prefix}{k}.")
+        out[k] = _build(sections[k], {**_section_default(cls, k), **sub_values}, f"{prefix}{k}.")
     try:
         return cls(**out)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+def _section_default(cls: type, name: str) -> dict[str, Any]:
+    """The field ``name``'s default section as plain values (empty when it has none)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)  # type: ignore[arg-type]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return dataclasses.asdict(default) if dataclasses.is_dataclass(default) and not isinstance(default, type) else {}
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -4,9 +4,10 @@ Both methods pick the N+1 grid points among M+1 *candidate* sigmas ``c_0 = sigma
 c_M = sigma_min`` (``candidates = M``; spacing uniform in ``lam = -log sigma``, in the model's
 native time, or EDM rho) by dynamic programming against *teacher trajectories*: the states
 ``X[p, m]`` of P ODE solutions (seeds ``data_seed ...``) at every candidate (the exact ODE for
-analytic models; for networks the teacher solver with ``teacher_substeps`` steps between neighbouring
-candidates). Trajectories are cached on disk like the teacher outputs of ``eval`` (keyed by the model
-fingerprint, the candidate grid and the teacher settings; one file per seed).
+analytic models; for networks ``teacher.steps`` steps of the teacher solver on a ``teacher.grid``
+grid of each interval between neighbouring candidates). Trajectories are cached on disk like the
+teacher outputs of ``eval`` (keyed by the model fingerprint, the candidate grid and the teacher
+settings; one file per seed).
 
 * :func:`gits_dp` -- the shortest weighted path over a cost matrix ``C[i, j]``, exact, O(N M^2).
 * :func:`oss_dp` -- the OSS recursion over the student's own states, exact for that recursion,
@@ -24,8 +25,8 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -49,23 +50,26 @@ class DPConfig:
     candidates: M, the number of intervals of the candidate grid (M+1 sigmas, both ends included).
     spacing: lam (uniform in lam = -log sigma) | time (uniform in the model's native time) | edm (rho).
     trajectories: P, teacher trajectories the costs are averaged over (seeds data_seed ...).
-    teacher_solver / teacher_order / teacher_substeps: for networks, the teacher between neighbouring
-       candidates (substeps uniform in lam); analytic models use the exact ODE.
+    teacher: for networks, the teacher between neighbouring candidates: ``steps`` steps of ``solver``
+       (``order``) on a ``grid`` grid of each interval (default 4 Heun steps uniform in lam per
+       interval); analytic models use the exact ODE. Files from before the nesting: the flat
+       ``teacher_solver``, ``teacher_order`` and ``teacher_substeps`` (= ``teacher.steps``).
     batch_size: trajectories per teacher batch.
     """
+
+    # Flat keys of files written before the teacher section (stepopt.config reads them).
+    RENAMED_KEYS: ClassVar[Mapping[str, str]] = {"teacher_substeps": "teacher.steps"}
 
     candidates: int = 64
     spacing: Spacing = "lam"
     rho: float = 7.0
     trajectories: int = 64
     data_seed: int = 3_000_000
-    teacher_solver: str = TeacherConfig.solver
-    teacher_order: int | None = TeacherConfig.order
-    teacher_substeps: int = 4
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(steps=4, grid="logsnr"))
     batch_size: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("candidates", "trajectories", "teacher_substeps", "batch_size"):
+        for name in ("candidates", "trajectories", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be >= 1, got {getattr(self, name)}")
         if not (self.rho > 0 and math.isfinite(self.rho)):
@@ -86,13 +90,12 @@ def candidate_grid(model: DiffusionModel, cfg: DPConfig, n_steps: int) -> np.nda
 
 # -- teacher trajectories -------------------------------------------------------------------------
 def _trajectory_key(model: DiffusionModel, cfg: DPConfig, cand: np.ndarray, dtype: torch.dtype) -> dict[str, Any]:
-    tc = TeacherConfig(solver=cfg.teacher_solver, order=cfg.teacher_order, steps=cfg.teacher_substeps, grid="logsnr")
-    key = teacher_key(model, tc, float(cand[0]), float(cand[-1]), dtype)
+    key = teacher_key(model, cfg.teacher, float(cand[0]), float(cand[-1]), dtype)
     key["trajectory"] = {
         "version": TRAJECTORY_VERSION,
         "candidates": hashlib.sha256(np.asarray(cand, dtype=np.float64).tobytes()).hexdigest()[:24],
         "points": len(cand),
-        "substeps_per_interval": cfg.teacher_substeps,
+        "substeps_per_interval": cfg.teacher.steps,
     }
     return key
 
@@ -111,12 +114,12 @@ def _compute_trajectories(
         finally:
             torch.set_num_threads(threads)
     else:
-        spec = get_solver(cfg.teacher_solver)
-        ident = spec.identity(cfg.teacher_order)
+        tc = cfg.teacher
+        ident = get_solver(tc.solver).identity(tc.order)
         cond = cond_for_seeds(model, seeds)
         with torch.no_grad():
             for a, b in itertools.pairwise(cand):
-                sub = torch.as_tensor(baseline_sigmas("logsnr", cfg.teacher_substeps, float(a), float(b)))
+                sub = torch.as_tensor(baseline_sigmas(tc.grid, tc.steps, float(a), float(b), model.frame, rho=tc.rho))
                 out.append(solve(ident, model, out[-1], sub.to(x.device), cond=cond))
     return torch.stack(out, dim=1)
 
@@ -157,7 +160,7 @@ def teacher_trajectories(
         "seeds": f"{seeds[0]}..{seeds[-1]}",
         "teacher": "exact ODE"
         if isinstance(model, AnalyticModel)
-        else {"solver": cfg.teacher_solver, "order": cfg.teacher_order, "substeps_per_interval": cfg.teacher_substeps},
+        else {**cfg.teacher.to_dict(), "substeps_per_interval": cfg.teacher.steps},
         "cached": len(seeds) - len(todo),
         "computed": len(todo),
         "network_evals": 0 if isinstance(model, AnalyticModel) else len(todo) * (len(cand) - 1) * _teacher_nfe(cfg),
@@ -167,8 +170,8 @@ def teacher_trajectories(
 
 
 def _teacher_nfe(cfg: DPConfig) -> int:
-    spec = get_solver(cfg.teacher_solver)
-    return spec.nfe(spec.identity(cfg.teacher_order), cfg.teacher_substeps)
+    spec = get_solver(cfg.teacher.solver)
+    return spec.nfe(spec.identity(cfg.teacher.order), cfg.teacher.steps)
 
 
 # -- the solver as a transition --------------------------------------------------------------------
