@@ -31,29 +31,21 @@ from stepopt.models import load_model, resolve_device
 from stepopt.optimizers import optimize
 from stepopt.optimizers.ays import AYSConfig, candidate_values, load_data
 from stepopt.optimizers.klub import KLUBEstimator
-from stepopt.sampling import sample_grid
 from stepopt.solvers import get_solver
-from stepopt.teacher import teacher_outputs
+from stepopt.teacher import GridValidator
 
 
-def full_run(
-    model: Any, solver: str, cfg: AYSConfig, device: torch.device, test: tuple[list[int], Any]
-) -> dict[str, Any]:
+def full_run(model: Any, solver: str, cfg: AYSConfig, device: torch.device, test: GridValidator) -> dict[str, Any]:
     ident = get_solver(solver).identity()
     t0, c0 = time.perf_counter(), time.process_time()
     s = optimize("ays", model, ident, 10, cfg, seed=0, device=device)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     rep = s.method.config["report"]
     level = rep["levels"][0]
-    seeds, y = test
-
-    def rmse(grid: Any) -> float:
-        out = sample_grid(model, ident, grid, seeds, device=device)
-        return float(((out.to(torch.float64) - y.to(out.device)) ** 2).mean().sqrt())
-
-    errs = {"ays": rmse(np.array(s.sigmas))}
+    test = test.with_solver(ident)
+    errs = {"ays": test.rmse(np.array(s.sigmas))}
     for kind in ("edm", "logsnr", "kl-optimal"):
-        errs[kind] = rmse(baseline_sigmas(kind, 10, model.sigma_max, model.sigma_min, model.frame))
+        errs[kind] = test.rmse(baseline_sigmas(kind, 10, model.sigma_max, model.sigma_min, model.frame))
     return {
         "solver": solver,
         "estimator": cfg.estimator,
@@ -118,8 +110,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     model = load_model("builtin:gmm-digits", device=device)
-    seeds = list(range(256))
-    _, y = teacher_outputs(model, seeds, device=device)
+    test = GridValidator(model, None, range(256), device=device)  # the exact ODE on the test noises (cached)
     result: dict[str, Any] = {
         "model": model.id,
         "load_average_at_start": list(os.getloadavg()),
@@ -130,14 +121,14 @@ def main() -> int:
         "runs": [],
     }
     for solver in args.solvers.split(","):
-        run = full_run(model, solver, AYSConfig(), device, (seeds, y))
+        run = full_run(model, solver, AYSConfig(), device, test)
         result["runs"].append(run)
         print(f"{solver}: {run['wall_s']:.1f} s wall, {run['cpu_s']:.1f} s CPU, kept sweep {run['sweep_kept']}")
         print(f"  test rmse vs exact ODE: {run['test_rmse_vs_exact_ode']}")
     result["ablation"] = ablation(model, device, args.ablation_samples, args.reps)
     print(f"ablation: {json.dumps(result['ablation'])}")
     if not args.skip_shared_run:
-        run = full_run(model, "euler", AYSConfig(estimator="shared", samples=1024), device, (seeds, y))
+        run = full_run(model, "euler", AYSConfig(estimator="shared", samples=1024), device, test)
         result["runs"].append(run)
         print(f"euler shared: {run['wall_s']:.1f} s, kept {run['sweep_kept']}, {run['test_rmse_vs_exact_ode']}")
     atomic_write_text(args.out, json.dumps(result, indent=1))

@@ -25,38 +25,31 @@ import torch
 from stepopt.baselines import baseline_sigmas
 from stepopt.models import load_model
 from stepopt.optimizers import optimize
-from stepopt.solvers import get_solver, solve
-from stepopt.teacher import teacher_outputs
+from stepopt.solvers import get_solver
+from stepopt.teacher import GridValidator
 
 BASELINES = ("edm", "logsnr", "time-uniform", "time-quadratic", "kl-optimal")
 
 
-def rmse(model: Any, ident: Any, sigmas: Any, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        out = solve(ident, model, x, torch.as_tensor(sigmas, dtype=torch.float64))
-    return float(((out.to(torch.float64) - y.to(torch.float64)) ** 2).mean().sqrt())
-
-
 def bench_optimizers(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model("builtin:gmm-digits")
-    x, y = teacher_outputs(model, range(args.n))
+    teacher = GridValidator(model, None, range(args.n))  # the exact ODE on seeds 0..n-1 (cached)
     rows = []
     for solver in args.solvers:
         ident = get_solver(solver).identity()
+        test = teacher.with_solver(ident)
         for nfe in args.nfe:
             row: dict[str, Any] = {"solver": solver, "nfe": nfe, "rmse": {}, "seconds": {}, "evals": {}}
             n = get_solver(solver).steps_for_nfe(ident, nfe)
             for b in BASELINES:
-                row["rmse"][b] = rmse(
-                    model, ident, baseline_sigmas(b, n, model.sigma_max, model.sigma_min, model.frame), x, y
-                )
+                row["rmse"][b] = test.rmse(baseline_sigmas(b, n, model.sigma_max, model.sigma_min, model.frame))
             for m in args.methods:
                 if m == "trust-region" and solver not in ("euler", "dpmpp-2m", "dpmpp-3m", "unipc"):
                     continue
                 t0 = time.perf_counter()
                 s = optimize(m, model, ident, nfe, seed=0)
                 row["seconds"][m] = round(time.perf_counter() - t0, 2)
-                row["rmse"][m] = rmse(model, ident, s.sigmas, x, y)
+                row["rmse"][m] = test.rmse(s.sigmas)
                 row["evals"][m] = (s.method.config.get("report") or {}).get("network_evals")
                 print(f"{solver} nfe {nfe} {m}: rmse {row['rmse'][m]:.4f} in {row['seconds'][m]} s", flush=True)
             rows.append(row)
@@ -68,7 +61,7 @@ def bench_pfdiff(args: argparse.Namespace) -> dict[str, Any]:
     out = []
     for mid in args.models:
         model = load_model(mid)
-        x, y = teacher_outputs(model, range(args.n))
+        test = GridValidator(model, None, range(args.n))  # the teacher's targets, computed once (cached)
         for nfe in args.nfe:
             for grid in ("logsnr", "time-quadratic"):
                 row: dict[str, Any] = {"model": mid, "nfe": nfe, "grid": grid, "rmse": {}}
@@ -81,7 +74,7 @@ def bench_pfdiff(args: argparse.Namespace) -> dict[str, Any]:
                             n = spec.steps_for_nfe(ident, nfe)
                             sig = baseline_sigmas(grid, n, model.sigma_max, model.sigma_min, model.frame)
                             key = name if v is None else f"{name}:{v}"
-                            row["rmse"][key] = rmse(model, ident, sig, x, y)
+                            row["rmse"][key] = test.with_solver(ident).rmse(sig)
                 out.append(row)
                 print(json.dumps(row), flush=True)
     return {"n": args.n, "rows": out}

@@ -7,30 +7,24 @@ line per row.
 """
 
 import json
-import math
 import sys
 import time
-
-import torch
 
 from stepopt import api
 from stepopt.build import baseline_schedule
 from stepopt.models import load_model
-from stepopt.sampling import unit_noise
-from stepopt.solvers import get_solver, solve
+from stepopt.solvers import get_solver
+from stepopt.teacher import GridValidator
 
 m = load_model("builtin:gmm-digits-flow")
-seeds = list(range(200))
-y = unit_noise(m.shape, seeds)
 t0 = time.time()
-xs = m.ode_solution(y, math.inf, 0.002)
-target = m(xs, torch.tensor(0.002, dtype=torch.float64))
-print(f"exact ODE for {len(seeds)} seeds: {time.time() - t0:.1f} s", flush=True)
+# The exact ODE from pure noise to sigma 0.002 (the model's sigma_min), denoised: final_step denoise.
+teacher = GridValidator(m, None, range(200), final_step="denoise", sigma_to=0.002)
+print(f"exact ODE for {len(teacher.seeds)} seeds: {time.time() - t0:.1f} s", flush=True)
 
 
 def rmse(s):
-    out = solve(s.solver, m, y, s.sigmas_tensor(), model_sigmas=s.model_sigmas_tensor(), final_step=s.final_step)
-    return float(((out - target) ** 2).mean().sqrt())
+    return teacher.with_solver(s.solver).rmse(s.sigmas, s.model_sigmas)
 
 
 optimizers = sys.argv[1].split(",") if len(sys.argv) > 1 else ["ld3"]

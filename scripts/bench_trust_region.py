@@ -33,8 +33,8 @@ from stepopt.baselines import baseline_sigmas
 from stepopt.models import load_model
 from stepopt.optimizers import optimize
 from stepopt.optimizers.trust_region import ErrorBound, Resolved, TrustRegionConfig, optimize_grid
-from stepopt.solvers import get_solver, solve
-from stepopt.teacher import teacher_outputs
+from stepopt.solvers import get_solver
+from stepopt.teacher import GridValidator
 
 BASELINES = ("logsnr", "edm", "time-uniform", "time-quadratic", "kl-optimal")
 
@@ -161,33 +161,27 @@ def bench_speed(model: Any, nfes: list[int], repeats: int) -> list[dict[str, Any
     return rows
 
 
-def rmse(model: Any, ident: Any, sigmas: Any, x_t: torch.Tensor, ref: torch.Tensor) -> float:
-    grid = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
-    with torch.no_grad():
-        x = solve(ident, model, x_t, grid)
-    return float(((x - ref) ** 2).mean().sqrt())
-
-
 def bench_error(model: Any, solvers: list[str], nfes: list[int], n: int, select: bool) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
-    x_t, ref = teacher_outputs(model, list(range(n)))
+    teacher = GridValidator(model, None, range(n))  # the exact ODE (cached on disk)
     print(f"\n== RMSE vs the exact ODE on gmm-digits, seeds 0..{n - 1} (teacher {time.perf_counter() - t0:.1f} s) ==")
     rows = []
     for name in solvers:
         ident = get_solver(name).identity()
+        test = teacher.with_solver(ident)
         cols = ["trust-region", *(["tr --select"] if select else []), *BASELINES]
         print(f"\n{name}: " + " ".join(f"{c:>14}" for c in ["NFE", *cols]))
         for nfe in nfes:
             sched = optimize("trust-region", model, ident, nfe)
-            errs = {"trust-region": rmse(model, ident, sched.sigmas, x_t, ref)}
+            errs = {"trust-region": test.rmse(sched.sigmas)}
             info: dict[str, Any] = {"resolved": sched.method.config["report"]["resolved"]}
             if select:
                 sel = optimize("trust-region", model, ident, nfe, TrustRegionConfig(select=True))
-                errs["tr --select"] = rmse(model, ident, sel.sigmas, x_t, ref)
+                errs["tr --select"] = test.rmse(sel.sigmas)
                 info["select_chosen"] = sel.method.config["report"]["select"]["chosen"]
             for kind in BASELINES:
                 sig = baseline_sigmas(kind, sched.n_steps, model.sigma_max, model.sigma_min, model.frame)
-                errs[kind] = rmse(model, ident, sig, x_t, ref)
+                errs[kind] = test.rmse(sig)
             best_base = min(errs[k] for k in BASELINES)
             row = {
                 "solver": name,

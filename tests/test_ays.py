@@ -36,10 +36,9 @@ from stepopt.optimizers.klub import (
     proposal_density,
     sample_proposal,
 )
-from stepopt.sampling import sample_grid
 from stepopt.schedule import Schedule
 from stepopt.solvers import get_solver, solve
-from stepopt.teacher import TeacherConfig, teacher_outputs
+from stepopt.teacher import GridValidator, TeacherConfig
 
 EULER = get_solver("euler").identity()
 TOL_SE = 4.0
@@ -402,15 +401,10 @@ def test_ays_beats_edm_and_logsnr_on_gmm_digits(gmm, solver, margin):
     (disjoint from the validation seeds 1000000... used for early stopping)."""
     ident = get_solver(solver).identity()
     s = optimize("ays", gmm, ident, 10, AYSConfig(), seed=0)
-    seeds = list(range(256))
-    _, y = teacher_outputs(gmm, seeds)
-
-    def rmse(grid):
-        return float(((sample_grid(gmm, ident, grid, seeds) - y) ** 2).mean().sqrt())
-
-    ays = rmse(np.array(s.sigmas))
-    edm = rmse(baseline_sigmas("edm", 10, gmm.sigma_max, gmm.sigma_min))
-    logsnr = rmse(baseline_sigmas("logsnr", 10, gmm.sigma_max, gmm.sigma_min))
+    test = GridValidator(gmm, ident, range(256))
+    ays = test.rmse(np.array(s.sigmas))
+    edm = test.rmse(baseline_sigmas("edm", 10, gmm.sigma_max, gmm.sigma_min))
+    logsnr = test.rmse(baseline_sigmas("logsnr", 10, gmm.sigma_max, gmm.sigma_min))
     assert ays < margin * min(edm, logsnr), (ays, edm, logsnr, s.method.objective)
     assert s.method.objective["sweep_kept"] >= 1
     assert s.method.objective["final"] < s.method.objective["initial"]

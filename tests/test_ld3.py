@@ -43,7 +43,7 @@ from stepopt.optimizers.ld3 import (
 from stepopt.optimizers.ld3.losses import l2_distance, load_lpips, make_distance
 from stepopt.schedule import Schedule
 from stepopt.solvers import get_solver, solve
-from stepopt.teacher import TeacherConfig, teacher_outputs
+from stepopt.teacher import GridValidator, TeacherConfig, teacher_outputs
 
 DPM3 = get_solver("dpmpp-3m").identity()
 UNIPC = get_solver("unipc").identity()
@@ -488,12 +488,7 @@ def test_ld3_beats_its_start_the_baselines_and_trust_region_on_held_out_noise(gm
     below every baseline and below trust-region.
     """
     s = optimize("ld3", gmm, DPM3, 5, Ld3Config(), seed=0)
-    x, y = teacher_outputs(gmm, list(range(1000)))
-
-    def rmse(sigmas: Any, model_sigmas: Any = None) -> float:
-        out = solve(DPM3, gmm, x, torch.as_tensor(sigmas, dtype=torch.float64), model_sigmas=model_sigmas)
-        return float((out - y).square().mean().sqrt())
-
+    rmse = GridValidator(gmm, DPM3, range(1000)).rmse
     e_ld3 = rmse(s.sigmas, s.model_sigmas_tensor())
     base = {k: rmse(baseline_sigmas(k, 5, 80.0, 0.002, gmm.frame)) for k in ("logsnr", "edm", "time-quadratic")}
     e_tr = rmse(optimize("trust-region", gmm, DPM3, 5).sigmas)

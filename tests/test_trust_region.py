@@ -11,7 +11,7 @@ Where the numbers come from:
 * NFE 5 and 6 minimizer: Powell (derivative free) on the objective in an unconstrained softmax-gap
   parameterization, from starts the optimizer never uses; the optimizer's starts must agree with
   each other and with Powell to 1e-6 in lam (the minimizer is unique there).
-* gmm-digits: the exact ODE solution (``teacher_outputs``) is the reference for the RMSE (slow).
+* gmm-digits: the exact ODE solution (``GridValidator``) is the reference for the RMSE (slow).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from stepopt.optimizers.trust_region import ErrorBound, Resolved, TrustRegionCon
 from stepopt.schedule import Schedule
 from stepopt.solvers import SolverIdentity, all_solvers, get_solver, solve
 from stepopt.solvers.linear import measured_step_weights, step_weights
-from stepopt.teacher import teacher_outputs
+from stepopt.teacher import GridValidator, teacher_outputs
 
 # EDM's range: lam from -log 80 to -log 0.002.
 LAM0, LAM1 = -math.log(80.0), -math.log(0.002)
@@ -495,8 +495,6 @@ def test_weights_option_changes_the_grid(gmm):
 def test_teacher_refine_beats_its_start_and_every_baseline_on_the_teacher(gmm):
     """teacher_refine starts from the best of the bound's grid and the baselines (teacher RMSE) and
     only lowers that RMSE; the report records every start candidate."""
-    from stepopt.teacher import GridValidator
-
     cfg = TrustRegionConfig(teacher_refine=True, teacher_refine_iters=15, select_n=8)
     sched = optimize("trust-region", gmm, UNIPC, 5, cfg)
     rep = sched.method.config["report"]["teacher_refine"]
@@ -520,12 +518,7 @@ def test_gmm_digits_unipc_teacher_refine_beats_every_baseline(gmm, variant):
     """unipc with teacher_refine (teacher noises 10000..10031), RMSE vs the exact ODE on held-out seeds
     0..249. Measured (this commit): see the README's UniPC table."""
     ident = get_solver("unipc").identity(variant=variant)
-    x_t, ref = teacher_outputs(gmm, list(range(250)))
-
-    def rmse(sigmas) -> float:
-        with torch.no_grad():
-            x = solve(ident, gmm, x_t, torch.as_tensor(np.asarray(sigmas, dtype=np.float64)))
-        return float(((x - ref) ** 2).mean().sqrt())
+    rmse = GridValidator(gmm, ident, range(250)).rmse
 
     for nfe in (5, 6, 8, 10):
         tr = rmse(optimize("trust-region", gmm, ident, nfe, TrustRegionConfig(teacher_refine=True)).sigmas)
@@ -541,13 +534,7 @@ def test_gmm_digits_beats_every_baseline(gmm, nfe, margin):
     Measured (this commit): NFE 5 0.0850 vs 0.0921 (time-quadratic, -7.8 %), NFE 6 0.0728 vs
     0.0778 (-6.4 %), NFE 8 0.0495 vs 0.0573 (-14 %), NFE 10 0.0296 vs 0.0431 (-31 %).
     """
-    x_t, ref = teacher_outputs(gmm, list(range(1000)))
-
-    def rmse(sigmas) -> float:
-        with torch.no_grad():
-            x = solve(DPM3, gmm, x_t, torch.as_tensor(np.asarray(sigmas, dtype=np.float64)))
-        return float(((x - ref) ** 2).mean().sqrt())
-
+    rmse = GridValidator(gmm, DPM3, range(1000)).rmse
     tr = rmse(optimize("trust-region", gmm, DPM3, nfe).sigmas)
     base = {k: rmse(baseline_sigmas(k, nfe, gmm.sigma_max, gmm.sigma_min, gmm.frame)) for k in BASELINES}
     assert tr < (1 - margin) * min(base.values()), (tr, base)

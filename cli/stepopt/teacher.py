@@ -233,16 +233,26 @@ class GridValidator:
         self.cond = cond_for_seeds(model, self.seeds)
         self.evals = 0
 
+    def _copy(self) -> GridValidator:
+        other = object.__new__(GridValidator)
+        other.__dict__.update(self.__dict__)
+        other.evals = 0
+        return other
+
     def subset(self, start: int, stop: int) -> GridValidator:
         """The same validator restricted to seeds ``start:stop`` (no teacher work)."""
-        sub = object.__new__(GridValidator)
-        sub.__dict__.update(self.__dict__)
+        sub = self._copy()
         n = len(self.seeds)
         sub.seeds = self.seeds[start:stop]
         sub.x_t, sub.targets = self.x_t[start:stop], self.targets[start:stop]
         sub.cond = slice_cond(self.cond, start, stop, n)
-        sub.evals = 0
         return sub
+
+    def with_solver(self, solver: SolverIdentity) -> GridValidator:
+        """The same seeds and targets, scoring grids of ``solver`` (no teacher work)."""
+        other = self._copy()
+        other.solver = solver
+        return other
 
     def describe(self) -> dict[str, Any]:
         """The settings a report records: the teacher, the sigma range and the target."""
