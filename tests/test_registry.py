@@ -10,7 +10,16 @@ import torch
 import stepopt.registry
 from stepopt.baselines import BASELINE_SPECS, BASELINES
 from stepopt.errors import StepoptError
-from stepopt.metrics import METRIC_NAMES, METRICS
+from stepopt.metrics import (
+    METRIC_KINDS,
+    METRIC_NAMES,
+    METRICS,
+    EvalContext,
+    MetricKind,
+    MetricRequest,
+    register_metric,
+    register_metric_kind,
+)
 from stepopt.models import (
     BUILTINS,
     LOADERS,
@@ -56,13 +65,14 @@ def test_registry_imports_its_modules_on_first_lookup() -> None:
 
 
 def test_every_extension_point_is_a_registry() -> None:
-    for reg in (SOLVERS, OPTIMIZERS, LOADERS, BUILTINS, METRICS, BASELINE_SPECS):
+    for reg in (SOLVERS, OPTIMIZERS, LOADERS, BUILTINS, METRICS, METRIC_KINDS, BASELINE_SPECS):
         assert isinstance(reg, Registry)
     assert solver_names() == SOLVERS.names() and "dpmpp-2m" in SOLVERS
     assert optimizer_names() == OPTIMIZERS.names() and {"ays", "ld3", "trust-region"} <= set(OPTIMIZERS.names())
     assert {"builtin", "edm", "diffusers", "python"} <= set(LOADERS.names())
     assert builtin_names() == [f"builtin:{n}" for n in BUILTINS.names()]
     assert METRIC_NAMES == tuple(METRICS.names()) and BASELINES == tuple(BASELINE_SPECS.names())
+    assert {m.kind for m in METRICS.values()} == set(METRIC_KINDS.names())  # every metric has its kind
     assert set(CODE_LOADERS) <= set(LOADERS.names())  # the loaders the trust check names exist
 
 
@@ -95,3 +105,51 @@ def test_a_registered_loader_receives_one_options_object() -> None:
     ]
     with pytest.raises(StepoptError, match="unknown model loader 'probe' in 'probe:x'; expected one of builtin"):
         load_model("probe:x")
+
+
+SEEN: list[str] = []
+
+
+class _MeanAbs:
+    """A metric kind for the test: the mean absolute sample; what it is asked is logged in SEEN."""
+
+    def __init__(self, requests: list[MetricRequest], ctx: EvalContext) -> None:
+        self.requests, self.n = requests, ctx.config.n
+        SEEN.append(f"setup {len(ctx.schedules)}")
+
+    def prepare(self) -> None:
+        SEEN.append("prepare")
+
+    def compute(self, schedule, samples):  # type: ignore[no-untyped-def]
+        SEEN.append(f"compute {schedule.nfe}")
+        return [(r.name, float(samples.abs().mean()), {"what": "mean |x|"}) for r in self.requests]
+
+
+def test_eval_computes_a_registered_metric_kind(tmp_path) -> None:
+    """``evaluate`` computes every metric through its kind's registry entry: a new kind is a new metric."""
+    from stepopt.build import baseline_schedule
+    from stepopt.evaluate import EvalConfig, evaluate
+    from stepopt.models import IsotropicGaussian
+    from stepopt.sampling import sample_schedule
+    from stepopt.solvers import get_solver
+
+    model = IsotropicGaussian(torch.zeros(1, 2, 2, dtype=torch.float64), c=0.5)
+    items = []
+    for nfe in (3, 2):
+        s = baseline_schedule("logsnr", model, get_solver("euler").identity(), nfe)
+        items.append((str(tmp_path / f"s{nfe}.yaml"), s))
+    register_metric(MetricRequest("mean-abs", "test-mean-abs"))
+    register_metric_kind(MetricKind("test-mean-abs", _MeanAbs))
+    try:
+        rows = evaluate(items, "mean-abs,ode-error", model, EvalConfig(n=4, cache=False))
+    finally:
+        METRICS.unregister("mean-abs")
+        METRIC_KINDS.unregister("test-mean-abs")
+    assert SEEN == ["setup 2", "prepare", "compute 2", "compute 3"]  # rows by NFE
+    assert [r.schedule.nfe for r in rows] == [2, 3]
+    for row in rows:
+        want = float(sample_schedule(model, row.schedule, range(4)).abs().mean())
+        assert list(row.metrics) == ["mean-abs", "ode-error"]  # in request order
+        assert row.metrics["mean-abs"] == want
+        assert row.settings["mean-abs"]["what"] == "mean |x|" and row.settings["mean-abs"]["n"] == 4
+    assert "mean-abs" not in METRICS and "test-mean-abs" not in METRIC_KINDS

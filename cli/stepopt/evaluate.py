@@ -2,7 +2,8 @@
 
 Every schedule in one evaluation belongs to the same model and is run on the same noise: sample
 ``i`` starts from seed ``seed + i`` (:func:`stepopt.sampling.initial_noise`), so rows differ only
-by their grid and solver, and no number depends on the batch size. Metrics (:mod:`stepopt.metrics`):
+by their grid and solver, and no number depends on the batch size. Metrics (:mod:`stepopt.metrics`,
+each computed by its kind's entry in ``METRIC_KINDS``):
 
 * ``ode-error``: against :func:`stepopt.teacher.teacher_outputs` from the same noise over the
   schedule's own sigma range (cached on disk); with ``final_step: denoise`` the target is the
@@ -31,26 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch_fidelity
 
 from stepopt import __version__, distributed
 from stepopt.errors import StepoptError
 from stepopt.io import atomic_write_text
-from stepopt.metrics import MetricRequest, parse_metrics
-from stepopt.metrics.exact import exact_moments, fd_exact
-from stepopt.metrics.fidelity import (
-    INCEPTION,
-    FidelityOptions,
-    check_request,
-    extractor_weights,
-    fidelity_metrics,
-    resolve_reference,
-    to_images,
-)
+from stepopt.metrics import INCEPTION_EXTRACTOR, METRIC_KINDS, EvalContext, MetricRequest, parse_metrics
+from stepopt.metrics.fidelity import FidelityOptions
 from stepopt.models.base import DiffusionModel
 from stepopt.sampling import NonFiniteError, sample_schedule
 from stepopt.schedule import Schedule
-from stepopt.teacher import GridValidator, TeacherConfig
+from stepopt.teacher import TeacherConfig
 
 Progress = Callable[[str, Mapping[str, Any]], None]
 TABLE_FORMATS = (".md", ".csv", ".json")
@@ -65,7 +56,7 @@ class EvalConfig:
     batch_size: int = 256
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     cache: bool = True
-    feature_extractor: str = INCEPTION
+    feature_extractor: str = INCEPTION_EXTRACTOR
     feature_weights: str | None = None
     reference: str | None = None
     fidelity: FidelityOptions = field(default_factory=FidelityOptions)
@@ -146,29 +137,6 @@ def generate(
         return sample_schedule(model, schedule, seeds, batch_size=batch_size, device=device)
 
 
-def ode_validator(
-    model: DiffusionModel,
-    schedule: Schedule,
-    config: EvalConfig,
-    device: torch.device,
-    progress: Callable[[int, int], None] | None = None,
-) -> GridValidator:
-    """The teacher's targets for this schedule's sigma range and final step (see the module docstring)."""
-    return GridValidator(
-        model,
-        None,
-        config.seeds,
-        config.teacher,
-        final_step=schedule.final_step,
-        sigma_from=schedule.sigmas[0],
-        sigma_to=schedule.sigmas[-1],
-        batch_size=config.batch_size,
-        device=device,
-        cache=config.cache,
-        progress=progress,
-    )
-
-
 def evaluate(
     items: Sequence[tuple[str, Schedule]],
     metrics: str | Sequence[str] | Sequence[MetricRequest],
@@ -178,7 +146,12 @@ def evaluate(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
 ) -> list[EvalRow]:
-    """Evaluate ``(path, schedule)`` pairs on ``model``; rows grouped by solver and NFE."""
+    """Evaluate ``(path, schedule)`` pairs on ``model``; rows grouped by solver and NFE.
+
+    Each requested metric is computed by its kind in :data:`stepopt.metrics.METRIC_KINDS`: every
+    kind's setup first (its refusals come before any sampling), then its shared work (the teacher),
+    then one computation per row; a row's metrics are in the kinds' order.
+    """
     cfg = config or EvalConfig()
     dev = torch.device(device) if device is not None else model.device
     reqs: list[MetricRequest]
@@ -194,48 +167,16 @@ def evaluate(
             f" but the loaded model has {model.fingerprint[:19]}…"
         )
 
-    if any(r.kind == "fd-exact" for r in reqs):
-        exact_moments(model)  # fail before any sampling when the model has no known moments
-    # torch-fidelity groups: extractor -> base metrics, with weights and reference resolved once.
-    groups: dict[str, list[MetricRequest]] = {}
-    for r in reqs:
-        if r.kind == "fidelity":
-            groups.setdefault(r.extractor or cfg.feature_extractor, []).append(r)
-    resolved: dict[str, tuple[FidelityOptions, Any, str]] = {}
-    for fe, rs in groups.items():
-        wpath, wfp = extractor_weights(fe, cfg.feature_weights if fe == cfg.feature_extractor else None)
-        ref = resolve_reference(cfg.reference, fe)
-        opts = cfg.fidelity.replace(
-            feature_extractor=fe,
-            feature_extractor_weights_path=wpath,
-            batch_size=cfg.batch_size,
-            cuda=dev.type == "cuda",
-            cache=cfg.cache,
-        )
-        check_request([r.base or "" for r in rs], ref, opts)  # fail before any sampling
-        resolved[fe] = (opts, ref, wfp)
-
     order = sorted(range(len(items)), key=lambda i: (items[i][1].solver.name, items[i][1].nfe, i))
+    ctx = EvalContext(model, cfg, dev, [items[i][1] for i in order], progress)
+    by_kind: dict[str, list[MetricRequest]] = {}
+    for r in reqs:
+        by_kind.setdefault(r.kind, []).append(r)
+    kinds = sorted((METRIC_KINDS.get(k) for k in by_kind), key=lambda k: k.stage)  # stable: request order
+    computers = [(kind, kind.setup(by_kind[kind.name], ctx)) for kind in kinds]
+    for _, computer in computers:
+        computer.prepare()
     rows: list[EvalRow] = []
-    validators: dict[tuple[float, float, str], GridValidator] = {}  # teacher per sigma range, shared by rows
-    if any(r.kind == "ode-error" for r in reqs):
-        # The teacher first, reported on its own (it can take longer than all the rows together and
-        # is not part of any row's time); one per sigma range and final step, shared by rows.
-        for i in order:
-            sched = items[i][1]
-            tkey = (sched.sigmas[0], sched.sigmas[-1], sched.final_step)
-            if tkey in validators:
-                continue
-            t0 = time.perf_counter()
-            info = {"sigma_from": tkey[0], "sigma_to": tkey[1], "n": cfg.n}
-
-            def report(done: int, total: int, info: dict[str, Any] = info) -> None:
-                if progress:
-                    progress("teacher", {**info, "done": done, "total": total})
-
-            validators[tkey] = ode_validator(model, sched, cfg, dev, progress=report)
-            if progress:
-                progress("teacher-done", {**info, "seconds": time.perf_counter() - t0})
     for k, i in enumerate(order):
         path, sched = items[i]
         if progress:
@@ -252,31 +193,14 @@ def evaluate(
             raise StepoptError(f"{path}: the schedule produced non-finite samples (NaN/inf)")
         t1 = time.perf_counter()
         common = {"n": cfg.n, "seed": cfg.seed}
-        for r in reqs:
-            if r.kind == "ode-error":
-                tkey = (sched.sigmas[0], sched.sigmas[-1], sched.final_step)
-                if tkey not in validators:
-                    validators[tkey] = ode_validator(model, sched, cfg, dev)
-                row.metrics[r.name] = validators[tkey].errors(samples)
-                row.settings[r.name] = {**common, **validators[tkey].describe()}
-            elif r.kind == "fd-exact":
-                sigma = 0.0 if sched.final_step == "denoise" else sched.sigmas[-1]
-                row.metrics[r.name] = fd_exact(samples, model, sigma)
-                row.settings[r.name] = {**common, "space": "pixels", "target_sigma": sigma}
-        # Under torchrun every rank holds all samples (sharded generation); torch-fidelity runs on
-        # rank 0 only, whose rows are the ones printed and written.
-        for fe, rs in groups.items() if distributed.is_main() else ():
-            opts, ref, wfp = resolved[fe]
-            values, used = fidelity_metrics(to_images(samples, fe), [r.base or "" for r in rs], ref, opts, wfp)
-            for r in rs:
-                row.metrics[r.name] = values[r.base or ""]
-                row.settings[r.name] = {
-                    **common,
-                    **used.settings(r.base or ""),
-                    "weights": wfp,
-                    "reference": None if ref is None else ref.describe(),
-                    "torch_fidelity": torch_fidelity.__version__,
-                }
+        for kind, computer in computers:
+            # Under torchrun every rank holds all samples (sharded generation); main-rank kinds
+            # (torch-fidelity) run on rank 0 only, whose rows are the ones printed and written.
+            if kind.main_rank_only and not distributed.is_main():
+                continue
+            for name, value, settings in computer.compute(sched, samples):
+                row.metrics[name] = value
+                row.settings[name] = {**common, **settings}
         row.seconds["metrics"] = time.perf_counter() - t1
         for st in row.settings.values():
             st["stepopt"] = __version__

@@ -1,5 +1,5 @@
 """One registry shape for every extension point: solvers, optimizers, model loaders, built-in models,
-metrics and baselines.
+metrics (and the kinds that compute them) and baselines.
 
 A :class:`Registry` maps a name (the CLI string) to an entry of one kind. Registering a name twice
 is a programming error (``ValueError``); looking up an unknown name is a user error

@@ -14,16 +14,30 @@ name            what                                                            
 ``*-digits``    ``fid-digits``, ``kid-digits``, ``isc-digits``, ``prc-digits``: the same,   fidelity
                 with the digits classifier ``stepopt-digits-cnn`` and the real digits
 ==============  ========================================================================  ===========
+
+A metric's ``kind`` names its entry in :data:`METRIC_KINDS` (one :class:`MetricKind` per kind,
+registered by the kind's module: ``ode-error`` in :mod:`.ode_error`, ``fd-exact`` in :mod:`.exact`,
+``fidelity`` in :mod:`.fidelity`), which is how ``stepopt eval`` computes it
+(:func:`stepopt.evaluate.evaluate`): each requested kind's ``setup`` runs before any sampling (and
+refuses what cannot be computed), its computer's ``prepare`` next (the teacher of ``ode-error``),
+then ``compute`` once per schedule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Protocol
 
 from stepopt.errors import StepoptError
 from stepopt.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from stepopt.evaluate import EvalConfig
+    from stepopt.models.base import DiffusionModel
+    from stepopt.schedule import Schedule
 
 ODE_ERROR = "ode-error"
 FD_EXACT = "fd-exact"
@@ -56,16 +70,59 @@ class MetricRequest:
     """
 
     name: str
-    kind: Literal["ode-error", "fd-exact", "fidelity"]
+    kind: str
     base: str | None = None
     extractor: str | None = None
 
 
+@dataclass
+class EvalContext:
+    """What a metric kind may use in one evaluation: the model, the evaluation's options, the
+    device, every schedule in row order and the progress callback."""
+
+    model: DiffusionModel
+    config: EvalConfig
+    device: torch.device
+    schedules: Sequence[Schedule]
+    progress: Callable[[str, Mapping[str, Any]], None] | None = None
+
+
+class MetricComputer(Protocol):
+    """One evaluation's computer of one kind's requested metrics."""
+
+    def prepare(self) -> None:
+        """Work shared by every row, after every kind's setup and before the first sample."""
+
+    def compute(self, schedule: Schedule, samples: torch.Tensor) -> list[tuple[str, Any, dict[str, Any]]]:
+        """``(metric name, value, settings)`` for each requested metric of one schedule's samples."""
+        ...
+
+
+@dataclass(frozen=True)
+class MetricKind:
+    """How one kind of metric is computed: ``setup(requests, context)`` checks the requests before
+    any sampling and returns the computer. Kinds run in ``stage`` order (then in the order of their
+    first request); ``main_rank_only`` kinds are computed on rank 0 only under ``torchrun``."""
+
+    name: str
+    setup: Callable[[Sequence[MetricRequest], EvalContext], MetricComputer]
+    stage: int = 0
+    main_rank_only: bool = False
+
+
 METRICS: Registry[MetricRequest] = Registry("metric")
+# The built-in kinds register when their modules are imported, on first lookup.
+METRIC_KINDS: Registry[MetricKind] = Registry(
+    "metric kind", modules=[f"stepopt.metrics.{m}" for m in ("ode_error", "exact", "fidelity")]
+)
 
 
 def register_metric(metric: MetricRequest) -> MetricRequest:
     return METRICS.register(metric.name, metric)
+
+
+def register_metric_kind(kind: MetricKind) -> MetricKind:
+    return METRIC_KINDS.register(kind.name, kind)
 
 
 register_metric(MetricRequest(ODE_ERROR, "ode-error"))
@@ -95,9 +152,14 @@ __all__ = [
     "INCEPTION_EXTRACTOR",
     "MANAGED_FIDELITY_OPTIONS",
     "METRICS",
+    "METRIC_KINDS",
     "METRIC_NAMES",
     "ODE_ERROR",
+    "EvalContext",
+    "MetricComputer",
+    "MetricKind",
     "MetricRequest",
     "parse_metrics",
     "register_metric",
+    "register_metric_kind",
 ]

@@ -12,15 +12,24 @@ the Gaussian with the samples' mean and covariance (unbiased, as ``np.cov``) and
 in pixel space (64 dimensions for the digits), in float64, with no feature extractor between
 the samples and the truth. It is zero only when the first two moments match; exact samples give
 a small positive value that shrinks like O(d / n) with the number of samples n.
+
+In ``stepopt eval`` (the ``fd-exact`` kind registered here) the target sigma is the schedule's
+last one, 0 after a final denoising step; a model without known moments is refused before any
+sampling.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from stepopt.errors import StepoptError
+from stepopt.metrics import EvalContext, MetricKind, MetricRequest, register_metric_kind
 from stepopt.models.base import DiffusionModel, IsotropicGaussian, PointMass
 from stepopt.models.gmm import GaussianMixture
+from stepopt.schedule import Schedule
 
 
 def _psd_sqrt(c: torch.Tensor) -> torch.Tensor:
@@ -70,3 +79,23 @@ def fd_exact(samples: torch.Tensor, model: DiffusionModel, sigma: float = 0.0) -
     c = c + float(sigma) ** 2 * torch.eye(c.shape[0], dtype=torch.float64)
     ms, cs = sample_moments(samples)
     return frechet_distance(ms, cs, m, c)
+
+
+class FdExactMetric:
+    """The ``fd-exact`` kind (checks at setup that the model's moments are known)."""
+
+    def __init__(self, requests: Sequence[MetricRequest], ctx: EvalContext) -> None:
+        self.requests = list(requests)
+        self.model = ctx.model
+        exact_moments(ctx.model)  # fail before any sampling when the model has no known moments
+
+    def prepare(self) -> None:
+        pass
+
+    def compute(self, schedule: Schedule, samples: torch.Tensor) -> list[tuple[str, Any, dict[str, Any]]]:
+        sigma = 0.0 if schedule.final_step == "denoise" else schedule.sigmas[-1]
+        value = fd_exact(samples, self.model, sigma)
+        return [(r.name, value, {"space": "pixels", "target_sigma": sigma}) for r in self.requests]
+
+
+register_metric_kind(MetricKind("fd-exact", FdExactMetric))

@@ -22,6 +22,10 @@ Image convention: torch-fidelity takes ``(B, C, H, W)`` images on the 0..255 sca
 [-1, 1] are mapped by ``(x + 1) * 127.5`` and clamped; Inception gets them rounded to ``uint8``
 with three channels (grey images repeated), which is what a PNG holds; the digits extractor gets
 the unrounded float64 values (see :mod:`stepopt.metrics.digits_features`).
+
+In ``stepopt eval`` (the ``fidelity`` kind registered here) the requests are grouped by feature
+extractor, each group's weights and reference resolved and checked before any sampling, and each
+schedule gets one ``calculate_metrics`` call per group, on rank 0 only under ``torchrun``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,15 @@ from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGIST
 
 from stepopt.cache import fidelity_cache_dir
 from stepopt.errors import StepoptError
-from stepopt.metrics import INCEPTION_EXTRACTOR, digits_features
+from stepopt.metrics import (
+    INCEPTION_EXTRACTOR,
+    EvalContext,
+    MetricKind,
+    MetricRequest,
+    digits_features,
+    register_metric_kind,
+)
+from stepopt.schedule import Schedule
 
 INCEPTION = INCEPTION_EXTRACTOR
 DIGITS = digits_features.EXTRACTOR_NAME
@@ -431,3 +443,48 @@ def fidelity_options_from(values: Mapping[str, Any]) -> FidelityOptions:
     if unknown:
         raise StepoptError(f"unknown torch-fidelity option '{unknown[0]}'; valid options: {', '.join(names)}")
     return FidelityOptions(**values)
+
+
+class FidelityMetric:
+    """The ``fidelity`` kind: requests grouped by feature extractor (``None``: the evaluation's
+    ``feature_extractor``), each group's options, reference and weights resolved once at setup."""
+
+    def __init__(self, requests: Sequence[MetricRequest], ctx: EvalContext) -> None:
+        cfg = ctx.config
+        self.groups: dict[str, list[MetricRequest]] = {}
+        for r in requests:
+            self.groups.setdefault(r.extractor or cfg.feature_extractor, []).append(r)
+        self.resolved: dict[str, tuple[FidelityOptions, Reference | None, str]] = {}
+        for fe, rs in self.groups.items():
+            wpath, wfp = extractor_weights(fe, cfg.feature_weights if fe == cfg.feature_extractor else None)
+            ref = resolve_reference(cfg.reference, fe)
+            opts = cfg.fidelity.replace(
+                feature_extractor=fe,
+                feature_extractor_weights_path=wpath,
+                batch_size=cfg.batch_size,
+                cuda=ctx.device.type == "cuda",
+                cache=cfg.cache,
+            )
+            check_request([r.base or "" for r in rs], ref, opts)  # fail before any sampling
+            self.resolved[fe] = (opts, ref, wfp)
+
+    def prepare(self) -> None:
+        pass
+
+    def compute(self, schedule: Schedule, samples: torch.Tensor) -> list[tuple[str, Any, dict[str, Any]]]:
+        out = []
+        for fe, rs in self.groups.items():
+            opts, ref, wfp = self.resolved[fe]
+            values, used = fidelity_metrics(to_images(samples, fe), [r.base or "" for r in rs], ref, opts, wfp)
+            for r in rs:
+                settings = {
+                    **used.settings(r.base or ""),
+                    "weights": wfp,
+                    "reference": None if ref is None else ref.describe(),
+                    "torch_fidelity": torch_fidelity.__version__,
+                }
+                out.append((r.name, values[r.base or ""], settings))
+        return out
+
+
+register_metric_kind(MetricKind("fidelity", FidelityMetric, stage=1, main_rank_only=True))
