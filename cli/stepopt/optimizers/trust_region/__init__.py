@@ -58,6 +58,33 @@ How stepopt solves it (the traps of the paper's procedure):
   discretization error, the paper's weights gave better or equal grids on gmm-digits for every
   one of these solvers at NFE 5-10 (much better for UniPC; README), so they are the default.
   Heun and iPNDM always use their exact weights (an extension).
+* from pure noise (``sigma_max = inf``: flow models, whose grids begin at ``lam_0 = -inf``). The
+  paper's bound has no finite limit there. Its error model is ``eps = sigma_t^p / alpha_t =
+  e^{-lam} sigma_t^{p-1}``, and the weight of D_0 in the first step, in the noise-scaled state
+  ``y = x / sigma`` against ``rho = e^lam`` that the solvers step from inf (``y_1 = y_0 + (rho_1 -
+  rho_0) D_0``), tends to ``rho_1``: the term ``eps_0 W[0, 0]`` grows like ``e^{lam_1 - lam_0}``,
+  and the minimizer sends every node towards -inf (the lam-uniform spacing the model prefers at
+  high noise has infinite gaps). The factor ``e^{-lam} = sigma_t / alpha_t`` is the
+  noise-prediction parametrization: ``D = (x_t - sigma_t eps_hat) / alpha_t`` turns an output error
+  delta into the data error ``(sigma_t / alpha_t) delta``, unbounded at ``alpha_t = 0``: a network
+  that predicts the noise cannot give D at pure noise at all. A model whose range includes pure
+  noise predicts the velocity (flow: ``D = x_t - t v``, ``v = eps - x0``), and the paper's
+  assumption on the network's output error (``delta ~ sigma_t^{p-1}``) then gives the data error
+  ``eps_v(lam) = t sigma_t^{p-1} = (1 - t) sigma_t^p / alpha_t`` with the flow time ``t = 1 / (1 +
+  e^lam)``: the paper's model times ``1 - t``, equal to it at low noise and finite at pure noise
+  (``eps_v(-inf) = 1``, ``d eps_v / d lam = 0`` there). The weights' limit
+  (``bound.from_noise_weights``): D_0 weighs ``rho_1`` in step 0 (the DDIM step from inf; UniPC's
+  exact weights: the trapezoid ``rho_1 (D_0 + D_1) / 2``) and nothing later (its Lagrange factor
+  vanishes), the later steps are the solver's own from ``lam_1``, as the solvers step. With both,
+  the bound from a finite ``lam_0 = -L`` (same N-step structure: single / root-sum-square / tail
+  terms) converges to the bound from ``-inf`` as L grows (tested), whose first term is the closed
+  form ``rho_1 = 1 / sigma_1``. A flow model's shift s enters the error model as its argument
+  ``sigma / s`` (SD3's resolution shift: a model shifted by s at sigma is the base model at sigma /
+  s). The first finite node stays at or below the model's largest finite training level (flow: 999
+  s), the counterpart of min_gap next to a finite start (above it the search wastes an evaluation
+  next to pure noise). Solvers that carry evaluations through earlier states (heun, ipndm, pfdiff)
+  have no derived limit and are refused. This is an extension of the paper (its models are VP
+  noise-prediction networks); the grids it gives on ``builtin:gmm-digits-flow`` are in the README.
 * teacher refinement (``teacher_refine: true``, an extension beyond the paper; module ``refine``): a
   model-free bound can lose to a baseline on a given model (UniPC on gmm-digits at NFE 6). This
   stage scores the bound's grid (or the selection's choice) and every baseline against the
@@ -81,11 +108,20 @@ from typing import Any
 
 import numpy as np
 
-from stepopt.baselines import BASELINES
+from stepopt.baselines import BASELINES, sigma_top
 from stepopt.errors import StepoptError
+from stepopt.frames import Flow
 from stepopt.models.base import DiffusionModel
 from stepopt.optimizers import OptimizeContext, OptimizeResult, OptimizerSpec, register
-from stepopt.optimizers.trust_region.bound import PAPER_WEIGHT_SOLVERS, ErrorBound, error_model, lagrange_weights
+from stepopt.optimizers.trust_region.bound import (
+    FROM_NOISE_SOLVERS,
+    PAPER_WEIGHT_SOLVERS,
+    ErrorBound,
+    WeightFn,
+    error_model,
+    from_noise_weights,
+    lagrange_weights,
+)
 from stepopt.optimizers.trust_region.config import INITS, OBJECTIVE_NAME, Tau, TrustRegionConfig
 from stepopt.optimizers.trust_region.refine import refine_grid
 from stepopt.optimizers.trust_region.search import (
@@ -98,7 +134,7 @@ from stepopt.optimizers.trust_region.search import (
 )
 from stepopt.solvers import SolverIdentity, get_solver
 from stepopt.solvers._common import step_order
-from stepopt.solvers.linear import has_linear_weights
+from stepopt.solvers.linear import has_linear_weights, step_weights
 
 __all__ = [
     "INITS",
@@ -128,7 +164,9 @@ def _is_latent(model: DiffusionModel) -> bool:
     return model.latent
 
 
-def solver_orders(identity: SolverIdentity, n_steps: int) -> tuple[list[int] | None, bool | None]:
+def solver_orders(
+    identity: SolverIdentity, n_steps: int, from_noise: bool = False
+) -> tuple[list[int] | None, bool | None]:
     """The step orders of a multistep solver with a lower-order policy (None otherwise), and that policy.
 
     The bound itself does not need them (it takes the solver's weights); they go into the report.
@@ -142,7 +180,7 @@ def solver_orders(identity: SolverIdentity, n_steps: int) -> tuple[list[int] | N
     if not spec.has_lower_order_final:
         return None, None
     lowered = identity.lower_order_final is not False
-    return [step_order(s, n_steps, identity.order, lowered) for s in range(n_steps)], lowered
+    return [step_order(s, n_steps, identity.order, lowered, from_noise) for s in range(n_steps)], lowered
 
 
 @dataclass(frozen=True)
@@ -177,6 +215,12 @@ def resolve(cfg: TrustRegionConfig, model: DiffusionModel, n_steps: int) -> Reso
     return Resolved(p, resolve_tau(cfg.tau, n_steps), init)
 
 
+def noise_scale(model: DiffusionModel) -> float:
+    """The scale at which a pure-noise model's error model is evaluated: its flow shift (1 otherwise)."""
+    frame = model.frame
+    return float(frame.shift) if isinstance(frame, Flow) else 1.0
+
+
 def optimize_grid(
     model: DiffusionModel,
     identity: SolverIdentity,
@@ -199,8 +243,31 @@ def optimize_grid(
             f"min_gap {cfg.min_gap} is too large for {n_steps} steps over lam in [{lam_start:.4g}, {lam_end:.4g}]; "
             f"use `min_gap=X` with X < {(lam_end - lam_start) / n_steps:.4g}"
         )
-    weight_fn = lagrange_weights if cfg.weights == "paper" and identity.name in PAPER_WEIGHT_SOLVERS else None
-    bound = ErrorBound(identity, n_steps, lam_start, lam_end, resolved.p, resolved.tau_steps(n_steps), weight_fn)
+    paper = cfg.weights == "paper" and identity.name in PAPER_WEIGHT_SOLVERS
+    weight_fn: WeightFn | None = lagrange_weights if paper else None
+    error = "noise"
+    if math.isinf(lam_start):
+        # From pure noise: the weights' limit and the velocity error model (module docstring).
+        if identity.name not in FROM_NOISE_SOLVERS:
+            raise StepoptError(
+                f"trust-region from pure noise (sigma_max = inf) supports {', '.join(FROM_NOISE_SOLVERS)}; "
+                f"solver '{identity.name}' carries its evaluations through earlier states, whose limit is not "
+                "derived; use the optimizer ld3, gits or oss"
+            )
+        weight_fn = from_noise_weights(weight_fn or step_weights, trapezoid=identity.name == "unipc" and not paper)
+        error = "velocity"
+    bound = ErrorBound(
+        identity,
+        n_steps,
+        lam_start,
+        lam_end,
+        resolved.p,
+        resolved.tau_steps(n_steps),
+        weight_fn,
+        error,
+        noise_scale(model) if error == "velocity" else 1.0,
+        -math.log(sigma_top(model.frame)) if math.isinf(lam_start) else -math.inf,
+    )
     if n_steps == 1:
         lam = np.array([lam_start, lam_end])
         v = bound.value(np.empty(0))
@@ -228,15 +295,11 @@ def _objective(sol: Solution, bound: ErrorBound, resolved: Resolved) -> dict[str
 def run(ctx: OptimizeContext, cfg: TrustRegionConfig) -> OptimizeResult:
     """Optimize the grid for ``ctx`` (N = ctx.n_steps: the solver's NFE rule, N = NFE for multistep)."""
     n = ctx.n_steps
-    if math.isinf(ctx.model.sigma_max):
-        # The paper's error model sigma^p / alpha per evaluation grows without bound at lam = -inf, so the
-        # bound has no finite limit for a grid from pure noise; a new error model would be needed there.
-        raise StepoptError(
-            f"trust-region: {ctx.model.id} starts from pure noise (sigma_max = inf), where the paper's error "
-            "bound has no finite limit; use -O ld3, gits or oss, or a baseline such as flow-default"
-        )
-    orders, lowered = solver_orders(ctx.solver, n)
+    from_noise = math.isinf(ctx.model.sigma_max)
+    orders, lowered = solver_orders(ctx.solver, n, from_noise)
     report: dict[str, Any] = {"orders": orders, "lower_order_final": lowered}
+    if from_noise:
+        report["error_model"] = {"kind": "velocity", "noise_scale": noise_scale(ctx.model)}
     note = None
     if orders is None:
         note = (

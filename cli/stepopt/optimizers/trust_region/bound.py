@@ -16,6 +16,10 @@ paper's Lagrange integrals; every other solver (the reference 3M, 2M, UniPC with
 iPNDM, Heun) gets its own exact weights (for Heun and iPNDM an extension: their steps also carry
 earlier evaluations through earlier states).
 
+From pure noise (``lam_0 = -inf``) the error model is the velocity network's ``t sigma_t^(p-1)``
+and the weights are their limit (:func:`from_noise_weights`; the derivation is in the docstring of
+:mod:`stepopt.optimizers.trust_region`).
+
 Derivatives w.r.t. the grid: the weights by complex-step differentiation (one batched run of the
 weight function on ``lam + i 1e-30 e_k`` for every interior node k: exact to rounding, since the
 weights are analytic in lam), the error model in closed form (``d eps/d lam = -eps (p alpha_t^2 +
@@ -77,14 +81,74 @@ def lagrange_weights(identity: SolverIdentity, lam: np.ndarray) -> tuple[np.ndar
     return w, np.arange(n)
 
 
-def error_model(lam: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
-    """``eps = sigma_t^p / alpha_t`` (VP notation) and ``d eps / d lam = -eps (p alpha_t^2 + sigma_t^2)``."""
+# The two error models: a network that predicts the noise (the paper's) or the flow velocity.
+ERROR_MODELS = ("noise", "velocity")
+
+
+def error_model(lam: np.ndarray, p: float, kind: str = "noise") -> tuple[np.ndarray, np.ndarray]:
+    """The data-prediction error per node and its derivative in lam.
+
+    ``noise`` (the paper's): ``eps = sigma_t^p / alpha_t`` (VP notation), ``d eps / d lam =
+    -eps (p alpha_t^2 + sigma_t^2)``. ``velocity`` (models from pure noise, module docstring):
+    ``eps = t sigma_t^(p-1)`` with the flow time ``t = 1 / (1 + e^lam)``, i.e. the paper's times
+    ``1 - t``; ``d eps / d lam = eps (t - 1 - (p - 1) alpha_t^2)``; finite at ``lam = -inf`` (eps 1,
+    derivative 0).
+    """
     lam = np.asarray(lam, dtype=np.float64)
+    alpha2 = 0.5 * (1.0 + np.tanh(lam))  # alpha_t^2 = 1 / (1 + e^{-2 lam})
+    if kind == "velocity":
+        # log sigma_t = -log(1 + e^{2 lam}) / 2, log t = -log(1 + e^lam) (stable forms, exact at -inf).
+        eps = np.exp(-0.5 * (p - 1.0) * np.logaddexp(0.0, 2 * lam) - np.logaddexp(0.0, lam))
+        t = 0.5 * (1.0 - np.tanh(0.5 * lam))  # 1 / (1 + e^lam)
+        return eps, eps * (t - 1.0 - (p - 1.0) * alpha2)
+    if kind != "noise":
+        raise ValueError(f"error model must be one of {', '.join(ERROR_MODELS)}, got {kind!r}")
     # log alpha_t = -log(1 + e^{-2 lam}) / 2, log sigma_t = -log(1 + e^{2 lam}) / 2 (stable forms).
     log_eps = -0.5 * p * np.logaddexp(0.0, 2 * lam) + 0.5 * np.logaddexp(0.0, -2 * lam)
     eps = np.exp(log_eps)
-    alpha2 = 0.5 * (1.0 + np.tanh(lam))  # alpha_t^2 = 1 / (1 + e^{-2 lam})
     return eps, -eps * (p * alpha2 + (1.0 - alpha2))
+
+
+# Solvers whose weights have the pure-noise limit below (one evaluation per node, state y only).
+FROM_NOISE_SOLVERS = ("euler", "dpmpp-2m", "dpmpp-3m", "unipc")
+
+
+def from_noise_weights(weight_fn: WeightFn, trapezoid: bool) -> WeightFn:
+    """The limit ``lam_0 -> -inf`` of ``weight_fn`` for a grid that begins at ``lam_0 = -inf``.
+
+    Step 0 (from pure noise, in the noise-scaled state ``y = x / sigma``, ``rho = e^lam``) moves y
+    by ``rho_1 D_0`` (DDIM) or, for a solver whose first step corrects (``trapezoid``: unipc's exact
+    weights), by ``rho_1 (D_0 + D_1) / 2``; steps 1.. are ``weight_fn`` on ``lam[1:]`` (N-1 steps, as
+    if the solver started there), their evaluation e at node e + 1. That is the limit of every
+    multistep exponential integrator's weights: a Lagrange basis polynomial through a node at
+    ``-inf`` vanishes on finite lam and the others lose that factor, so D_0 enters no later step
+    (README: Conventions; the solvers step the same way). Nothing touches ``lam_0``, so complex-step
+    derivatives w.r.t. the finite nodes stay exact. Grids with a finite ``lam_0`` get ``weight_fn``
+    itself.
+    """
+
+    def weights(identity: SolverIdentity, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        start = np.isneginf(np.real(lam[:, 0]))
+        if not start.any():
+            return weight_fn(identity, lam)  # a finite start: the weights themselves
+        if not start.all():
+            raise ValueError("a batch of grids must all begin at lam = -inf or all be finite")
+        b, n = lam.shape[0], lam.shape[1] - 1
+        rho1 = np.exp(lam[:, 1])
+        if n == 1:
+            w = rho1.reshape(b, 1, 1).astype(lam.dtype)
+            return w, np.array([0])
+        sub, sub_nodes = weight_fn(identity, lam[:, 1:])
+        m = 1 + sub.shape[2]
+        w = np.zeros((b, n, m), dtype=np.result_type(lam.dtype, sub.dtype))
+        if trapezoid:
+            w[:, 0, 0] = w[:, 0, 1] = 0.5 * rho1
+        else:
+            w[:, 0, 0] = rho1
+        w[:, 1:, 1:] = sub
+        return w, np.concatenate(([0], np.asarray(sub_nodes) + 1))
+
+    return weights
 
 
 class ErrorBound:
@@ -104,13 +168,28 @@ class ErrorBound:
         p: float,
         tau: int,
         weight_fn: WeightFn | None = None,
+        error: str = "noise",
+        noise_scale: float = 1.0,
+        lam_floor: float = -math.inf,
     ) -> None:
         self.identity = identity
         self._weight_fn: WeightFn = weight_fn or step_weights
         self.lam_start, self.lam_end = float(lam_start), float(lam_end)
         self.p, self.tau = float(p), int(tau)
-        # Which evaluations each step uses: read off the weights on the uniform grid.
-        w, nodes = self._weight_fn(identity, np.linspace(self.lam_start, self.lam_end, n_steps + 1)[None])
+        self.error = error
+        # The error model is evaluated at sigma / noise_scale (lam + log noise_scale): a flow model's shift.
+        self.noise_scale = float(noise_scale)
+        self.lam_offset = math.log(self.noise_scale)
+        # From pure noise: the lowest lam_1 the search may take (the model's largest finite level).
+        self.lam_floor = float(lam_floor)
+        # Which evaluations each step uses: read off the weights on a uniform grid (from pure noise, a
+        # finite one with unit gaps: the bound's structure is the paper's for N steps, and its value
+        # from lam_0 = -inf is the limit of the finite-lam_0 bound).
+        if self.from_noise:
+            probe = self.lam_end - np.arange(n_steps + 1)[::-1].astype(np.float64)
+        else:
+            probe = np.linspace(self.lam_start, self.lam_end, n_steps + 1)
+        w, nodes = self._weight_fn(identity, probe[None])
         used = w[0] != 0
         s = np.arange(n_steps)
         self.used = used
@@ -126,6 +205,11 @@ class ErrorBound:
         return len(self.single)
 
     @property
+    def from_noise(self) -> bool:
+        """The grid begins at pure noise, ``lam_0 = -inf``."""
+        return self.lam_start == -math.inf
+
+    @property
     def smooth(self) -> bool:
         """True when no evaluation is weighed by two tail steps (no cancellation, no kinks)."""
         return bool((self.used & self.tail[:, None]).sum(axis=0).max(initial=0) <= 1)
@@ -139,7 +223,7 @@ class ErrorBound:
 
     def terms(self, lam: np.ndarray) -> np.ndarray:
         """T[s, e] = eps(lam of evaluation e) W[s, e]."""
-        eps, _ = error_model(lam, self.p)
+        eps, _ = error_model(lam + self.lam_offset, self.p, self.error)
         return self.weights(lam) * eps[self.nodes]
 
     def tail_sums(self, lam: np.ndarray) -> np.ndarray:
@@ -172,7 +256,7 @@ class ErrorBound:
             w, dw = wc[0].real, wc.imag / _CSTEP  # dw[k]: dW / d lam_{k+1}
         else:
             w, dw = self.weights(lam), None
-        eps_n, deps_n = error_model(lam, self.p)
+        eps_n, deps_n = error_model(lam + self.lam_offset, self.p, self.error)
         eps = eps_n[self.nodes]
         t = w * eps
         # One-evaluation steps: |T|; steps s < tau: root of the sum of squares; the others: per-evaluation sums.
@@ -204,4 +288,6 @@ class ErrorBound:
         return {
             "evaluations_per_step": [int(k) for k in self.used.sum(axis=1)],
             "tau": self.tau,
+            "error_model": self.error,
+            "noise_scale": self.noise_scale,
         }

@@ -9,7 +9,8 @@ minimize that RMSE, by L-BFGS (strong Wolfe line search) with the gradient backp
 the solver (and through the network's time: :meth:`~stepopt.models.base.DiffusionModel.differentiable_time`).
 
 Parameterization: the N gaps of the fixed interval ``[lam_start, lam_end]`` as a softmax of N free
-numbers, so every iterate is an increasing grid with the model's endpoints; a gap below
+numbers, so every iterate is an increasing grid with the model's endpoints (from pure noise,
+``lam_start = -inf``: the N-1 finite gaps as exponentials, lam_1 free); a gap below
 ``min_gap`` is never produced by the start and rarely approached. The result replaces the start
 only when its teacher RMSE is lower (so it is never worse than the bound's minimizer or a
 baseline on those noises). The teacher noises are the selection's (``select_n`` seeds from
@@ -32,9 +33,20 @@ torch = lazy_module("torch")
 
 
 def _lam_of(z: Any, lam_start: float, lam_end: float) -> Any:
+    if lam_start == -math.inf:
+        # From pure noise: z are the logs of the N-1 finite gaps, lam_1 = lam_end - their sum.
+        back = torch.flip(torch.cumsum(torch.flip(torch.exp(z), [0]), 0), [0])
+        finite = torch.cat([lam_end - back, torch.full((1,), lam_end, dtype=z.dtype)])
+        return torch.cat([torch.full((1,), -math.inf, dtype=z.dtype), finite])
     g = torch.softmax(z, 0)
     frac = torch.cat([torch.zeros(1, dtype=z.dtype), torch.cumsum(g, 0)])
     return lam_start + frac * (lam_end - lam_start)
+
+
+def _z_of(lam: np.ndarray) -> Any:
+    """The free parameters of :func:`_lam_of` for an increasing grid ``lam``."""
+    gaps = np.diff(lam[1:]) if lam[0] == -math.inf else np.diff(lam)
+    return torch.log(torch.as_tensor(gaps))
 
 
 def refine_grid(validator: Any, lam0: np.ndarray, maxiter: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -73,7 +85,17 @@ def refine_grid(validator: Any, lam0: np.ndarray, maxiter: int) -> tuple[np.ndar
             total += float(part.detach())
         return total
 
-    z = torch.log(torch.as_tensor(np.diff(lam0))).clone().requires_grad_(True)
+    z = _z_of(lam0).clone().requires_grad_(True)
+    if z.numel() == 0:  # one step from pure noise: nothing to move
+        rmse = math.sqrt(run_loss(z.detach(), False))
+        return lam0.copy(), {
+            "rmse_start": rmse,
+            "rmse": rmse,
+            "accepted": False,
+            "iterations": 0,
+            "evals": 0,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
     start_loss = run_loss(z.detach(), False)
     opt = torch.optim.LBFGS(
         [z],
@@ -93,7 +115,7 @@ def refine_grid(validator: Any, lam0: np.ndarray, maxiter: int) -> tuple[np.ndar
     with torch.no_grad():
         lam = _lam_of(z.detach(), lam_start, lam_end).cpu().numpy()
     lam[0], lam[-1] = lam_start, lam_end
-    loss = run_loss(torch.as_tensor(np.log(np.diff(lam))), False) if np.all(np.diff(lam) > 0) else math.inf
+    loss = run_loss(_z_of(lam), False) if np.all(np.diff(lam) > 0) else math.inf
     better = math.isfinite(loss) and loss < start_loss
     report = {
         "rmse_start": math.sqrt(start_loss),

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import BFGS, LinearConstraint, minimize
 
-from stepopt.baselines import start_sigmas
+from stepopt.baselines import sigma_top, start_sigmas
 from stepopt.errors import StepoptError
 from stepopt.models.base import DiffusionModel
 from stepopt.optimizers.trust_region.bound import ErrorBound
@@ -26,8 +26,15 @@ PROGRESS_SECONDS = 5.0
 # Solving: linear constraint, starts, multistart.
 
 
-def monotone_constraint(n_steps: int, lam_start: float, lam_end: float, min_gap: float) -> LinearConstraint:
-    """``lam_{i+1} - lam_i >= min_gap`` for i = 0..N-1, as a constraint on the N-1 interior lam's."""
+def monotone_constraint(
+    n_steps: int, lam_start: float, lam_end: float, min_gap: float, lam_floor: float = -math.inf
+) -> LinearConstraint:
+    """``lam_{i+1} - lam_i >= min_gap`` for i = 0..N-1, as a constraint on the N-1 interior lam's.
+
+    From pure noise (``lam_start = -inf``) the first gap is infinite whatever lam_1 is; row 0 is
+    then ``lam_1 >= lam_floor`` (the model's largest finite noise level: a node above it would be
+    an evaluation wasted next to pure noise, as min_gap keeps nodes off a finite start).
+    """
     # Row i is lam_{i+1} - lam_i; the variables are x_j = lam_{j+1}, j = 0..N-2.
     a = np.zeros((n_steps, n_steps - 1))
     idx = np.arange(n_steps - 1)
@@ -36,12 +43,24 @@ def monotone_constraint(n_steps: int, lam_start: float, lam_end: float, min_gap:
     lb = np.full(n_steps, float(min_gap))
     lb[0] += lam_start  # lam_1 >= lam_0 + gap
     lb[-1] -= lam_end  # -lam_{N-1} >= gap - lam_N
+    if lam_start == -math.inf:
+        lb[0] = lam_floor
+        keep = slice(None) if math.isfinite(lam_floor) else slice(1, None)
+        return LinearConstraint(a[keep], lb[keep], np.full(n_steps, np.inf)[keep])
     return LinearConstraint(a, lb, np.full(n_steps, np.inf))
 
 
 def project_gaps(lam: np.ndarray, min_gap: float) -> np.ndarray:
-    """The grid with every gap at least ``min_gap``: excess gaps shrink proportionally, endpoints kept."""
+    """The grid with every gap at least ``min_gap``: excess gaps shrink proportionally, endpoints kept.
+
+    A grid from pure noise (``lam[0] = -inf``, an infinite first gap) keeps ``-inf`` and projects
+    ``lam[1:]``, lowering ``lam[1]`` first if the finite part is too short for its gaps.
+    """
     lam = np.asarray(lam, dtype=np.float64)
+    if lam[0] == -math.inf and len(lam) > 2:
+        rest = lam[1:].copy()
+        rest[0] = min(rest[0], rest[-1] - (len(rest) - 1) * min_gap * (1 + 1e-9))
+        return np.concatenate(([-math.inf], project_gaps(rest, min_gap)))
     gaps = np.diff(lam)
     total = lam[-1] - lam[0]
     if np.all(gaps >= min_gap):
@@ -136,7 +155,7 @@ def minimize_bound(
             log(f"trust-region: {message} ({now - t_start:.0f} s)")
 
     n = bound.n_steps
-    constraint = monotone_constraint(n, bound.lam_start, bound.lam_end, cfg.min_gap)
+    constraint = monotone_constraint(n, bound.lam_start, bound.lam_end, cfg.min_gap, bound.lam_floor)
     first = next(iter(starts.values()))
     initial = bound.value(project_gaps(first, cfg.min_gap)[1:-1])
 
@@ -253,9 +272,12 @@ def make_starts(
     if n_steps >= 2 and cfg.perturbed_starts and cfg.perturb > 0:
         rng = np.random.default_rng(seed)
         base = starts[init]
-        gap = (base[-1] - base[0]) / n_steps
+        # The mean gap (from pure noise: of the finite nodes lam_1..lam_N).
+        gap = (base[-1] - base[1]) / (n_steps - 1) if base[0] == -math.inf else (base[-1] - base[0]) / n_steps
         for i in range(cfg.perturbed_starts):
             lam = base.copy()
             lam[1:-1] = np.sort(base[1:-1] + cfg.perturb * gap * rng.standard_normal(n_steps - 1))
-            starts[f"{init}+perturbed{i}"] = project_gaps(np.clip(lam, base[0], base[-1]), cfg.min_gap)
+            low = base[0] if math.isfinite(base[0]) else -math.log(sigma_top(model.frame))
+            lam[1:] = np.clip(lam[1:], low, base[-1])
+            starts[f"{init}+perturbed{i}"] = project_gaps(lam, cfg.min_gap)
     return starts
