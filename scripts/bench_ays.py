@@ -9,7 +9,15 @@
    and the efficiency variance x evaluations (lower is better).
 3. A full run with ``estimator: shared`` on a similar evaluation budget per sweep (1024 samples).
 
-Writes JSON to ``out/bench_ays.json``. Run: ``OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_ays.py``.
+``--table`` instead writes the README's AYS table: for each solver and NFE, the error against the
+exact ODE on test noises 0..``--test-n``-1 (disjoint from AYS's stopping seeds 1000000... and its
+held-out seeds 2000000...) of every baseline, of ``ays`` with its defaults (start: the best baseline
+on the stopping measure; direct search of step counts outside the hierarchy) and, with
+``--paper``, of the paper's setting (``init=auto``: EDM start, ``direct=false``), with what each run
+chose, its own held-out ``stop_final`` and its wall time.
+
+Writes JSON to ``out/bench_ays.json``. Run: ``OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_ays.py``
+(``--table --solvers euler,dpmpp-3m --nfe 5,6,8,10 --paper`` for the table).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stepopt.baselines import baseline_sigmas
+from stepopt.baselines import BASELINES, baseline_sigmas
 from stepopt.io import atomic_write_text
 from stepopt.models import load_model, resolve_device
 from stepopt.optimizers import optimize
@@ -63,6 +71,46 @@ def full_run(model: Any, solver: str, cfg: AYSConfig, device: torch.device, test
         "sigmas": list(s.sigmas),
         "test_rmse_vs_exact_ode": errs,
     }
+
+
+def table(model: Any, solvers: list[str], nfes: list[int], paper: bool, test: GridValidator) -> list[dict[str, Any]]:
+    """One row per (solver, NFE): test RMSE of every baseline and of ays (defaults; the paper's setting)."""
+    configs = {"ays": AYSConfig()}
+    if paper:
+        configs["ays-paper"] = AYSConfig(init="auto", direct=False)
+    rows = []
+    for solver in solvers:
+        ident = get_solver(solver).identity()
+        scorer = test.with_solver(ident)
+        for nfe in nfes:
+            row: dict[str, Any] = {"solver": solver, "nfe": nfe}
+            for kind in BASELINES:
+                row[kind] = scorer.rmse(baseline_sigmas(kind, nfe, model.sigma_max, model.sigma_min, model.frame))
+            for name, cfg in configs.items():
+                t0 = time.perf_counter()
+                s = optimize("ays", model, ident, nfe, cfg, seed=0)
+                obj, rep = s.method.objective, s.method.config["report"]
+                row[name] = scorer.rmse(np.array(s.sigmas))
+                row[name + "_run"] = {
+                    "wall_s": round(time.perf_counter() - t0, 1),
+                    "init": rep["init"],
+                    "plan": rep["plan"],
+                    "chosen": obj["chosen"],
+                    "kept_start": obj["kept_start"],
+                    "stop_final_holdout": obj["stop_final"],
+                    "selection_final": obj["selection_final"],
+                    "candidates": {
+                        k: {m: v[m] for m in ("selection_rmse", "holdout_rmse")} for k, v in rep["candidates"].items()
+                    },
+                    "sigmas": list(s.sigmas),
+                }
+            rows.append(row)
+            cells = " | ".join(f"{row[k]:.4f}" for k in (*BASELINES, *configs))
+            print(f"| {solver} {nfe} | {cells} |", flush=True)
+            for name in configs:
+                r = row[name + "_run"]
+                print(f"  {name}: init {r['init']}, chosen {r['chosen']}, {r['plan']}, {r['wall_s']} s", flush=True)
+    return rows
 
 
 def ablation(model: Any, device: torch.device, samples: int, reps: int) -> dict[str, Any]:
@@ -106,18 +154,28 @@ def main() -> int:
     ap.add_argument("--ablation-samples", type=int, default=256)
     ap.add_argument("--skip-shared-run", action="store_true")
     ap.add_argument("--solvers", default="euler,dpmpp-2m")
+    ap.add_argument("--table", action="store_true", help="the README table instead of the timing runs")
+    ap.add_argument("--nfe", default="5,6,8,10", help="NFEs of --table")
+    ap.add_argument("--paper", action="store_true", help="--table: also the paper's setting (edm start, no direct)")
+    ap.add_argument("--test-n", type=int, default=256, help="test noises 0..N-1")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     model = load_model("builtin:gmm-digits", device=device)
-    test = GridValidator(model, None, range(256), device=device)  # the exact ODE on the test noises (cached)
+    test = GridValidator(model, None, range(args.test_n), device=device)  # the exact ODE on the test noises (cached)
+    if args.table:
+        rows = table(model, args.solvers.split(","), [int(v) for v in args.nfe.split(",")], args.paper, test)
+        out = {"model": model.id, "test_seeds": f"0..{args.test_n - 1}", "rows": rows}
+        atomic_write_text(args.out, json.dumps(out, indent=1))
+        print(f"wrote {args.out}")
+        return 0
     result: dict[str, Any] = {
         "model": model.id,
         "load_average_at_start": list(os.getloadavg()),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
-        "test_seeds": "0..255",
+        "test_seeds": f"0..{args.test_n - 1}",
         "runs": [],
     }
     for solver in args.solvers.split(","):

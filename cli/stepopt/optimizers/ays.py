@@ -8,20 +8,34 @@ interior sigmas of the grid by the paper's iterative coordinate search (Sec. 3.3
   the current value (so the estimate never rises); the one with the smallest estimate of the two
   adjacent KLUB terms is kept. All candidates of a point share their random numbers.
 * **Sweeps.** Odd indices are updated together (their terms do not overlap), then even ones;
-  that is one sweep. Init: EDM rho = 7 for continuous models, uniform native time for discrete
-  (``vp-discrete``) ones. Fresh random numbers every sweep.
+  that is one sweep. Fresh random numbers every sweep.
+* **Start** (``init``). ``best`` (the default, an extension): every closed-form and hand-crafted
+  grid of the baselines registry (edm, logsnr, time-uniform, time-quadratic, kl-optimal) is scored
+  on the stopping measure and the best one is the start; the report's ``start_candidates`` holds
+  every score and ``init`` the winner. The paper's start is ``auto``: EDM rho = 7 for continuous
+  models, uniform native time for discrete (``vp-discrete``) ones; any baseline can be named.
 * **Early stopping** (the KLUB minimiser is not the KL minimiser; run to convergence the grid
   degenerates: one giant jump from sigma_max, steps piled near sigma_min). After every sweep the
   grid is scored by the real quality measure of the *target* solver: RMSE (over all elements)
   between its output and the teacher's (:class:`stepopt.teacher.GridValidator`: the exact ODE for
-  analytic models) on ``val_noises`` fixed validation noises (seeds ``val_seed ...``, kept apart
-  from ``stepopt eval``'s seeds 0, 1, ...). The best sweep (sweep 0 is the start) is kept; the
-  search stops after ``patience`` sweeps without improvement or at ``max_sweeps``.
+  analytic models) on ``val_noises`` fixed validation noises (the *stopping seeds* ``val_seed ...``,
+  kept apart from ``stepopt eval``'s seeds 0, 1, ...). The best sweep (sweep 0 is the start) is kept;
+  the search stops after ``patience`` sweeps without improvement or at ``max_sweeps``.
 * **Hierarchy** (paper Sec. 3.3; ``hierarchy: true``, the default): optimise ``base_steps`` (10)
   steps, subdivide at geometric midpoints to 20 and 40 steps optimising only the new points, and
-  reach any other step count by log-linear interpolation of the 40-step grid. With
-  ``hierarchy: false`` the requested step count is optimised directly (on gmm-digits with Euler:
-  the same error at 20 steps for twice the evaluations, a worse one at 7 steps).
+  reach any other step count by log-linear interpolation of the 40-step grid. With ``direct: true``
+  (the default, an extension) the requested step count is then also optimised directly when it is
+  not in the hierarchy, or when the hierarchy's grid is not better than the start on the stopping
+  measure; the direct search starts from the better of the two. With ``hierarchy: false`` only the
+  requested step count is optimised.
+* **The result** is the best, on the stopping measure, of the start and every searched grid at the
+  requested step count (``chosen``; ``kept_start: true`` when the start won): AYS never returns a
+  grid worse on its stopping measure than any baseline it started from (with ``init: best``: than
+  every baseline). ``early_stopping: false`` returns the last sweep of the last search instead.
+* **Reported error.** The stopping seeds chose the sweep, the level and the start, so their RMSE
+  is optimistic: ``stop_initial`` / ``stop_final`` are measured on ``holdout_noises`` *held-out
+  seeds* ``holdout_seed ...`` (disjoint from the stopping seeds, never used to choose anything);
+  ``selection_initial`` / ``selection_final`` are the same on the stopping seeds.
 
 **Conditional models** (several prompts): the KLUB pairs data row j of the whole data set with
 prompt ``j mod P`` (:mod:`stepopt.optimizers.klub`), the stopping measure each validation seed with
@@ -42,7 +56,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from stepopt.baselines import interpolate_loglinear, start_sigmas
+from stepopt.baselines import BASELINES, interpolate_loglinear, start_sigmas
 from stepopt.errors import StepoptError
 from stepopt.models import AnalyticModel, DiffusionModel, load_digits
 from stepopt.optimizers import OptimizeContext, OptimizeResult, OptimizerSpec, register
@@ -50,7 +64,9 @@ from stepopt.optimizers.klub import KLUBEstimator, klub_total
 from stepopt.sampling import NonFiniteError
 from stepopt.teacher import GridValidator, TeacherConfig
 
-Init = Literal["auto", "edm", "time-uniform", "logsnr", "kl-optimal"]
+Init = Literal["best", "auto", "edm", "logsnr", "time-uniform", "time-quadratic", "kl-optimal"]
+# Random-number tags of the direct search after the hierarchy (apart from the hierarchy's levels).
+_DIRECT_LEVEL = 100_000
 
 
 @dataclass(frozen=True)
@@ -69,16 +85,19 @@ class AYSConfig:
     early_stopping: bool = True  # false: keep the last sweep (to see the KLUB minimiser degenerate)
     val_noises: int = 64
     val_seed: int = 1_000_000
-    init: Init = "auto"  # auto: edm (rho) for continuous models, time-uniform for discrete ones
+    holdout_noises: int = 128  # held-out seeds for the reported error (never used to choose anything)
+    holdout_seed: int = 2_000_000
+    init: Init = "best"  # best: the baseline with the lowest stopping measure; auto: the paper's (edm / time-uniform)
     rho: float = 7.0
     hierarchy: bool = True  # paper Sec. 3.3; false optimises the requested step count directly
     base_steps: int = 10
+    direct: bool = True  # after the hierarchy, also optimise the requested count directly (see module doc)
     klub_samples: int = 1024  # samples per interval for the KLUB before/after (0: skip)
     batch_size: int = 4096  # rows per network call
     teacher: TeacherConfig = field(default_factory=TeacherConfig)  # for networks (analytic: the exact ODE)
 
     def __post_init__(self) -> None:
-        positive = ("data_size", "samples", "val_noises", "batch_size", "base_steps", "max_sweeps")
+        positive = ("data_size", "samples", "val_noises", "holdout_noises", "batch_size", "base_steps", "max_sweeps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be >= 1, got {getattr(self, name)}")
@@ -92,8 +111,23 @@ class AYSConfig:
             raise ValueError(f"'klub_samples' must be >= 0, got {self.klub_samples}")
         if not (self.c > 0 and math.isfinite(self.c)):
             raise ValueError(f"'c' must be a positive number, got {self.c}")
-        if self.val_seed < 0:
-            raise ValueError(f"'val_seed' must be >= 0, got {self.val_seed}")
+        for name in ("val_seed", "holdout_seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"'{name}' must be >= 0, got {getattr(self, name)}")
+        stop, held = self.stop_seeds(), self.holdout_seeds()
+        if stop.start < held.stop and held.start < stop.stop:
+            raise ValueError(
+                f"the held-out seeds {held.start}..{held.stop - 1} (holdout_seed, holdout_noises) overlap the "
+                f"stopping seeds {stop.start}..{stop.stop - 1} (val_seed, val_noises); they must be disjoint"
+            )
+
+    def stop_seeds(self) -> range:
+        """The seeds of the stopping measure (they choose the sweep, the level and the start)."""
+        return range(self.val_seed, self.val_seed + self.val_noises)
+
+    def holdout_seeds(self) -> range:
+        """The held-out seeds of the reported error (disjoint from :meth:`stop_seeds`)."""
+        return range(self.holdout_seed, self.holdout_seed + self.holdout_noises)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -163,10 +197,33 @@ def load_data_rows(
 
 # -- the search ----------------------------------------------------------------------------------
 def initial_grid(model: DiffusionModel, n_steps: int, cfg: AYSConfig) -> tuple[np.ndarray, str]:
+    """The named start (``init`` other than ``best``): ``auto`` is the paper's, edm or time-uniform."""
     kind = cfg.init
-    if kind == "auto":
+    if kind in ("auto", "best"):
         kind = "time-uniform" if model.time_domain == "vp-discrete" else "edm"
     return start_sigmas(kind, model, n_steps, rho=cfg.rho), kind
+
+
+def choose_start(
+    model: DiffusionModel, n_steps: int, cfg: AYSConfig, validate: GridValidator
+) -> tuple[np.ndarray, str, dict[str, float]]:
+    """The start grid, its kind and the stopping measure of every grid tried.
+
+    ``init: best``: every baseline of the registry that the model's range allows, scored on the
+    stopping measure; the lowest wins (ties: the registry's order). Otherwise the named start.
+    """
+    if cfg.init != "best":
+        grid, kind = initial_grid(model, n_steps, cfg)
+        return grid, kind, {kind: validate.rmse(grid)}
+    grids: dict[str, np.ndarray] = {}
+    for kind in BASELINES:
+        try:
+            grids[kind] = start_sigmas(kind, model, n_steps, rho=cfg.rho)
+        except StepoptError:  # e.g. not strictly decreasing at this many steps on this range
+            continue
+    scores = {kind: validate.rmse(grid) for kind, grid in grids.items()}
+    best = min(scores, key=lambda k: scores[k])
+    return grids[best], best, scores
 
 
 def candidate_values(sigmas: np.ndarray, i: int, k: int) -> tuple[np.ndarray, int]:
@@ -176,11 +233,17 @@ def candidate_values(sigmas: np.ndarray, i: int, k: int) -> tuple[np.ndarray, in
     return np.append(grid, sigmas[i]), k - 1
 
 
-def stop_validator(ctx: OptimizeContext, cfg: AYSConfig) -> GridValidator:
-    """The stopping measure: RMSE of the target solver against the teacher on ``val_noises`` fixed noises."""
-    seeds = list(range(cfg.val_seed, cfg.val_seed + cfg.val_noises))
+def stop_validator(ctx: OptimizeContext, cfg: AYSConfig, seeds: range | None = None) -> GridValidator:
+    """The stopping measure: RMSE of the target solver against the teacher on fixed noises
+    (default: the stopping seeds; the held-out seeds give the reported error)."""
     return GridValidator(
-        ctx.model, ctx.solver, seeds, cfg.teacher, final_step=ctx.final_step, batch_size=1024, device=ctx.device
+        ctx.model,
+        ctx.solver,
+        list(cfg.stop_seeds() if seeds is None else seeds),
+        cfg.teacher,
+        final_step=ctx.final_step,
+        batch_size=1024,
+        device=ctx.device,
     )
 
 
@@ -263,6 +326,10 @@ def subdivide(sigmas: np.ndarray) -> np.ndarray:
     return out
 
 
+def _seed_span(seeds: range) -> str:
+    return f"{seeds.start}..{seeds.stop - 1}"
+
+
 def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
     model, n = ctx.model, ctx.n_steps
     if math.isinf(model.sigma_max):
@@ -279,19 +346,32 @@ def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
     if model.cond_for_seeds([0]) is not None:
         data_info["conditioning"] = "data row j (of the whole data set) with the condition of seed j: prompt j mod P"
     validate = stop_validator(ctx, cfg)
-    start, init_kind = initial_grid(model, n, cfg)
-    ctx.report("log", message=f"ays: {data_info['size']} data points ({data_info['source']}), init {init_kind}")
+    holdout = stop_validator(ctx, cfg, cfg.holdout_seeds())
+    start, init_kind, start_scores = choose_start(model, n, cfg, validate)
+    ctx.report(
+        "log",
+        message=f"ays: {data_info['size']} data points ({data_info['source']}), start {init_kind} "
+        f"(stopping rmse {start_scores[init_kind]:.6g})",
+    )
 
+    # Every grid at the requested step count, by its stopping measure: the start, the hierarchy's
+    # (subdivided or interpolated) grid, the direct search's.
+    grids: dict[str, np.ndarray] = {"start": np.asarray(start, dtype=np.float64)}
+    selection: dict[str, float] = {"start": start_scores[init_kind]}
+    searched: dict[str, dict[str, Any]] = {}
     levels: list[dict[str, Any]] = []
-    if not cfg.hierarchy or n == cfg.base_steps:
+    b = cfg.base_steps
+    if not cfg.hierarchy or n == b:
         sig, info = search(est, start, list(range(1, n)), validate, cfg, ctx, level=n)
         levels.append(info)
+        grids["direct"], selection["direct"], searched["direct"] = sig, info["rmse_kept"], info
         plan = "direct"
     else:
         # Paper Sec. 3.3: 10 -> 20 -> 40 steps (new points only); other counts from the 40-step grid.
-        b = cfg.base_steps
         last = n if n in (b, 2 * b, 4 * b) else 4 * b
-        sig, info = search(est, initial_grid(model, b, cfg)[0], list(range(1, b)), validate, cfg, ctx, level=b)
+        base, base_kind, base_scores = choose_start(model, b, cfg, validate)
+        sig, info = search(est, base, list(range(1, b)), validate, cfg, ctx, level=b)
+        info.update(init=base_kind, start_candidates=base_scores)
         levels.append(info)
         while len(sig) - 1 < last:
             steps = 2 * (len(sig) - 1)
@@ -301,18 +381,32 @@ def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
         if last != n:
             sig = interpolate_loglinear(sig, n)
             plan += f", log-linear interpolation to {n}"
+        grids["hierarchy"], selection["hierarchy"], searched["hierarchy"] = sig, validate.rmse(sig), levels[-1]
+        if cfg.direct and (last != n or selection["hierarchy"] >= selection["start"]):
+            origin = "hierarchy" if selection["hierarchy"] < selection["start"] else "start"
+            ctx.report("log", message=f"ays: optimizing {n} steps directly from the {origin} grid")
+            sig, info = search(est, grids[origin], list(range(1, n)), validate, cfg, ctx, level=_DIRECT_LEVEL + n)
+            info["from"] = origin
+            levels.append(info)
+            grids["direct"], selection["direct"], searched["direct"] = sig, info["rmse_kept"], info
+            plan += f"; direct {n} steps from the {origin} grid"
 
-    # Early stopping guards each level; the interpolated (or subdivided) final grid is checked once more
-    # at the requested step count: the result is never worse than its start on the stopping measure.
-    rmse_start, rmse_final = validate.rmse(start), validate.rmse(sig)
-    kept_start = cfg.early_stopping and rmse_final > rmse_start
-    if kept_start:
+    # The result: the best grid on the stopping measure (ties: the earlier, so the start when nothing
+    # improved it); without early stopping, the last search's last sweep.
+    if cfg.early_stopping:
+        chosen = min(grids, key=lambda k: selection[k])
+    else:
+        chosen = list(grids)[-1]
+    sig = grids[chosen]
+    kept_start = chosen == "start"
+    if kept_start and len(grids) > 1:
         ctx.report(
             "log",
-            message=f"ays: the optimized {n}-step grid is worse than the {init_kind} start on validation "
-            f"({rmse_final:.4g} > {rmse_start:.4g}); keeping the start",
+            message=f"ays: no optimized {n}-step grid beats the {init_kind} start on the stopping measure "
+            f"({min(v for k, v in selection.items() if k != 'start'):.4g} >= {selection['start']:.4g}); "
+            "keeping the start",
         )
-        sig, rmse_final = np.asarray(start, dtype=np.float64), rmse_start
+    held = {k: holdout.rmse(g) for k, g in grids.items()}
 
     objective: dict[str, Any] = {"name": "klub"}
     if cfg.klub_samples > 0 and n > 1:
@@ -325,24 +419,40 @@ def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
         objective.update({"initial": k0, "final": k1, "initial_stderr": se0, "final_stderr": se1})
     objective.update(
         {
-            "stop_measure": f"rmse vs teacher, {cfg.val_noises} noises",
-            "stop_initial": rmse_start,
-            "stop_final": rmse_final,
-            "sweep_kept": 0 if kept_start else levels[-1]["sweep_kept"],
+            "stop_measure": f"rmse vs teacher, {cfg.holdout_noises} held-out noises "
+            f"(seeds {_seed_span(cfg.holdout_seeds())})",
+            "stop_initial": held["start"],
+            "stop_final": held[chosen],
+            "selection_measure": f"rmse vs teacher, {cfg.val_noises} stopping noises "
+            f"(seeds {_seed_span(cfg.stop_seeds())})",
+            "selection_initial": selection["start"],
+            "selection_final": selection[chosen],
+            "chosen": chosen,
+            "sweep_kept": 0 if kept_start else searched[chosen]["sweep_kept"],
             "kept_start": kept_start,
         }
     )
     report = {
         "init": init_kind,
+        "start_candidates": start_scores,
         "plan": plan,
         "data": data_info,
         "estimator": cfg.estimator,
         "validation": {
-            "seeds": f"{cfg.val_seed}..{cfg.val_seed + cfg.val_noises - 1}",
+            "seeds": _seed_span(cfg.stop_seeds()),
             "teacher": cfg.teacher.describe(model),
             "measure": "rmse over all elements of solver output vs teacher output",
+            "use": "stopping seeds: choose the start, the kept sweep of every level and the result",
         },
-        "network_evals": {"klub": est.evals, "validation": validate.evals},
+        "holdout": {
+            "seeds": _seed_span(cfg.holdout_seeds()),
+            "use": "held-out seeds: the reported stop_initial / stop_final only",
+        },
+        "candidates": {
+            k: {"selection_rmse": selection[k], "holdout_rmse": held[k], "sigmas": [float(v) for v in g]}
+            for k, g in grids.items()
+        },
+        "network_evals": {"klub": est.evals, "validation": validate.evals + holdout.evals},
         "levels": levels,
     }
     return OptimizeResult(sigmas=[float(s) for s in sig], objective=objective, report=report)
