@@ -40,7 +40,10 @@ LOADER_SUMMARIES: dict[str, str] = {
     "edm": "NVIDIA EDM/EDM2 network pickle (dict with 'ema'); needs `trust_code`",
     "diffusers": "local diffusers folder, offline: pixel UNet2DModel + DDPM-style scheduler (epsilon, v, sample), "
     "or a latent text-to-image pipeline (StableDiffusionPipeline layout: UNet2DConditionModel, AutoencoderKL, CLIP; "
-    "prompts, classifier-free guidance, VAE decode; needs transformers)",
+    "prompts, classifier-free guidance, VAE decode; needs transformers), or a flow-matching pipeline "
+    "(FlowMatchEulerDiscreteScheduler: SD3-style SD3Transformer2DModel + CLIP x2 (+T5), classifier-free guidance; "
+    "FLUX-style FluxTransformer2DModel + CLIP + T5, embedded guidance, shift mu from the resolution; "
+    "diffusers:PATH:height=H,width=W)",
     "python": "user code: python:MODULE:FACTORY or python:FILE.py:FACTORY returning a denoiser; needs `trust_code`",
 }
 

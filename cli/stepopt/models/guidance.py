@@ -11,6 +11,10 @@ model once on ``B`` rows (conditional only). ``D`` is affine in the network's ou
 coefficients for both halves (same ``x`` and ``sigma``), so combining the denoised halves in float64
 equals diffusers' combination of the noise predictions up to float64 rounding.
 
+A condition is one tensor (passed to ``inner`` as the keyword ``key``) or several, a mapping from
+the inner model's keyword to a tensor whose first axis indexes the prompts (SD3: the token
+embeddings and the pooled projection; FLUX also its embedded guidance scale per prompt).
+
 Row ``b`` of a batch uses condition ``prompt_index[b]`` (``cond={"prompt_index": ...}``);
 :meth:`ClassifierFreeGuidance.cond_for_seeds` gives the sample of seed ``seed`` condition
 ``seed mod P``, so a sample's condition depends only on its seed. With a single condition the
@@ -29,6 +33,9 @@ import torch
 from stepopt.errors import StepoptError
 from stepopt.models.base import DiffusionModel
 
+Condition = torch.Tensor | Mapping[str, torch.Tensor]
+"""One prompt-indexed tensor (passed as the wrapper's ``key``) or several, keyed by the inner model's keywords."""
+
 
 def check_guidance(scale: float) -> float:
     """The guidance scale as a float; an error naming the parameter for a negative or non-finite one."""
@@ -42,29 +49,49 @@ class ClassifierFreeGuidance(DiffusionModel):
     """``D = D_u + s (D_c - D_u)`` around ``inner`` (see the module docstring).
 
     ``cond`` ``(P, ...)`` holds one condition per prompt, ``uncond`` ``(1, ...)`` the unconditional
-    one; both are passed to ``inner`` as the keyword ``key``. Call as ``model(x, sigma,
-    prompt_index=idx)`` with ``idx`` a ``(B,)`` index into ``cond``.
+    one; both are passed to ``inner`` as the keyword ``key`` (or, given as mappings of such tensors,
+    as those keywords). Call as ``model(x, sigma, prompt_index=idx)`` with ``idx`` a ``(B,)`` index
+    into ``cond``.
     """
 
     def __init__(
         self,
         inner: DiffusionModel,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
+        cond: Condition,
+        uncond: Condition,
         scale: float,
         *,
         key: str = "encoder_hidden_states",
     ) -> None:
-        cond = torch.as_tensor(cond).detach()
-        if cond.ndim < 2 or cond.shape[0] < 1:
-            raise StepoptError(f"{inner.id}: conditions must have shape (P, ...), got {tuple(cond.shape)}")
+        self.key = key
+        c = self._as_mapping(cond)
+        n = int(c[next(iter(c))].shape[0]) if c and c[next(iter(c))].ndim else 0
+        single_ok = isinstance(cond, Mapping) or c[key].ndim >= 2
+        if n < 1 or not single_ok or any(v.ndim < 1 or v.shape[0] != n for v in c.values()):
+            shapes = {k: tuple(v.shape) for k, v in c.items()}
+            raise StepoptError(
+                f"{inner.id}: conditions must have shape (P, ...) with one P for every key, got {shapes}"
+            )
+        u = self._as_mapping(uncond)
+        if set(u) != set(c):
+            raise StepoptError(f"{inner.id}: unconditional keys {sorted(u)} differ from the conditions' {sorted(c)}")
+        u = {k: v.reshape(1, *c[k].shape[1:]) for k, v in u.items()}
         self.inner = inner
         self.scale = check_guidance(scale)
-        self.key = key
-        self._master = (cond, torch.as_tensor(uncond).detach().reshape(1, *cond.shape[1:]))
-        self._placed: tuple[tuple[torch.device, torch.dtype], torch.Tensor, torch.Tensor] | None = None
+        self._single = not isinstance(cond, Mapping)
+        self._master = (c, u)
+        self._placed: tuple[tuple[torch.device, torch.dtype], dict[str, torch.Tensor], dict[str, torch.Tensor]] | None
+        self._placed = None
         self.id = inner.id
         self._sync()
+
+    def _as_mapping(self, cond: Condition) -> dict[str, torch.Tensor]:
+        if isinstance(cond, Mapping):
+            return {str(k): torch.as_tensor(v).detach() for k, v in cond.items()}
+        return {self.key: torch.as_tensor(cond).detach()}
+
+    def _unwrap(self, c: dict[str, torch.Tensor]) -> Condition:
+        return c[self.key] if self._single else dict(c)
 
     def _sync(self) -> None:
         """Take the wrapped model's description (frame, shape, device, dtypes, decoder)."""
@@ -76,7 +103,7 @@ class ClassifierFreeGuidance(DiffusionModel):
 
     def with_scale(self, scale: float) -> ClassifierFreeGuidance:
         """The same conditions at guidance ``scale`` (a new wrapper around the same model)."""
-        return ClassifierFreeGuidance(self.inner, *self._master, scale, key=self.key)
+        return ClassifierFreeGuidance(self.inner, *self.master_conditions(), scale, key=self.key)
 
     # -- the wrapped model's description ---------------------------------------------------------------
 
@@ -121,19 +148,28 @@ class ClassifierFreeGuidance(DiffusionModel):
 
     @property
     def n_prompts(self) -> int:
-        return int(self._master[0].shape[0])
+        return int(next(iter(self._master[0].values())).shape[0])
 
-    def master_conditions(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def master_conditions(self) -> tuple[Condition, Condition]:
         """``(cond, uncond)`` as given (before moving them to the network's device and dtype)."""
-        return self._master
+        return self._unwrap(self._master[0]), self._unwrap(self._master[1])
 
-    def conditions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cond, uncond)`` on the wrapped network's device, in its dtype (placed once per device/dtype)."""
+    def _placed_conditions(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         where = (self.inner.device, self.inner.net_dtype)
         if self._placed is None or self._placed[0] != where:
-            cond, uncond = self._master
-            self._placed = (where, cond.to(device=where[0], dtype=where[1]), uncond.to(device=where[0], dtype=where[1]))
+
+            def place(c: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                return {
+                    k: v.to(device=where[0], dtype=where[1] if v.is_floating_point() else v.dtype) for k, v in c.items()
+                }
+
+            self._placed = (where, place(self._master[0]), place(self._master[1]))
         return self._placed[1], self._placed[2]
+
+    def conditions(self) -> tuple[Condition, Condition]:
+        """``(cond, uncond)`` on the wrapped network's device, in its dtype (placed once per device/dtype)."""
+        c, u = self._placed_conditions()
+        return self._unwrap(c), self._unwrap(u)
 
     def cond_for_seeds(self, seeds: Sequence[int]) -> dict[str, torch.Tensor]:
         """``{"prompt_index": seed mod P}`` for the samples of ``seeds`` (see the module docstring)."""
@@ -165,11 +201,12 @@ class ClassifierFreeGuidance(DiffusionModel):
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         b = x.shape[0]
-        c, u = self.conditions()
-        emb = c.index_select(0, self._rows(cond, b, x.device).to(c.device))
+        c, u = self._placed_conditions()
+        rows = self._rows(cond, b, x.device)
+        emb = {k: v.index_select(0, rows.to(v.device)) for k, v in c.items()}
         if self.scale == 1.0:
-            return self.inner.denoise(x, sigma, **{self.key: emb})
+            return self.inner.denoise(x, sigma, **emb)
         x64 = x.to(torch.float64)  # both halves and their combination in float64
-        both = torch.cat([u.expand(b, *u.shape[1:]), emb])
-        d_u, d_c = self.inner.denoise(torch.cat([x64, x64]), torch.cat([sigma, sigma]), **{self.key: both}).chunk(2)
+        both = {k: torch.cat([u[k].expand(b, *u[k].shape[1:]), e]) for k, e in emb.items()}
+        d_u, d_c = self.inner.denoise(torch.cat([x64, x64]), torch.cat([sigma, sigma]), **both).chunk(2)
         return (d_u + self.scale * (d_c - d_u)).to(x.dtype)

@@ -8,12 +8,17 @@ The package has three modules, imported in this order and never back:
   denoiser (the timestep convention and the parameterization formulas are documented there);
 - :mod:`~stepopt.models.diffusers.latent`: :class:`LatentUNet`, the ``UNet2DConditionModel`` and VAE
   of a ``StableDiffusionPipeline`` layout as a conditional denoiser, and :class:`DiffusersLatent`,
-  that network under classifier-free guidance (:mod:`stepopt.models.guidance`) for a prompt set
-  encoded by the CLIP text encoder.
+  a text-to-image network under guidance (:mod:`stepopt.models.guidance`) for a prompt set
+  encoded by its text encoders;
+- :mod:`~stepopt.models.diffusers.flow`: flow-matching pipelines (``FlowMatchEulerDiscreteScheduler``):
+  SD3-style (``SD3Transformer2DModel``, CLIP x2 + T5, classifier-free guidance) and FLUX-style
+  (``FluxTransformer2DModel``, packed latents, embedded guidance, dynamic shift ``mu``).
 
-:func:`load_diffusers` reads the folder's scheduler and UNet configs and hands the folder to the
-pixel or the latent loader according to the UNet class. ``diffusers`` (and, for latent pipelines,
-``transformers``) are imported only when a model is loaded.
+:func:`load_diffusers` reads the folder's scheduler config: a flow-matching scheduler goes to the
+flow loader, else the UNet config's class picks the pixel or the latent loader. ``diffusers:PATH``
+may end in ``:height=H,width=W`` (pixels) for flow pipelines, whose shift ``mu`` depends on the
+resolution. ``diffusers`` (and, for text-to-image pipelines, ``transformers``) are imported only
+when a model is loaded.
 """
 
 from __future__ import annotations
@@ -35,6 +40,14 @@ from stepopt.models.diffusers.common import (
     state_dtype,
     unet_fingerprint,
     weights_variant,
+)
+from stepopt.models.diffusers.flow import (
+    FLOW_SCHEDULERS,
+    FlowTransformer,
+    FluxNetwork,
+    SD3Network,
+    load_flow_pipeline,
+    parse_resolution,
 )
 from stepopt.models.diffusers.latent import (
     DEFAULT_GUIDANCE,
@@ -60,14 +73,18 @@ __all__ = [
     "DiffusersDiscrete",
     "DiffusersLatent",
     "DiffusersUNet",
+    "FlowTransformer",
+    "FluxNetwork",
     "LatentUNet",
     "PromptSet",
+    "SD3Network",
     "conditioning_mismatches",
     "configure_conditioning",
     "diffusers_frame",
     "encode_prompts",
     "load_component",
     "load_diffusers",
+    "load_flow_pipeline",
     "load_latent_pipeline",
     "load_pixel_unet",
     "read_prompts",
@@ -83,10 +100,22 @@ def load_diffusers(
 ) -> DiffusersUNet | DiffusersLatent:
     """Load ``diffusers:PATH`` (see the module docstring) onto ``device``, the network in ``dtype`` (float32)."""
     folder = Path(path).expanduser()
+    resolution: dict[str, int] = {}
+    head, sep, tail = path.rpartition(":")
+    if path and not folder.is_dir() and sep and "=" in tail and Path(head).expanduser().is_dir():
+        folder, resolution = Path(head).expanduser(), parse_resolution(tail)
     if not path or not folder.is_dir():
         raise StepoptError(f"diffusers:{path}: no such folder; expected a local diffusers model or pipeline folder")
     sched_path = find_file(folder, ("scheduler/scheduler_config.json", "scheduler_config.json"), "scheduler config")
-    settings = scheduler_settings(read_json(sched_path), sched_path)
+    sched_cfg = read_json(sched_path)
+    if sched_cfg.get("_class_name") in FLOW_SCHEDULERS:
+        return load_flow_pipeline(folder, path, sched_cfg, sched_path, device, dtype, resolution)
+    if resolution:
+        raise StepoptError(
+            f"diffusers:{path}: height/width are options of flow-matching pipelines (SD3, FLUX); this folder's "
+            "networks have a fixed sample size"
+        )
+    settings = scheduler_settings(sched_cfg, sched_path)
     unet_cfg_path = find_file(folder, ("unet/config.json", "config.json"), "UNet config")
     cls = read_json(unet_cfg_path).get("_class_name")
     if cls == "UNet2DConditionModel":

@@ -45,13 +45,14 @@ valid with a fine-tuned decoder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -65,13 +66,17 @@ from stepopt.models.diffusers.common import (
     weights_variant,
 )
 from stepopt.models.diffusers.pixel import DiffusersUNet
-from stepopt.models.guidance import ClassifierFreeGuidance, check_guidance
+from stepopt.models.guidance import ClassifierFreeGuidance, Condition, check_guidance
 
 DEFAULT_GUIDANCE = 7.5  # StableDiffusionPipeline's default guidance_scale
 TEXT_ENCODER_CLASSES = ("CLIPTextModel",)
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
 ENCODE_BATCH = 64  # prompts per text-encoder call
 DECODE_BATCH = 8  # latents per VAE call
+GUIDANCE_INPUTS = ("cfg", "embedded", "none")
+"""How a text-to-image network takes its guidance scale: ``cfg`` (classifier-free guidance by the
+wrapper, one call of 2B rows), ``embedded`` (the network's own guidance input, FLUX-style: one call
+of B rows) or ``none`` (a network without guidance)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,19 @@ def read_prompts(prompts: Sequence[str] = (), prompt_file: str | os.PathLike[str
     return tuple(out)
 
 
+class PromptEncoder(Protocol):
+    """Text conditions for a list of prompts: one tensor ``(P, ...)`` or a mapping of such tensors,
+    keyed by the network's keywords; ``truncated`` lists prompts longer than the encoders take."""
+
+    max_length: int
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Any: ...
+
+    def truncated(self, prompts: Sequence[str]) -> list[int]: ...
+
+    def __call__(self, prompts: Sequence[str]) -> Condition: ...
+
+
 class CLIPPromptEncoder:
     """Text embeddings as ``StableDiffusionPipeline.encode_prompt`` makes them: ``(P, L, D)``, the last hidden state."""
 
@@ -156,7 +174,37 @@ class CLIPPromptEncoder:
         return torch.cat(outs)
 
 
-class LatentUNet(DiffusersUNet):
+def decode_latents(
+    vae: Any, x: torch.Tensor, scaling_factor: float, shift_factor: float, device: torch.device, batch_size: int
+) -> torch.Tensor:
+    """Images in ``[-1, 1]`` (float32, CPU): ``VAE.decode(x / scaling_factor + shift_factor)``, clipped."""
+    vae_dtype = next(vae.parameters()).dtype
+    outs = []
+    with torch.no_grad():
+        for chunk in x.split(max(1, int(batch_size))):
+            z = chunk.to(device=device, dtype=vae_dtype) / scaling_factor + shift_factor
+            outs.append(vae.decode(z).sample.to(torch.float32).clamp(-1.0, 1.0).cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+class TextToImageNetwork(DiffusionModel):
+    """What :class:`DiffusersLatent` needs of the unguided conditional network it wraps, besides the
+    denoiser: how it takes guidance (:data:`GUIDANCE_INPUTS`), its pipeline's default scale, the
+    network module and the pipeline it came from, and a ``describe()`` with a ``latent`` section."""
+
+    latent = True
+    guidance_input: str = "cfg"
+    default_guidance: float = DEFAULT_GUIDANCE
+    pipeline: str = "StableDiffusionPipeline"
+    vae: Any = None
+
+    @property
+    def network(self) -> Any:
+        """The denoising network module (UNet or transformer)."""
+        raise NotImplementedError
+
+
+class LatentUNet(DiffusersUNet, TextToImageNetwork):
     """A latent ``UNet2DConditionModel`` with its VAE, as an unguided conditional denoiser on the latent.
 
     Call as ``net(x, sigma, encoder_hidden_states=emb)`` with ``x`` of shape ``(B, *shape)`` (the
@@ -186,6 +234,10 @@ class LatentUNet(DiffusersUNet):
         f = 2 ** (len(vcfg.block_out_channels) - 1)
         self.image_shape = (int(vcfg.out_channels), self.shape[1] * f, self.shape[2] * f)
 
+    @property
+    def network(self) -> Any:
+        return self.unet
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LatentUNet:
         super().to(device, dtype)
         vae_dtype = torch.float64 if self.net_dtype == torch.float64 else torch.float32
@@ -203,13 +255,8 @@ class LatentUNet(DiffusersUNet):
 
     def decode(self, x: torch.Tensor, batch_size: int = DECODE_BATCH) -> torch.Tensor:
         """Images ``(B, *image_shape)`` in ``[-1, 1]`` (float32, CPU) from final states ``x`` (the EDM-frame latent)."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        outs = []
-        with torch.no_grad():
-            for chunk in x.split(max(1, int(batch_size))):
-                z = chunk.to(device=self.device, dtype=vae_dtype) / self.scaling_factor + self.shift_factor
-                outs.append(self.vae.decode(z).sample.to(torch.float32).clamp(-1.0, 1.0).cpu())
-        return torch.cat(outs) if outs else torch.empty((0, *(self.image_shape or ())))
+        images = decode_latents(self.vae, x, self.scaling_factor, self.shift_factor, self.device, batch_size)
+        return images if len(x) else torch.empty((0, *(self.image_shape or ())))
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
@@ -222,15 +269,25 @@ class LatentUNet(DiffusersUNet):
         return d
 
 
-def encode_prompts(encoder: CLIPPromptEncoder, prompts: PromptSet) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """``(cond (P, L, D), uncond (1, L, D), notes)`` for ``prompts``; each distinct text is encoded once."""
+def encode_prompts(encoder: PromptEncoder, prompts: PromptSet) -> tuple[Condition, Condition, list[str]]:
+    """``(cond (P, ...), uncond (1, ...), notes)`` for ``prompts`` (each a tensor or a mapping of tensors,
+    as the encoder gives them); each distinct text is encoded once."""
     uniq = list(dict.fromkeys([prompts.negative_prompt, *prompts.prompts]))
     emb = encoder(uniq)
     row = {p: i for i, p in enumerate(uniq)}
-    cond = emb[[row[p] for p in prompts.prompts]]
-    uncond = emb[row[prompts.negative_prompt]][None]
+    idx, neg = [row[p] for p in prompts.prompts], row[prompts.negative_prompt]
+    if isinstance(emb, Mapping):
+        return (
+            {k: v[idx] for k, v in emb.items()},
+            {k: v[neg][None] for k, v in emb.items()},
+            _truncation_notes(encoder, uniq),
+        )
+    return emb[idx], emb[neg][None], _truncation_notes(encoder, uniq)
+
+
+def _truncation_notes(encoder: PromptEncoder, uniq: list[str]) -> list[str]:
     cut = encoder.truncated(uniq)
-    notes = (
+    return (
         [
             f"{len(cut)} prompt(s) exceed the text encoder's {encoder.max_length} tokens and are truncated "
             f"(as diffusers does), e.g. {uniq[cut[0]][:60]!r}"
@@ -238,37 +295,51 @@ def encode_prompts(encoder: CLIPPromptEncoder, prompts: PromptSet) -> tuple[torc
         if cut
         else []
     )
-    return cond, uncond, notes
 
 
 class DiffusersLatent(ClassifierFreeGuidance):
-    """A latent text-to-image pipeline: the :class:`LatentUNet` under classifier-free guidance for a
-    :class:`PromptSet` (prompts, negative prompt, guidance scale), with its text encoder.
+    """A latent text-to-image pipeline: its :class:`TextToImageNetwork` (the SD UNet, or an SD3 / FLUX
+    transformer) under guidance for a :class:`PromptSet` (prompts, negative prompt, guidance scale),
+    with its text encoder.
 
-    Call as ``model(x, sigma, prompt_index=idx)`` with ``x`` of shape ``(B, *shape)`` (the latent) and
-    ``idx`` a ``(B,)`` index into the prompts (omit it with one prompt). The configuration is fixed:
-    :meth:`with_prompts` and :meth:`with_scale` return new models around the same network.
+    The guidance scale goes where the network takes it (``net.guidance_input``): ``cfg``, classifier-free
+    guidance by this wrapper (one call of ``2B`` rows); ``embedded``, the network's own guidance input
+    (FLUX), passed as the condition ``guidance`` of every prompt, with this wrapper's scale 1 (one
+    call of ``B`` rows); ``none``, no guidance. Call as ``model(x, sigma, prompt_index=idx)`` with
+    ``x`` of shape ``(B, *shape)`` (the latent) and ``idx`` a ``(B,)`` index into the prompts (omit it
+    with one prompt). The configuration is fixed: :meth:`with_prompts` and :meth:`with_scale` return
+    new models around the same network.
     """
 
-    inner: LatentUNet
+    inner: TextToImageNetwork
 
     def __init__(
         self,
-        net: LatentUNet,
+        net: TextToImageNetwork,
         prompts: PromptSet,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
+        cond: Condition,
+        uncond: Condition,
         *,
-        encoder: CLIPPromptEncoder | None = None,
+        encoder: PromptEncoder | None = None,
     ) -> None:
-        super().__init__(net, cond, uncond, prompts.guidance)
+        self.text_conditions = (cond, uncond)
+        kind = net.guidance_input
+        if kind not in GUIDANCE_INPUTS:
+            raise StepoptError(f"{net.id}: guidance input {kind!r}; expected one of {', '.join(GUIDANCE_INPUTS)}")
+        if kind == "embedded":  # the scale is an input of the network, one value per prompt row
+            c = dict(cond) if isinstance(cond, Mapping) else {"encoder_hidden_states": cond}
+            u = dict(uncond) if isinstance(uncond, Mapping) else {"encoder_hidden_states": uncond}
+            n = int(next(iter(c.values())).shape[0])
+            g = torch.full((n,), prompts.guidance, dtype=torch.float64)
+            cond, uncond = {**c, "guidance": g}, {**u, "guidance": g[:1]}
+        super().__init__(net, cond, uncond, prompts.guidance if kind == "cfg" else 1.0)
         self.prompt_set = prompts
         self.guidance = prompts.guidance
         self.encoder = encoder  # None: fixed embeddings (only the guidance can change)
 
     @classmethod
     def from_prompts(
-        cls, net: LatentUNet, encoder: CLIPPromptEncoder, prompts: PromptSet
+        cls, net: TextToImageNetwork, encoder: PromptEncoder, prompts: PromptSet
     ) -> tuple[DiffusersLatent, list[str]]:
         """Encode ``prompts`` with ``encoder`` (in the network's dtype); returns the model and notes (truncation)."""
         encoder.to(net.device, net.net_dtype)
@@ -278,7 +349,7 @@ class DiffusersLatent(ClassifierFreeGuidance):
     @classmethod
     def from_embeddings(
         cls,
-        net: LatentUNet,
+        net: TextToImageNetwork,
         cond: torch.Tensor,
         uncond: torch.Tensor,
         guidance: float,
@@ -291,6 +362,16 @@ class DiffusersLatent(ClassifierFreeGuidance):
         record = prompts or PromptSet(tuple(f"<embedding {i}>" for i in range(cond.shape[0])), "<embedding>", guidance)
         return cls(net, PromptSet(record.prompts, record.negative_prompt, guidance), cond, uncond)
 
+    @property
+    def guidance_input(self) -> str:
+        """The wrapped network's (see the class docstring)."""
+        return self.inner.guidance_input
+
+    @property
+    def default_guidance(self) -> float:
+        """The guidance scale the pipeline uses by default (SD 7.5, SD3 7.0, FLUX 3.5)."""
+        return self.inner.default_guidance
+
     def with_prompts(self, prompts: PromptSet) -> tuple[DiffusersLatent, list[str]]:
         """The same network and text encoder for another prompt set; returns the model and notes."""
         if self.encoder is None:
@@ -302,7 +383,7 @@ class DiffusersLatent(ClassifierFreeGuidance):
     def with_scale(self, scale: float) -> DiffusersLatent:
         """The same prompts at guidance ``scale``."""
         ps = PromptSet(self.prompt_set.prompts, self.prompt_set.negative_prompt, scale)
-        model = DiffusersLatent(self.inner, ps, *self.master_conditions(), encoder=self.encoder)
+        model = DiffusersLatent(self.inner, ps, *self.text_conditions, encoder=self.encoder)
         model.id = self.id
         return model
 
@@ -312,14 +393,19 @@ class DiffusersLatent(ClassifierFreeGuidance):
         if self.encoder is not None:
             self.encoder.to(self.device, self.net_dtype)
             cond, uncond, _ = encode_prompts(self.encoder, self.prompt_set)  # exact, not a cast of a cast
-            self._master = (cond.detach(), uncond.detach())
-            self._placed = None
+            fresh = DiffusersLatent(self.inner, self.prompt_set, cond, uncond, encoder=self.encoder)
+            self.text_conditions, self._master, self._placed = fresh.text_conditions, fresh._master, None
         return self
 
     @property
+    def network(self) -> Any:
+        """The pipeline's denoising network (UNet or transformer)."""
+        return self.inner.network
+
+    @property
     def unet(self) -> Any:
-        """The pipeline's UNet (the wrapped network's)."""
-        return self.inner.unet
+        """The pipeline's denoising network (its old name, from the UNet pipelines)."""
+        return self.inner.network
 
     @property
     def vae(self) -> Any:
@@ -327,7 +413,12 @@ class DiffusersLatent(ClassifierFreeGuidance):
         return self.inner.vae
 
     def conditioning_record(self) -> dict[str, Any] | None:
-        return self.prompt_set.record()
+        return self.record_for(self.prompt_set)
+
+    def record_for(self, prompts: PromptSet) -> dict[str, Any]:
+        """What a schedule records about ``prompts`` on this network (the guidance input when not ``cfg``)."""
+        kind = self.guidance_input
+        return {**prompts.record(), **({"guidance_input": kind} if kind != "cfg" else {})}
 
     def conditioning_prompts(self) -> list[str]:
         return list(self.prompt_set.prompts)
@@ -336,6 +427,8 @@ class DiffusersLatent(ClassifierFreeGuidance):
         d = self.inner.describe()
         d["id"] = self.id
         d["latent"] = {**d["latent"], "guidance": self.guidance, "n_prompts": self.n_prompts}
+        if self.guidance_input != "cfg":
+            d["latent"]["guidance_input"] = self.guidance_input
         return d
 
 
@@ -355,9 +448,27 @@ def _component(index: Mapping[str, Any], folder: Path, name: str, allowed: Seque
     return str(entry[1])
 
 
-def _load_transformers(cls: Any, folder: Path, what: str, **kwargs: Any) -> Any:
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or advice-level messages from ``transformers`` while loading (stderr stays ours)."""
+    from transformers.utils import logging as tlog
+
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
     try:
-        return cls.from_pretrained(folder, local_files_only=True, **kwargs)
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def load_pretrained_text(cls: Any, folder: Path, what: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(folder)`` of a ``transformers`` text encoder or tokenizer, offline and quietly."""
+    try:
+        with quiet_transformers():
+            return cls.from_pretrained(folder, local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
         msg = " ".join(str(e).split())[:300]
         raise StepoptError(f"{folder}: cannot load {what} ({msg})") from None
@@ -416,9 +527,9 @@ def load_latent_pipeline(
         ) from None
     variant = weights_variant(folder / "text_encoder", "model")
     te_kwargs = {"variant": variant} if variant else {}
-    text_encoder = _load_transformers(getattr(transformers, te_cls), folder / "text_encoder", te_cls, **te_kwargs)
+    text_encoder = load_pretrained_text(getattr(transformers, te_cls), folder / "text_encoder", te_cls, **te_kwargs)
     tok_type = getattr(transformers, tok_cls, None) or transformers.CLIPTokenizer
-    tokenizer = _load_transformers(tok_type, folder / "tokenizer", tok_cls)
+    tokenizer = load_pretrained_text(tok_type, folder / "tokenizer", tok_cls)
     hidden = int(text_encoder.config.hidden_size)
     cad = c.cross_attention_dim
     if isinstance(cad, int) and cad != hidden:
@@ -456,7 +567,9 @@ def configure_conditioning(
     """The model for ``--prompt``/``--prompt-file``/``--negative-prompt``/``--guidance`` (``model`` is unchanged).
 
     Returns a :class:`Conditioning` for a text-conditioned model (defaults: the prompt ``""``, the
-    negative prompt ``""``, ``guidance`` else ``default_guidance`` else 7.5; a model with fixed
+    negative prompt ``""``, ``guidance`` else ``default_guidance`` else the pipeline's default scale
+    (SD 7.5, SD3 7.0, FLUX 3.5); a network with embedded guidance (FLUX) refuses a negative prompt, one
+    without guidance also a scale; a model with fixed
     embeddings and no text encoder keeps its prompts and its own guidance unless one is given),
     ``None`` for any other model, which refuses these options. ``recorded`` (a schedule's
     ``method.config['conditioning']``) supplies the defaults of every option it records: the
@@ -482,17 +595,29 @@ def configure_conditioning(
                 f"{given[0]}: {model.id} takes no text conditioning (only latent text-to-image diffusers pipelines do)"
             )
         return None
+    kind = model.guidance_input
+    if kind != "cfg" and negative_prompt is not None:
+        raise StepoptError(
+            f"`negative_prompt`: {model.id} takes its guidance as an input of the network ({kind}); "
+            "true classifier-free guidance with a negative prompt is not supported for it"
+        )
+    if kind == "none" and guidance is not None:
+        raise StepoptError(f"`guidance`: {model.id} has no guidance input (its transformer has no guidance embedding)")
     if model.encoder is None:  # fixed embeddings (e.g. from a python: factory): only the guidance can change
         if given and given[0] != "`guidance`":
             raise StepoptError(f"{given[0]}: {model.id} has no text encoder; its prompt embeddings are fixed")
         g0 = guidance if guidance is not None else default_guidance
         fixed = model if g0 is None else model.with_scale(g0)
-        return Conditioning(fixed, fixed.prompt_set.record(), [])
-    g = guidance if guidance is not None else (default_guidance if default_guidance is not None else DEFAULT_GUIDANCE)
+        return Conditioning(fixed, fixed.conditioning_record() or {}, [])
+    g = (
+        1.0
+        if kind == "none"
+        else next(v for v in (guidance, default_guidance, model.default_guidance) if v is not None)
+    )
     neg = negative_prompt if negative_prompt is not None else default_negative
     ps = PromptSet(read_prompts(prompts, prompt_file) or default_prompts, neg, g)
     configured, notes = model.with_prompts(ps)
-    return Conditioning(configured, {**ps.record(), "prompts": list(ps.prompts)}, notes)
+    return Conditioning(configured, {**configured.record_for(ps), "prompts": list(ps.prompts)}, notes)
 
 
 def conditioning_mismatches(
