@@ -50,6 +50,7 @@ every text encoder's weights; the VAE is not hashed (it does not change the late
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -211,9 +212,9 @@ class FlowTransformer(TextToImageNetwork):
         if missing or unknown:
             raise StepoptError(f"{self.id}: the {self.pipeline} transformer takes {', '.join(self.cond_keys)}")
 
+    @abstractmethod
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
         """The velocity ``v`` (float64) for ``x_t`` ``(B, *shape)`` in the network dtype at flow times ``t``."""
-        raise NotImplementedError
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         self._check_cond(cond)
