@@ -83,6 +83,34 @@ def test_oss_dp_against_exhaustive_search(
                 assert res.back[k, j] >= 0
 
 
+def test_oss_beam_widens_the_search_to_the_exhaustive_optimum(gmm: GaussianMixture) -> None:
+    """The paper's recursion (beam 1) misses the exhaustive optimum here (dpmpp-3m: the best state at an
+    intermediate node is not on the best 4-step path); beam 2 finds it, and a beam as wide as the
+    number of paths is the exhaustive search by construction."""
+    from stepopt.errors import StepoptError
+
+    cfg = DPConfig(candidates=11, spacing="edm", trajectories=2)
+    n = 4
+    cand = candidate_grid(gmm, cfg, n)
+    traj, _ = teacher_trajectories(gmm, cand, cfg, cache=False)
+    ident = get_solver("dpmpp-3m").identity()
+    memo = MemoDenoiser(gmm)
+    paths = all_paths(len(cand) - 1, n)
+    errors = {tuple(p): final_error(ident, memo, traj, [cand[q] for q in p]) for p in paths}
+    best = min(errors.values())
+    runs = {b: oss_dp(ident, memo, traj, cand, n, beam=b) for b in (1, 2, len(paths))}
+    for res in runs.values():
+        assert res.value == pytest.approx(errors[tuple(res.path)], rel=1e-12)  # the value is its path's error
+    assert runs[1].value > best * 1.1
+    assert runs[2].value == pytest.approx(best, rel=1e-12)
+    assert runs[len(paths)].value == pytest.approx(best, rel=1e-12)
+    assert runs[1].transitions < runs[2].transitions < runs[len(paths)].transitions
+    with pytest.raises(StepoptError, match="beam"):
+        oss_dp(ident, memo, traj, cand, n, beam=0)
+    with pytest.raises(ValueError, match="beam"):
+        OSSConfig(beam=0)
+
+
 def test_oss_evaluations_are_cached(gmm: GaussianMixture, small_setup: tuple[np.ndarray, torch.Tensor]) -> None:
     """A one-evaluation solver pays at most one evaluation per (level, source) and trajectory."""
     cand, traj = small_setup

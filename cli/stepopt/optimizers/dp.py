@@ -11,7 +11,8 @@ settings; one file per seed).
 
 * :func:`gits_dp` -- the shortest weighted path over a cost matrix ``C[i, j]``, exact, O(N M^2).
 * :func:`oss_dp` -- the OSS recursion over the student's own states, exact for that recursion,
-  O(N M^2) solver transitions; each transition is the real solver (see its docstring).
+  O(B N M^2) solver transitions with a beam of B paths per node (B = 1: the paper's); each
+  transition is the real solver (see its docstring).
 
 The transitions run the target solver itself (:func:`stepopt.solvers.solve`) through
 :class:`MemoDenoiser`, a content-addressed cache: a network evaluation whose input (x, sigma) was
@@ -300,6 +301,7 @@ class OSSResult:
     table: np.ndarray  # V[k, j]: the best mean squared error at candidate j after k steps (inf: unreachable)
     back: np.ndarray  # the predecessor i of (k, j) on its best path (-1: none)
     transitions: int
+    beam: int = 1
 
 
 def _tail(sigma: float, n: int) -> list[float]:
@@ -316,6 +318,7 @@ def oss_dp(
     n_steps: int,
     cond: Mapping[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    beam: int = 1,
 ) -> OSSResult:
     """OSS (Pei, Hu, Gu 2025, Sec. 3.2): the best student state reachable at each candidate in k steps.
 
@@ -330,42 +333,55 @@ def oss_dp(
     are cached, so each (k, i) costs one new evaluation per trajectory (two-evaluation solvers: one
     more per (k, i, j)). States at (k, j) from which the remaining N - k steps cannot reach c_M are
     skipped. Transitions: sum_k |sources| x |targets| <= N M^2 / 2 solver runs.
+
+    ``beam = B`` keeps the B best k-step paths into each candidate instead of one (B = 1 is the
+    paper's recursion, bit for bit). The best state at c_j need not lie on the best N-step path: a
+    multistep solver's history and the later steps' error cancellation make the premise of optimal
+    substructure approximate; a wider beam searches more of the path space at B times the
+    transitions and evaluations, and B = the number of paths is the exhaustive search.
     """
     m = len(cand) - 1
     if not 1 <= n_steps <= m:
         raise StepoptError(f"cannot choose {n_steps} steps among {m} candidate intervals")
+    if beam < 1:
+        raise StepoptError(f"beam must be >= 1, got {beam}; use `beam=1` for the paper's recursion")
+    # kept[j]: up to ``beam`` (error, path) pairs of the current level ending at candidate j, best first.
+    kept: list[list[tuple[float, tuple[int, ...]]]] = [[] for _ in range(m + 1)]
+    kept[0] = [(0.0, (0,))]
     table = np.full((n_steps + 1, m + 1), np.inf)
     back = np.full((n_steps + 1, m + 1), -1, dtype=np.int64)
     table[0, 0] = 0.0
     x0 = traj[:, 0]
     flat = traj.reshape(traj.shape[0], traj.shape[1], -1).to(torch.float64)
     runs = 0
-
-    def path_to(k: int, j: int) -> list[int]:
-        p = [j]
-        for kk in range(k, 0, -1):
-            p.append(int(back[kk, p[-1]]))
-        return p[::-1]
-
     for k in range(1, n_steps + 1):
         last = m if k == n_steps else m - (n_steps - k)
-        sources = [i for i in range(m + 1) if np.isfinite(table[k - 1, i])]
-        for i in sources:
-            prefix = [float(cand[p]) for p in path_to(k - 1, i)]
-            lo = i + 1 if k < n_steps else m
-            for j in range(lo, last + 1):
-                grid = [*prefix, float(cand[j]), *_tail(float(cand[j]), n_steps - k)]
-                x = state_after(identity, denoiser, x0, grid, k - 1, cond)
-                runs += 1
-                err = float(((x.reshape(x.shape[0], -1).to(torch.float64) - flat[:, j]) ** 2).mean())
-                if err < table[k, j]:
-                    table[k, j] = err
-                    back[k, j] = i
+        found: list[list[tuple[float, tuple[int, ...]]]] = [[] for _ in range(m + 1)]
+        for i in range(m + 1):
+            for _, path in kept[i]:
+                prefix = [float(cand[p]) for p in path]
+                lo = i + 1 if k < n_steps else m
+                for j in range(lo, last + 1):
+                    grid = [*prefix, float(cand[j]), *_tail(float(cand[j]), n_steps - k)]
+                    x = state_after(identity, denoiser, x0, grid, k - 1, cond)
+                    runs += 1
+                    err = float(((x.reshape(x.shape[0], -1).to(torch.float64) - flat[:, j]) ** 2).mean())
+                    if math.isfinite(err):
+                        found[j].append((err, (*path, j)))
+        for j in range(m + 1):
+            # A stable sort: among equal errors the first path found wins, as in the paper's recursion.
+            found[j].sort(key=lambda entry: entry[0])
+            found[j] = found[j][:beam]
+            if found[j]:
+                table[k, j] = found[j][0][0]
+                back[k, j] = found[j][0][1][-2]
+        kept = found
         if progress is not None:
             progress(k)
-    if not np.isfinite(table[n_steps, m]):
+    if not kept[m]:
         raise StepoptError("oss: no finite path through the candidate grid (non-finite student states)")
-    return OSSResult(path_to(n_steps, m), float(table[n_steps, m]), table, back, runs)
+    value, path = kept[m][0]
+    return OSSResult(list(path), float(value), table, back, runs, beam)
 
 
 def final_error(

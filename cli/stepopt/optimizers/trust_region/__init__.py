@@ -280,7 +280,7 @@ def _logger(ctx: OptimizeContext) -> Callable[[str], None]:
     return lambda message: ctx.report("log", message=message)
 
 
-def _objective(sol: Solution, bound: ErrorBound, resolved: Resolved) -> dict[str, Any]:
+def _objective(sol: Solution, resolved: Resolved) -> dict[str, Any]:
     return {
         "name": OBJECTIVE_NAME,
         "initial": sol.initial,
@@ -332,7 +332,7 @@ def run(ctx: OptimizeContext, cfg: TrustRegionConfig) -> OptimizeResult:
             f"{sol.initial:.6g} -> {sol.value:.6g} (best start {sol.start}, {time.perf_counter() - t0:.2f} s)"
         ),
     )
-    objective = _objective(sol, bound, resolved)
+    objective = _objective(sol, resolved)
     sigmas = _sigmas(ctx, sol.lam)
     if cfg.teacher_refine:
         validator = select_validator(ctx, cfg)
@@ -432,7 +432,7 @@ def _run_select(ctx: OptimizeContext, cfg: TrustRegionConfig, report: dict[str, 
                 if key in seen:  # e.g. tau "auto" = 3 at N = 5: the same problem
                     continue
                 seen.add(key)
-                sol, bound = optimize_grid(ctx.model, ctx.solver, n, cfg, resolved, ctx.seed, log=_logger(ctx))
+                sol, _ = optimize_grid(ctx.model, ctx.solver, n, cfg, resolved, ctx.seed, log=_logger(ctx))
                 sig = _sigmas(ctx, sol.lam)
                 err = rmse(sig)
                 tau_label = f"{tau}({resolved.tau})" if tau in ("auto", "paper") else str(tau)
@@ -443,7 +443,7 @@ def _run_select(ctx: OptimizeContext, cfg: TrustRegionConfig, report: dict[str, 
                         **resolved.to_dict(),
                         "bound": sol.value,
                         "rmse": err,
-                        "objective": _objective(sol, bound, resolved),
+                        "objective": _objective(sol, resolved),
                     }
                 )
                 ctx.report("log", message=f"  {name:<34} bound {sol.value:<12.6g} rmse {err:.6g}")
