@@ -22,6 +22,7 @@ from stepopt.optimizers.dp import (
     gits_costs,
     gits_dp,
     gits_objective,
+    keep_best_grid,
     oss_dp,
     teacher_trajectories,
 )
@@ -142,6 +143,34 @@ def test_optimizer_contract(gmm: GaussianMixture, name: str, cfg: DPConfig, solv
     rep = a.method.config["report"]
     assert rep["network_evals"]["search"] > 0 and len(rep["path"]) == 4
     assert a.method.config["candidates"] == SMALL["candidates"]
+    # keep_best: the returned grid has the lowest final error on the trajectories of the DP's grid
+    # and every baseline, recomputed here from the trajectories themselves.
+    kept = rep["keep_best"]
+    assert set(kept["rmse_on_trajectories"]) == {"dp", "edm", "logsnr", "time-uniform", "time-quadratic", "kl-optimal"}
+    cand = candidate_grid(gmm, cfg, 3)
+    traj, _ = teacher_trajectories(gmm, cand, cfg)
+    assert final_error(ident, gmm, traj, a.sigmas) ** 0.5 == pytest.approx(
+        min(kept["rmse_on_trajectories"].values()), rel=1e-9
+    )
+    assert obj["teacher_rmse_final"] == kept["rmse_on_trajectories"][kept["kept"]]
+
+
+def test_keep_best_returns_a_baseline_that_beats_the_dp_grid(
+    gmm: GaussianMixture, small_setup: tuple[np.ndarray, torch.Tensor]
+) -> None:
+    """A poor grid (every step crowded at high noise) is replaced by the best baseline; a grid better
+    than every baseline is kept; ``keep_best=false`` returns the DP's grid."""
+    cand, traj = small_setup
+    ident = get_solver("euler").identity()
+    poor = [float(cand[0]), float(cand[1]) * 1.01, float(cand[1]), float(cand[-1])]
+    grid, info = keep_best_grid(gmm, ident, gmm, traj, poor, None)
+    scores = info["rmse_on_trajectories"]
+    assert info["kept"] != "dp" and scores[info["kept"]] == min(scores.values()) < scores["dp"]
+    assert grid == [float(v) for v in baseline_sigmas(info["kept"], 3, gmm.sigma_max, gmm.sigma_min, gmm.frame)]
+    same, again = keep_best_grid(gmm, ident, gmm, traj, grid, None)
+    assert same == grid and again["kept"] == "dp"  # a tie keeps the DP's own grid
+    off = optimize("gits", gmm, ident, 3, GITSConfig(**SMALL, keep_best=False))
+    assert "keep_best" not in off.method.config["report"]
 
 
 def test_too_few_candidates_is_an_error(gmm: GaussianMixture) -> None:

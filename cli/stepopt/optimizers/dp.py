@@ -32,10 +32,11 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from stepopt.baselines import baseline_sigmas, start_sigmas
+from stepopt.baselines import BASELINES, baseline_sigmas, start_sigmas
 from stepopt.cache import TeacherCache
 from stepopt.errors import StepoptError
 from stepopt.models.base import AnalyticModel, DiffusionModel
+from stepopt.optimizers import OptimizeContext, OptimizeResult
 from stepopt.sampling import cond_for_seeds, initial_noise
 from stepopt.solvers import SolverIdentity, get_solver, solve
 from stepopt.teacher import TeacherConfig, teacher_key
@@ -51,6 +52,10 @@ class DPConfig:
     candidates: M, the number of intervals of the candidate grid (M+1 sigmas, both ends included).
     spacing: lam (uniform in lam = -log sigma) | time (uniform in the model's native time) | edm (rho).
     trajectories: P, teacher trajectories the costs are averaged over (seeds data_seed ...).
+    keep_best: compare the DP's grid with every baseline grid (edm, logsnr, time-uniform,
+       time-quadratic, kl-optimal) by the solver's final error on the same P trajectories and return
+       the lowest (the report names it; ``false``: the DP's grid whatever it scores). An extension
+       beyond both papers: a path fitted under the method's own objective can lose to a closed form.
     teacher: for networks, the teacher between neighbouring candidates: ``steps`` steps of ``solver``
        (``order``) on a ``grid`` grid of each interval (default 4 Heun steps uniform in lam per
        interval); analytic models use the exact ODE. Files from before the nesting: the flat
@@ -68,6 +73,7 @@ class DPConfig:
     data_seed: int = 3_000_000
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(steps=4, grid="logsnr"))
     batch_size: int = 256
+    keep_best: bool = True
 
     def __post_init__(self) -> None:
         for name in ("candidates", "trajectories", "batch_size"):
@@ -396,6 +402,63 @@ def final_error(
         out = solve(identity, denoiser, traj[:, 0], torch.as_tensor(np.asarray(sigmas, dtype=np.float64)), cond=cond)
     y = traj[:, -1].reshape(traj.shape[0], -1).to(torch.float64)
     return float(((out.reshape(out.shape[0], -1).to(torch.float64) - y) ** 2).mean())
+
+
+def keep_best_grid(
+    model: DiffusionModel,
+    identity: SolverIdentity,
+    denoiser: Callable[..., torch.Tensor],
+    traj: torch.Tensor,
+    sigmas: Sequence[float],
+    cond: Mapping[str, Any] | None = None,
+) -> tuple[list[float], dict[str, Any]]:
+    """``sigmas`` or the baseline grid with the lowest final error on the trajectories, and the scores.
+
+    Every baseline of :data:`stepopt.baselines.BASELINES` the model's range allows, with the same
+    number of steps, from c_0 = sigma_max to c_M = sigma_min (the trajectories' ends).
+    """
+    n = len(sigmas) - 1
+    scores = {"dp": final_error(identity, denoiser, traj, sigmas, cond)}
+    grids: dict[str, list[float]] = {"dp": [float(v) for v in sigmas]}
+    for kind in BASELINES:
+        try:
+            grid = [float(v) for v in start_sigmas(kind, model, n)]
+        except StepoptError:
+            continue
+        grids[kind] = grid
+        scores[kind] = final_error(identity, denoiser, traj, grid, cond)
+    best = min(scores, key=lambda k: scores[k] if math.isfinite(scores[k]) else math.inf)
+    if not scores[best] < scores["dp"]:
+        best = "dp"  # ties keep the DP's own grid
+    info = {
+        "kept": best,
+        "rmse_on_trajectories": {k: v**0.5 for k, v in scores.items()},
+    }
+    return grids[best], info
+
+
+def finish(
+    ctx: OptimizeContext,
+    method: str,
+    cfg: DPConfig,
+    memo: MemoDenoiser,
+    traj: torch.Tensor,
+    sigmas: list[float],
+    cond: Mapping[str, Any] | None,
+    objective: dict[str, Any],
+    report: dict[str, Any],
+    search_evals: int,
+) -> OptimizeResult:
+    """The result of gits/oss: ``keep_best`` applied (when on), the check's evaluations counted."""
+    if cfg.keep_best:
+        with torch.no_grad():
+            sigmas, kept = keep_best_grid(ctx.model, ctx.solver, memo, traj, sigmas, cond)
+        report["keep_best"] = kept
+        objective["teacher_rmse_final"] = kept["rmse_on_trajectories"][kept["kept"]]
+        if kept["kept"] != "dp":
+            ctx.report("log", message=f"{method}: the {kept['kept']} baseline beats the DP's grid; kept it")
+    report["network_evals"]["check"] = memo.evals - search_evals
+    return OptimizeResult(sigmas=sigmas, objective=objective, report=report)
 
 
 def even_path(m: int, n_steps: int) -> list[int]:

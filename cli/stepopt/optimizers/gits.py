@@ -44,6 +44,7 @@ from stepopt.optimizers.dp import (
     candidate_grid,
     even_path,
     final_error,
+    finish,
     gits_costs,
     gits_dp,
     gits_objective,
@@ -98,7 +99,7 @@ def run(ctx: OptimizeContext, cfg: GITSConfig) -> OptimizeResult:
         "teacher_rmse_initial": mse_start**0.5,
         "teacher_rmse_final": mse_final**0.5,
     }
-    report = {
+    report: dict[str, Any] = {
         "path": path,
         "teacher": tinfo,
         "network_evals": {
@@ -109,7 +110,7 @@ def run(ctx: OptimizeContext, cfg: GITSConfig) -> OptimizeResult:
         "seconds_search": round(search_seconds, 4),
         "complexity": "cost matrix O(M^2) one-step solves; DP O(N M^2)",
     }
-    return OptimizeResult(sigmas=sigmas, objective=objective, report=report)
+    return finish(ctx, "gits", cfg, memo, traj, sigmas, cond, objective, report, search_evals)
 
 
 SPEC = register(

@@ -39,6 +39,7 @@ from stepopt.optimizers.dp import (
     candidate_grid,
     even_path,
     final_error,
+    finish,
     oss_dp,
     teacher_trajectories,
 )
@@ -103,7 +104,7 @@ def run(ctx: OptimizeContext, cfg: OSSConfig) -> OptimizeResult:
         "teacher_rmse_initial": mse_start**0.5,
         "teacher_rmse_final": res.value**0.5,
     }
-    report = {
+    report: dict[str, Any] = {
         "path": res.path,
         "teacher": tinfo,
         "network_evals": {
@@ -115,7 +116,7 @@ def run(ctx: OptimizeContext, cfg: OSSConfig) -> OptimizeResult:
         "seconds_search": round(search_seconds, 4),
         "complexity": "O(B N M^2) solver transitions, O(B N M) network evaluations per trajectory (B = beam)",
     }
-    return OptimizeResult(sigmas=sigmas, objective=objective, report=report)
+    return finish(ctx, "oss", cfg, memo, traj, sigmas, cond, objective, report, search_evals)
 
 
 SPEC = register(
