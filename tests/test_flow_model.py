@@ -148,8 +148,8 @@ def test_export_of_a_grid_from_pure_noise(flow: GaussianMixtureFlow) -> None:
         for force in (False, True):
             with pytest.raises(ExportRefused, match="pure noise"):
                 export_text(sched, to, force=force)
-    d = json.loads(export_text(sched, "json"))  # Python's json reads the Infinity it writes
-    assert d["sigmas"][0] == INF and d["time"] == "flow" and d["timesteps"][0] == 1.0
+    d = json.loads(export_text(sched, "json"))  # strict JSON: inf is the string "inf", lam = -inf "-inf"
+    assert float(d["sigmas"][0]) == INF and d["lam"][0] == "-inf" and d["time"] == "flow" and d["timesteps"][0] == 1.0
     assert export_text(sched, "csv").splitlines()[1].startswith("0,inf,-inf,1.0")
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +35,7 @@ import torch
 from stepopt import __version__, distributed
 from stepopt.errors import StepoptError
 from stepopt.io import atomic_write_text
+from stepopt.jsontext import json_text
 from stepopt.metrics import INCEPTION_EXTRACTOR, METRIC_KINDS, EvalContext, MetricRequest, parse_metrics
 from stepopt.metrics.fidelity import FidelityOptions
 from stepopt.models.base import DiffusionModel
@@ -297,5 +297,5 @@ def write_table(rows: Sequence[EvalRow], path: str | Path) -> Path:
     elif p.suffix == ".csv":
         text = render_csv(rows)
     else:
-        text = json.dumps(rows_json(rows), indent=1, default=str) + "\n"
+        text = json_text(rows_json(rows), indent=1) + "\n"
     return atomic_write_text(p, text)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -49,6 +48,7 @@ from typing import Any
 
 from stepopt.errors import StepoptError
 from stepopt.io import atomic_write_text
+from stepopt.jsontext import json_text
 from stepopt.schedule import Schedule
 
 FORMATS = ("diffusers", "diffusers-python", "k-diffusion", "comfyui", "json", "csv")
@@ -446,18 +446,18 @@ def export_with_differences(s: Schedule, to: str, force: bool = False) -> tuple[
     """The text of ``s`` in format ``to`` and what it does not reproduce (empty unless ``force``)."""
     if to == "diffusers":
         d = diffusers_export(s, force)
-        return json.dumps(d, indent=2) + "\n", d["differences"]
+        return json_text(d, indent=2) + "\n", d["differences"]
     if to == "diffusers-python":
         return diffusers_python(s, force), diffusers_export(s, force)["differences"]
     if to == "k-diffusion":
         d = k_diffusion_export(s, force)
-        return json.dumps(d, indent=2) + "\n", d["differences"]
+        return json_text(d, indent=2) + "\n", d["differences"]
     if to == "comfyui":
         diffs: list[str] = []
         sig = k_diffusion_sigmas(s, force, diffs)
         return ", ".join(repr(x) for x in sig) + "\n", diffs
     if to == "json":
-        return json.dumps(json_export(s), indent=2) + "\n", []
+        return json_text(json_export(s), indent=2) + "\n", []
     if to == "csv":
         return csv_text(s), []
     raise StepoptError(f"unknown export format '{to}'; expected one of {', '.join(FORMATS)}")

@@ -8,7 +8,6 @@ Machine output (``--json``) goes to stdout, summaries and progress to stderr.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -21,6 +20,7 @@ from rich.console import Console
 from stepopt import __version__, distributed
 from stepopt.cli.flags import cli_message
 from stepopt.errors import StepoptError
+from stepopt.jsontext import json_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -260,5 +260,5 @@ def emit_json(obj: Any) -> None:
     """The one machine-readable object, on stdout (once: by rank 0 among several ranks)."""
     if not distributed.is_main():
         return
-    sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
+    sys.stdout.write(json_text(obj) + "\n")  # strict JSON: sigma = inf is the string "inf"
     sys.stdout.flush()
