@@ -147,6 +147,87 @@ def test_estimates_do_not_depend_on_batch_size():
     assert np.allclose(out[0][1], out[1][1], rtol=1e-12, atol=0)
 
 
+# -- the top interval to sigma = inf (grids from pure noise) ------------------------------------
+def _quad_z_inf(lo: float, c: float) -> float:
+    """Z_inf = int_lo^inf sigma^-3 / (sigma^2 + c^2) dsigma by quadrature in r = 1/sigma:
+    int_0^{1/lo} r^3 / (1 + c^2 r^2) dr."""
+    return quad(lambda r: r**3 / (1 + c * c * r * r), 0.0, 1.0 / lo, epsabs=0, epsrel=1e-12, limit=400)[0]
+
+
+@pytest.mark.parametrize("c", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("lo", [0.002, 0.3, 1.0, 40.0, 2997.0])
+def test_normalizer_to_inf_matches_quadrature_and_is_the_finite_limit(c, lo):
+    z = float(normalizer(lo, math.inf, c))
+    assert z == pytest.approx(_quad_z_inf(lo, c), rel=1e-9)
+    # The finite normalizer tends to it: Z(lo, u) = Z_inf - O(u^-2) (the missing tail and g's offset).
+    gaps = [1 - float(normalizer(lo, max(lo, 1.0) * f, c)) / z for f in (1e2, 1e4, 1e6)]
+    assert gaps[0] >= gaps[1] >= gaps[2] - 1e-13 and abs(gaps[2]) < 1e-9, gaps
+
+
+def test_proposal_to_inf_inverts_the_cdf_exactly_and_matches_the_density():
+    lo, c = 0.7, 0.5
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64).numpy()
+    u[:3] = [0.0, 1 - 2**-53, 0.5]  # the extremes torch.rand can return
+    s = sample_proposal(u, lo, math.inf, c)
+    assert np.all(np.isfinite(s)) and np.all(s >= lo)
+    cdf = (antiderivative(s, math.inf, c) - antiderivative(lo, math.inf, c)) / normalizer(lo, math.inf, c)
+    assert np.max(np.abs(cdf - u)) < 1e-12
+    for q in lo * np.array([1.1, 1.5, 2.0, 3.0, 6.0, 20.0]):
+        p = quad(lambda x: float(proposal_density(x, lo, math.inf, c)), lo, q, limit=200)[0]
+        assert p == pytest.approx(1 - _quad_z_inf(q, c) / _quad_z_inf(lo, c), rel=1e-8)  # density integrates to the CDF
+        se = math.sqrt(p * (1 - p) / len(s))
+        assert abs(np.mean(s <= q) - p) < TOL_SE * se
+
+
+def test_klub_to_inf_matches_gaussian_closed_form():
+    """For Gaussian data the top term is d c^4 Z_inf(sigma_1), the u -> inf limit of the finite closed form;
+    with the proposal's c equal to the data's only the chi-square noise remains (relative sd sqrt(2/d))."""
+    for c_data, n in ((0.7, 2048), (0.5, 4096)):
+        model = _gaussian(c_data)  # D(y, inf) = mu: the denoiser at pure noise
+        data = model.sample(4096, torch.Generator().manual_seed(1))
+        est = KLUBEstimator(model, data, c=0.5, seed=3)
+        grid = [math.inf, 5.0, 0.5, 0.002]
+        mean, se = est.interval_terms(grid, n)
+        exact = gaussian_klub_terms(grid, c_data, 16)
+        assert exact[0] == pytest.approx(16 * c_data**4 * _quad_z_inf(5.0, c_data), rel=1e-9)
+        assert np.all(np.abs(mean - exact) < TOL_SE * se), (mean, exact, se)
+        if c_data == 0.5:
+            assert se[0] * math.sqrt(n) / mean[0] == pytest.approx(math.sqrt(2 / 16), rel=0.1)
+
+
+@pytest.mark.parametrize("mode", ["shared", "independent"])
+def test_candidates_below_inf_match_closed_form(mode):
+    model = _gaussian(0.7)
+    data = model.sample(2048, torch.Generator().manual_seed(2))
+    est = KLUBEstimator(model, data, c=0.5, seed=5)
+    grid = np.array([math.inf, 8.0, 1.0, 0.1, 0.002])
+    v = np.append(np.exp(np.linspace(math.log(1.0), math.log(100.0), 9)[1:-1]), 8.0)
+    r = est.candidates(grid, [1], [v], [7], 2048, tag=7, mode=mode)[0]
+    exact = np.array([gaussian_klub_terms([math.inf, x, 1.0], 0.7, 16).sum() for x in v])
+    assert np.all(np.abs(r.mean - exact) < TOL_SE * r.stderr), (mode, r.mean, exact)
+
+
+@pytest.mark.parametrize("mode", ["shared", "independent"])
+def test_finite_top_klub_converges_to_the_limit_at_inf(mode):
+    """On common random numbers the estimate on [sigma_1, sigma_0] tends to the one on [sigma_1, inf) sample by
+    sample as sigma_0 -> inf (gmm-digits-flow: the denoiser at finite sigma_0 sees x / (1 + sigma_0) at
+    t = sigma_0 / (1 + sigma_0); at inf the noise itself at t = 1). Measured: relative gap 1.7e-5, 3.4e-6,
+    3.6e-7, 3.6e-8 at sigma_0 = 1e3 ... 1e6 (O(1 / sigma_0))."""
+    from stepopt.models import load_model
+
+    flow = load_model("builtin:gmm-digits-flow")
+    data = flow.sample(512, torch.Generator().manual_seed(1))
+    est = KLUBEstimator(flow, data, c=0.5, seed=3)
+    lim = est.interval_terms([math.inf, 3.0], 256)[0][0]
+    gaps = [abs(est.interval_terms([s0, 3.0], 256)[0][0] / lim - 1) for s0 in (1e2, 1e4, 1e6)]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-6, gaps
+    # The candidates of sigma_1 (both adjacent terms, the top one to sigma_0 or to inf).
+    v = np.array([1.0, 5.0, 30.0, 3.0])
+    lim_c = est.candidates([math.inf, 3.0, 0.1], [1], [v], [3], 256, tag=2, mode=mode)[0].mean
+    far = est.candidates([1e7, 3.0, 0.1], [1], [v], [3], 256, tag=2, mode=mode)[0].mean
+    np.testing.assert_allclose(far, lim_c, rtol=1e-6)
+
+
 # -- Theorem 3.1: the Euler output KL on Gaussian data ----------------------------------------
 def _euler_gain(sigmas: np.ndarray, c: float) -> float:
     s = np.asarray(sigmas, dtype=np.float64)

@@ -200,14 +200,26 @@ def start_sigmas(kind: str, model: SigmaRange, n_steps: int, rho: float = 7.0) -
 def interpolate_loglinear(sigmas: Sequence[float] | np.ndarray, n_steps: int) -> np.ndarray:
     """Resample a descending grid to ``n_steps + 1`` values, log-linearly in the step index.
 
+    A grid from pure noise (``sigma = inf`` first; log-linear has no finite form there) stays
+    ``inf`` followed by its finite part resampled to ``n_steps - 1`` steps, as ``edm`` and ``logsnr``
+    begin at inf.
+
     >>> interpolate_loglinear([100.0, 1.0], 2).tolist()
     [100.0, 10.0, 1.0]
+    >>> interpolate_loglinear([float("inf"), 100.0, 1.0], 3).tolist()
+    [inf, 100.0, 10.0, 1.0]
     """
     s = np.asarray(sigmas, dtype=np.float64)
-    if s.ndim != 1 or len(s) < 2 or np.any(s <= 0):
-        raise StepoptError("interpolation needs a grid of at least 2 positive sigmas")
+    if s.ndim != 1 or len(s) < 2 or np.any(s <= 0) or np.any(np.isnan(s)) or np.any(np.isinf(s[1:])):
+        raise StepoptError("interpolation needs a grid of at least 2 positive sigmas (only the first may be inf)")
     if n_steps < 1:
         raise StepoptError(f"a schedule needs at least 1 step, got {n_steps}")
+    if math.isinf(s[0]):
+        if n_steps == 1:
+            return np.array([math.inf, s[-1]])
+        if len(s) < 3:
+            raise StepoptError("a grid from sigma = inf needs at least one finite step to interpolate")
+        return np.concatenate([[math.inf], interpolate_loglinear(s[1:], n_steps - 1)])
     ys = np.log(s[::-1])
     xs = np.linspace(0.0, 1.0, len(s))
     out = np.exp(np.interp(np.linspace(0.0, 1.0, n_steps + 1), xs, ys))[::-1].copy()

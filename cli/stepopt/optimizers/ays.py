@@ -37,6 +37,14 @@ interior sigmas of the grid by the paper's iterative coordinate search (Sec. 3.3
   seeds* ``holdout_seed ...`` (disjoint from the stopping seeds, never used to choose anything);
   ``selection_initial`` / ``selection_final`` are the same on the stopping seeds.
 
+**From pure noise** (``sigma_max = inf``, flow models): the grid keeps ``inf`` first. The top
+interval's KLUB term is its limit to ``sigma = inf`` (derived in :mod:`stepopt.optimizers.klub`: the
+frozen denoiser is ``D`` at pure noise given the noise itself); point 1's candidates span
+log-uniformly from its lower neighbour up to the frame's largest finite training level
+``sigma_top`` (or its current value if larger); the hierarchy's midpoint of ``[sigma_1, inf)`` is
+the midpoint in the frame's native time (flow: ``sigma = 2 sigma_1 + 1``) and other step counts are
+``inf`` followed by the finite part interpolated (:func:`stepopt.baselines.interpolate_loglinear`).
+
 **Conditional models** (several prompts): the KLUB pairs data row j of the whole data set with
 prompt ``j mod P`` (:mod:`stepopt.optimizers.klub`), the stopping measure each validation seed with
 its own prompt (seed mod P), as ``sample`` does.
@@ -56,8 +64,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from stepopt.baselines import BASELINES, interpolate_loglinear, start_sigmas
+from stepopt.baselines import BASELINES, interpolate_loglinear, sigma_top, start_sigmas
 from stepopt.errors import StepoptError
+from stepopt.frames import NoiseFrame
 from stepopt.models import AnalyticModel, DiffusionModel, load_digits
 from stepopt.optimizers import OptimizeContext, OptimizeResult, OptimizerSpec, register
 from stepopt.optimizers.klub import KLUBEstimator, klub_total
@@ -226,9 +235,18 @@ def choose_start(
     return grids[best], best, scores
 
 
-def candidate_values(sigmas: np.ndarray, i: int, k: int) -> tuple[np.ndarray, int]:
-    """``k - 1`` log-uniform values strictly between the neighbours of point i, then the current value."""
-    lo, hi = math.log(sigmas[i + 1]), math.log(sigmas[i - 1])
+def candidate_values(sigmas: np.ndarray, i: int, k: int, top: float | None = None) -> tuple[np.ndarray, int]:
+    """``k - 1`` log-uniform values strictly between the neighbours of point i, then the current value.
+
+    Below ``sigma = inf`` (point 1 of a grid from pure noise) log-uniform values have no upper end:
+    they span up to ``top`` (the frame's largest finite training level) or the current value if larger.
+    """
+    upper = sigmas[i - 1]
+    if math.isinf(upper):
+        if top is None:
+            raise StepoptError("a grid from sigma = inf needs the largest finite level (its first point's candidates)")
+        upper = max(top, sigmas[i])
+    lo, hi = math.log(sigmas[i + 1]), math.log(upper)
     grid = np.exp(lo + (hi - lo) * np.arange(1, k) / k)
     return np.append(grid, sigmas[i]), k - 1
 
@@ -258,6 +276,7 @@ def search(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Coordinate search over the ``free`` interior points with early stopping; returns the kept grid."""
     sig = np.asarray(sigmas, dtype=np.float64).copy()
+    top = sigma_top(est.model.frame) if math.isinf(sig[0]) else None  # from pure noise: see candidate_values
     t0 = time.perf_counter()
     m0 = validate.rmse(sig)
     history: list[dict[str, Any]] = [{"sweep": 0, "rmse": m0, "evals": 0, "seconds": 0.0, "sigmas": sig.tolist()}]
@@ -271,7 +290,7 @@ def search(
             idx = [i for i in free if i % 2 == parity]
             if not idx:
                 continue
-            cands = [candidate_values(sig, i, cfg.candidates) for i in idx]
+            cands = [candidate_values(sig, i, cfg.candidates, top) for i in idx]
             tag = (level * 1000 + sweep) * 2 + parity
             res = est.candidates(
                 sig, idx, [c[0] for c in cands], [c[1] for c in cands], cfg.samples, tag, cfg.estimator
@@ -317,12 +336,21 @@ def search(
     return best_sig, info
 
 
-def subdivide(sigmas: np.ndarray) -> np.ndarray:
-    """Insert the geometric midpoint sqrt(s_i s_{i+1}) into every interval (N -> 2N steps)."""
+def subdivide(sigmas: np.ndarray, frame: NoiseFrame | None = None) -> np.ndarray:
+    """Insert the geometric midpoint sqrt(s_i s_{i+1}) into every interval (N -> 2N steps).
+
+    The interval from ``sigma = inf`` has no geometric midpoint; it gets the midpoint in the frame's
+    native time, which is finite at pure noise (flow: ``t = (t_1 + 1) / 2``, i.e. ``sigma = 2 sigma_1 + 1``).
+    """
     s = np.asarray(sigmas, dtype=np.float64)
     out = np.empty(2 * len(s) - 1)
     out[0::2] = s
-    out[1::2] = np.sqrt(s[:-1] * s[1:])
+    with np.errstate(invalid="ignore"):
+        out[1::2] = np.sqrt(s[:-1] * s[1:])
+    if math.isinf(s[0]):
+        if frame is None:
+            raise StepoptError("subdividing a grid from sigma = inf needs the model's frame (its native time)")
+        out[1] = float(frame.sigma((float(frame.time(s[1])) + 1.0) / 2.0))
     return out
 
 
@@ -332,13 +360,6 @@ def _seed_span(seeds: range) -> str:
 
 def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
     model, n = ctx.model, ctx.n_steps
-    if math.isinf(model.sigma_max):
-        # Not yet: the top interval's KLUB term to sigma = inf (proposal on [sigma_1, inf), the frozen
-        # denoiser at the noise-scaled state), candidates for sigma_1 and the hierarchy's midpoints.
-        raise StepoptError(
-            f"ays: {model.id} starts from pure noise (sigma_max = inf); the KLUB to sigma = inf is not "
-            "implemented yet: use ld3, or a baseline"
-        )
     data, data_info, data_rows = load_data_rows(model, cfg, ctx.seed)
     est = KLUBEstimator(
         model, data, c=cfg.c, batch_size=cfg.batch_size, device=ctx.device, seed=ctx.seed, rows=data_rows
@@ -375,7 +396,9 @@ def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
         levels.append(info)
         while len(sig) - 1 < last:
             steps = 2 * (len(sig) - 1)
-            sig, info = search(est, subdivide(sig), list(range(1, steps, 2)), validate, cfg, ctx, level=steps)
+            sig, info = search(
+                est, subdivide(sig, model.frame), list(range(1, steps, 2)), validate, cfg, ctx, level=steps
+            )
             levels.append(info)
         plan = "hierarchy " + " -> ".join(str(lv["steps"]) for lv in levels)
         if last != n:

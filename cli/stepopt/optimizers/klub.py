@@ -31,6 +31,26 @@ appendix and Algorithm 2 do not, and only the unsquared form matches the closed 
 evaluated in the algebraically equal form ``(log1p(q) - q) + q c^2/(u^2+c^2)`` when ``q <= 1``
 to avoid cancellation at large sigma.
 
+**The top interval to sigma = inf** (models whose grids start from pure noise, ``sigma_max = inf``:
+flow models). The interval ``[l, u]`` with ``u -> inf`` has a finite limit, which is what is
+estimated; no finite sigma stands in for inf. (1) The frozen denoiser: in the noise-scaled state
+``y = x / sigma`` (README, Conventions) ``x_u / u = x_sigma / u + sqrt(1 - sigma^2/u^2) eps2 -> eps2``,
+so the upper end is ``D(eps2, inf)``, the denoiser at pure noise given the noise itself, and it is
+independent of ``x_sigma = x0 + sigma eps1`` (their correlation ``sigma / u`` vanishes). (2) The
+proposal's difference tends to ``g_inf(sigma) = 1/(sigma^2+c^2)`` and its antiderivative to
+``H_inf(sigma) = (log(1 + q) - q) / (2 c^4)`` (``q = c^2/sigma^2``; check: ``dH_inf/dsigma =
+sigma^-3/(sigma^2+c^2)``), with ``H_inf(inf) = 0``: ``Z_inf(l) = (q_l - log(1 + q_l)) / (2 c^4)``,
+finite. So
+
+    KLUB_top(l) = int_l^inf sigma^-3 E || D(x0 + sigma eps1, sigma) - D(eps2, inf) ||^2 dsigma,
+
+estimated with samples ``sigma ~ sigma^-3 g_inf / Z_inf`` weighted ``Z_inf (sigma^2 + c^2)``. The
+integrand is ``O(sigma^-3)`` (``||dD||^2`` stays bounded), so the term is finite for any denoiser; for
+Gaussian data it is ``d c^4 Z_inf(l)``, the limit of the finite closed form. The inverse CDF is bisected
+in log sigma on ``[log l, log S]`` with ``S = (4 (1 - U) Z_inf)^(-1/4)``: the tail mass above ``S`` is at
+most ``int_S^inf sigma^-5 = 1/(4 S^4) = (1 - U) Z_inf``, so ``S`` brackets the sample exactly. The
+finite-u estimate converges to this one sample by sample on common random numbers (tested).
+
 **Common random numbers.** Candidates for one grid point are compared on the same data points,
 the same ``eps1, eps2`` and the same uniforms. Two estimators of the candidates' two adjacent
 terms are implemented:
@@ -92,16 +112,24 @@ def _log1pmx(q: np.ndarray) -> np.ndarray:
     return out
 
 
+def _upper_fractions(u: np.ndarray, c2: float) -> tuple[np.ndarray, np.ndarray]:
+    """``u^2/(u^2+c^2)`` and ``c^2/(u^2+c^2)``, with their limits 1 and 0 at ``u = inf``."""
+    r = u * u + c2
+    inf = np.isinf(u)
+    with np.errstate(invalid="ignore"):
+        return np.where(inf, 1.0, (u * u) / r), np.where(inf, 0.0, c2 / r)
+
+
 def antiderivative(sigma: np.ndarray, u: np.ndarray, c: float) -> np.ndarray:
-    """``H(sigma)`` with ``dH/dsigma = sigma^-3 (1/(sigma^2+c^2) - 1/(u^2+c^2))``."""
+    """``H(sigma)`` with ``dH/dsigma = sigma^-3 (1/(sigma^2+c^2) - 1/(u^2+c^2))`` (``u = inf``: the limit ``H_inf``)."""
     s, u = np.broadcast_arrays(np.asarray(sigma, dtype=np.float64), np.asarray(u, dtype=np.float64))
     c2 = c * c
     q = c2 / (s * s)
-    r = u * u + c2
+    frac_u, frac_c = _upper_fractions(u, c2)
     big = q > 1.0
     h = np.empty(s.shape, dtype=np.float64)
-    h[big] = np.log1p(q[big]) - q[big] * (u[big] * u[big]) / r[big]
-    h[~big] = _log1pmx(q[~big]) + q[~big] * c2 / r[~big]
+    h[big] = np.log1p(q[big]) - q[big] * frac_u[big]
+    h[~big] = _log1pmx(q[~big]) + q[~big] * frac_c[~big]
     return h / (2.0 * c2 * c2)
 
 
@@ -112,11 +140,14 @@ def normalizer(lo: np.ndarray | float, hi: np.ndarray | float, c: float) -> np.n
 
 
 def proposal_weight(sigma: np.ndarray, u: np.ndarray | float, c: float) -> np.ndarray:
-    """The unnormalised proposal ``g(sigma) = 1/(sigma^2+c^2) - 1/(u^2+c^2)`` (not squared)."""
+    """The unnormalised proposal ``g(sigma) = 1/(sigma^2+c^2) - 1/(u^2+c^2)`` (not squared; at ``u = inf``
+    its limit ``1/(sigma^2+c^2)``)."""
     s = np.asarray(sigma, dtype=np.float64)
     u = np.asarray(u, dtype=np.float64)
     c2 = c * c
-    return (u * u - s * s) / ((s * s + c2) * (u * u + c2))
+    with np.errstate(invalid="ignore"):
+        finite = (u * u - s * s) / ((s * s + c2) * (u * u + c2))
+    return np.where(np.isinf(u), 1.0 / (s * s + c2), finite)
 
 
 def proposal_density(sigma: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float, c: float) -> np.ndarray:
@@ -133,8 +164,14 @@ def sample_proposal(uniform: np.ndarray, lo: np.ndarray | float, hi: np.ndarray 
     uni = np.asarray(uniform, dtype=np.float64)
     lo_a, hi_a = (np.broadcast_to(np.asarray(v, dtype=np.float64), uni.shape) for v in (lo, hi))
     h_lo = antiderivative(lo_a, hi_a, c)
-    target = h_lo + uni * (antiderivative(hi_a, hi_a, c) - h_lo)
+    z = antiderivative(hi_a, hi_a, c) - h_lo
+    target = h_lo + uni * z
     a, b = np.log(lo_a).copy(), np.log(hi_a).copy()
+    inf = np.isinf(hi_a)
+    if np.any(inf):  # u = inf: the tail above S = (4 (1 - U) Z)^(-1/4) holds at most (1 - U) Z (module doc)
+        with np.errstate(divide="ignore"):
+            top = -0.25 * np.log(4.0 * np.maximum(1.0 - uni, np.finfo(np.float64).tiny) * z)
+        b = np.where(inf, np.maximum(a, top), b)
     for _ in range(_BISECT_ITERS):
         mid = 0.5 * (a + b)
         below = antiderivative(np.exp(mid), hi_a, c) < target
@@ -352,6 +389,13 @@ class KLUBEstimator:
     def _bcast(v: np.ndarray, x: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(v, dtype=torch.float64, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
 
+    def _upper_state(self, x_s: torch.Tensor, sig: np.ndarray, hi: float, e2: torch.Tensor) -> torch.Tensor:
+        """``x_hi = x_sigma + sqrt(hi^2 - sigma^2) eps2`` (the forward process); at ``hi = inf`` its
+        noise-scaled limit ``x_hi / hi = eps2`` (the state a denoiser takes at pure noise)."""
+        if math.isinf(hi):
+            return e2
+        return x_s + self._bcast(np.sqrt(np.maximum(hi * hi - sig * sig, 0.0)), x_s) * e2
+
     @staticmethod
     def _sqnorm(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
         return ((a - b) ** 2).flatten(1).sum(1).cpu().numpy()
@@ -378,7 +422,7 @@ class KLUBEstimator:
                 x0, e1, e2, uni, _ = self._block(idx, 2, tag, i, b0 // NOISE_BLOCK)
                 sig = sample_proposal(uni[:, 0], lo, hi, self.c)
                 x_s = x0 + self._bcast(sig, x0) * e1
-                x_u = x_s + self._bcast(np.sqrt(hi * hi - sig * sig), x0) * e2
+                x_u = self._upper_state(x_s, sig, hi, e2)
                 n = idx.shape[0]
                 dev = x0.device
                 sig_t = torch.as_tensor(sig, dtype=torch.float64, device=dev)
@@ -469,7 +513,7 @@ class KLUBEstimator:
         pre = _is_weight(sig, lo, hi, self.c)
         below = sig[:, None] < v[None, :]
         x_s = x0 + self._bcast(sig, x0) * e1
-        x_hi = x_s + self._bcast(np.sqrt(np.maximum(hi * hi - sig * sig, 0.0)), x0) * e2
+        x_hi = self._upper_state(x_s, sig, hi, e2)
         dev = x0.device
         sig_t = torch.as_tensor(sig, dtype=torch.float64, device=dev)
         need_hi = (~below).any(1)  # D(x_hi, hi) is only needed where some candidate lies below sigma
@@ -515,6 +559,8 @@ class KLUBEstimator:
         Upper term ``[v, hi]``: ``x_hi = x0 + hi e2`` first and ``x_sigma`` from the Brownian bridge,
         ``x0 + (sigma/hi)^2 (x_hi - x0) + sigma sqrt(1 - (sigma/hi)^2) e1`` (the same joint law), so
         ``D(x_hi, hi)`` is shared by all candidates: 3K + 1 evaluations per sample instead of 4K.
+        At ``hi = inf`` the bridge's limit is ``x_sigma = x0 + sigma e1``, independent of the
+        noise-scaled ``x_hi / hi = e2``.
         """
         x0, e1, e2, uni, data_rows = block
         n, k = x0.shape[0], len(v)
@@ -524,14 +570,21 @@ class KLUBEstimator:
         sb = sample_proposal(np.repeat(uni[:, 1:], k, 1), v[None, :], hi, self.c)
         wa = _is_weight(sa, lo, v[None, :], self.c)
         wb = _is_weight(sb, v[None, :], hi, self.c)
-        x_hi = x0 + hi * e2
+        x_hi = e2 if math.isinf(hi) else x0 + hi * e2
         xs, ss = [x_hi], [torch.full((n,), hi, dtype=torch.float64, device=dev)]
         for j in range(k):
             s_a, s_b, up = sa[:, j], sb[:, j], float(v[j])
             x_a = x0 + self._bcast(s_a, x0) * e1
             x_v = x_a + self._bcast(np.sqrt(np.maximum(up * up - s_a * s_a, 0.0)), x0) * e2
-            r2 = (s_b / hi) ** 2
-            x_b = x0 + self._bcast(r2, x0) * (x_hi - x0) + self._bcast(s_b * np.sqrt(np.maximum(1 - r2, 0.0)), x0) * e1
+            if math.isinf(hi):
+                x_b = x0 + self._bcast(s_b, x0) * e1
+            else:
+                r2 = (s_b / hi) ** 2
+                x_b = (
+                    x0
+                    + self._bcast(r2, x0) * (x_hi - x0)
+                    + self._bcast(s_b * np.sqrt(np.maximum(1 - r2, 0.0)), x0) * e1
+                )
             xs += [x_a, x_v, x_b]
             ss += [
                 torch.as_tensor(s_a, dtype=torch.float64, device=dev),
