@@ -7,6 +7,14 @@ for files written before the nesting, the flat key ``teacher_steps``. Sections m
 into the field's default (a section whose default differs from its class's defaults keeps it). A
 config class may rename old flat keys (``RENAMED_KEYS``, e.g. ``teacher_substeps`` ->
 ``teacher.steps``).
+
+**Presets.** A config class with a ``preset`` field and a ``PRESETS`` mapping (preset name -> option
+values, sections as nested mappings) resolves in the order defaults <- the chosen preset's values
+<- the config file <- ``--set`` items <- explicit overrides: every key given explicitly wins over
+the preset, key by key inside a section (``--set preset=paper --set teacher.steps=40`` keeps the
+preset's other teacher keys). The preset is chosen by the ``preset`` key from any of those sources.
+The built config holds the resolved values and the preset's name, so recording it records both.
+Presets are applied here, by name: ``Cls(preset=...)`` built directly records the name only.
 """
 
 from __future__ import annotations
@@ -111,7 +119,25 @@ def resolve_config(
     for k, v in (overrides or {}).items():
         if v is not None:
             values[k] = v
-    return _build(cls, values, "")
+    return _build(cls, _with_preset(cls, values), "")
+
+
+def _with_preset(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` laid over the values of the preset they name (or the class's default preset)."""
+    presets: Mapping[str, Mapping[str, Any]] | None = getattr(cls, "PRESETS", None)
+    if presets is None:
+        return values
+    default = next((f.default for f in dataclasses.fields(cls) if f.name == "preset"), None)  # type: ignore[arg-type]
+    name = values.get("preset", default)
+    if not isinstance(name, str) or name not in presets:
+        raise ConfigError(f"'preset' = {name!r}: expected one of {', '.join(map(repr, presets))}")
+    merged: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in presets[name].items()}
+    for k, v in values.items():
+        if isinstance(v, Mapping) and isinstance(merged.get(k), Mapping):
+            merged[k] = {**merged[k], **v}  # a section given as a mapping overrides the preset's key by key
+        else:
+            merged[k] = v
+    return merged
 
 
 def _nested(tp: Any) -> type | None:

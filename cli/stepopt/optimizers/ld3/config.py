@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from stepopt.teacher import TeacherConfig
 
@@ -11,11 +12,25 @@ BASELINE_STARTS = ("logsnr", "edm", "time-uniform", "time-quadratic", "kl-optima
 # Config keys that do not change the trajectory of a run: a resumed run may change them.
 RESUMABLE_CHANGES = ("max_iterations", "checkpoint")
 
+# The teachers of the LD3 reference code (github.com/vinhsuhi/LD3): scripts/gen_data.sh and its
+# configs/*.yml generate the training pairs of CIFAR-10 / AFHQv2 / FFHQ and of the LSUN / ImageNet
+# latent-diffusion models with UniPC, 20 steps, ``skip_type edm`` (order 3 from the configs), and
+# those of Stable Diffusion with UniPC order 2 (configs/stable_diff_v1-5.yml) on a time-uniform grid
+# with 5 steps (scripts/gen_data.sh) or 6 (the README's example).
+PAPER_TEACHER = {"solver": "unipc", "order": 3, "steps": 20, "grid": "edm", "rho": 7.0}
+PAPER_SD_TEACHER = {"solver": "unipc", "order": 2, "steps": 6, "grid": "time-uniform", "rho": 7.0}
+
 
 @dataclass(frozen=True)
 class Ld3Config:
-    """Options of LD3 (defaults: the paper's and its reference trainer's; see configs/ld3.yaml).
+    """Options of LD3 (see configs/ld3.yaml and the README's table of departures from the paper).
 
+    preset: ``stepopt`` (the defaults below), ``paper`` (the paper's teacher for pixel-space and
+       unconditional latent models -- UniPC order 3, 20 steps, EDM rho=7 grid -- its LPIPS loss and
+       its uniform start), ``paper-sd`` (the same with the reference's Stable Diffusion teacher:
+       UniPC order 2, 6 steps, time-uniform). A preset is applied when the options are resolved
+       (:func:`stepopt.config.resolve_config`: configs, ``--set``, :func:`stepopt.optimize`'s
+       keywords), under every key given explicitly; the config records the resolved values.
     loss: l2 | lpips | features (see :mod:`stepopt.optimizers.ld3.losses`); lpips needs
        ``vgg_weights`` and ``lpips_weights`` (paths; nothing is downloaded); ``lpips_resize``: the
        shorter image side LPIPS sees (smaller images are upsampled).
@@ -41,6 +56,13 @@ class Ld3Config:
     teacher: the many-step teacher for networks (analytic models use the exact ODE).
     """
 
+    PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "stepopt": {},
+        "paper": {"loss": "lpips", "init": "uniform", "teacher": PAPER_TEACHER},
+        "paper-sd": {"loss": "lpips", "init": "uniform", "teacher": PAPER_SD_TEACHER},
+    }
+
+    preset: Literal["stepopt", "paper", "paper-sd"] = "stepopt"
     loss: Literal["l2", "lpips", "features"] = "l2"
     vgg_weights: str | None = None
     lpips_weights: str | None = None
