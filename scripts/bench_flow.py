@@ -1,50 +1,103 @@
 """Flow table of the README: builtin:gmm-digits-flow (shift 3), euler / dpmpp-2m at NFE 5, 8, 10.
 
-Every schedule uses ``final_step: denoise``; the error is the RMSE over seeds 0..199 against the
-exact ODE's denoised endpoint at sigma 0.002 (the same target for every schedule, whatever its last
-sigma). Usage: ``PYTHONPATH=cli python scripts/bench_flow.py [OPTIMIZERS]`` (default: ld3); one JSON
-line per row.
+Every schedule uses ``final_step: denoise``; the error is the RMSE over the test seeds 0..199 against
+the exact ODE's denoised endpoint at sigma 0.002 (the same target for every schedule, whatever its
+last sigma). The test seeds are held out from every optimizer: ays stops on seeds 1000000... (and
+reports on 2000000...), ld3 trains on 2000000..., gits / oss follow trajectories from 3000000...;
+trust-region uses no noise. Each optimizer runs with its defaults; one that refuses gets its
+one-line refusal in the table.
+
+Usage: ``PYTHONPATH=cli python scripts/bench_flow.py [--optimizers trust-region,ays,ld3,gits,oss]
+[--solvers euler,dpmpp-2m] [--nfe 5,8,10] [--out out/bench_flow.json]``: one JSON line per row while
+running, then the markdown table; the JSON file holds every row (errors, wall times, grids).
 """
 
-import json
-import sys
+from __future__ import annotations
+
+import argparse
 import time
+from pathlib import Path
+from typing import Any
 
 from stepopt import api
 from stepopt.build import baseline_schedule
+from stepopt.errors import StepoptError
+from stepopt.io import atomic_write_text
+from stepopt.jsontext import json_text
 from stepopt.models import load_model
 from stepopt.solvers import get_solver
 from stepopt.teacher import GridValidator
 
-m = load_model("builtin:gmm-digits-flow")
-t0 = time.time()
-# The exact ODE from pure noise to sigma 0.002 (the model's sigma_min), denoised: final_step denoise.
-teacher = GridValidator(m, None, range(200), final_step="denoise", sigma_to=0.002)
-print(f"exact ODE for {len(teacher.seeds)} seeds: {time.time() - t0:.1f} s", flush=True)
+BASELINE_COLUMNS = ("flow-default", "time-uniform", "kl-optimal", "edm")
+OPTIMIZERS = ("trust-region", "ays", "ld3", "gits", "oss")
 
 
-def rmse(s):
-    return teacher.with_solver(s.solver).rmse(s.sigmas, s.model_sigmas)
-
-
-optimizers = sys.argv[1].split(",") if len(sys.argv) > 1 else ["ld3"]
-rows = []
-for solver in ("euler", "dpmpp-2m"):
-    ident = get_solver(solver).identity()
-    for nfe in (5, 8, 10):
-        row = {"solver": solver, "nfe": nfe}
-        n = get_solver(solver).steps_for_nfe(ident, nfe, "denoise")
-        row["flow-default"] = rmse(baseline_schedule("flow-default", m, ident, n, final_step="denoise"))
-        for k in ("time-uniform", "edm", "kl-optimal"):
-            row[k] = rmse(baseline_schedule(k, m, ident, n, final_step="denoise"))
-        for opt in optimizers:
-            t = time.time()
-            try:
-                s = api.optimize(m, solver=solver, nfe=nfe, optimizer=opt, final_step="denoise")
-                row[opt] = rmse(s)
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    ap.add_argument("--solvers", default="euler,dpmpp-2m")
+    ap.add_argument("--nfe", default="5,8,10")
+    ap.add_argument("--model", default="builtin:gmm-digits-flow")
+    ap.add_argument("--test-n", type=int, default=200)
+    ap.add_argument("--out", type=Path, default=Path("out/bench_flow.json"))
+    args = ap.parse_args()
+    m = load_model(args.model)
+    t0 = time.time()
+    # The exact ODE from pure noise to sigma 0.002 (the model's sigma_min), denoised: final_step denoise.
+    teacher = GridValidator(m, None, range(args.test_n), final_step="denoise", sigma_to=m.sigma_min)
+    print(f"exact ODE for {len(teacher.seeds)} seeds: {time.time() - t0:.1f} s", flush=True)
+    optimizers = [o for o in args.optimizers.split(",") if o]
+    rows: list[dict[str, Any]] = []
+    for solver in args.solvers.split(","):
+        ident = get_solver(solver).identity()
+        scorer = teacher.with_solver(ident)
+        for nfe in (int(v) for v in args.nfe.split(",")):
+            row: dict[str, Any] = {"solver": solver, "nfe": nfe}
+            n = get_solver(solver).steps_for_nfe(ident, nfe, "denoise")
+            for kind in BASELINE_COLUMNS:
+                row[kind] = scorer.rmse(baseline_schedule(kind, m, ident, n, final_step="denoise").sigmas)
+            for opt in optimizers:
+                t = time.time()
+                try:
+                    s = api.optimize(m, solver=solver, nfe=nfe, optimizer=opt, final_step="denoise")
+                except StepoptError as e:  # a refusal: its one line goes in the table
+                    row[opt] = f"refused: {e}"
+                    continue
+                row[opt] = scorer.rmse(s.sigmas, s.model_sigmas)
                 row[opt + "_s"] = round(time.time() - t, 1)
-                row[opt + "_sigmas"] = [round(v, 5) for v in s.sigmas]
-            except Exception as e:  # report and go on
-                row[opt] = f"error: {type(e).__name__}: {str(e)[:120]}"
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+                row[opt + "_sigmas"] = list(s.sigmas)
+                if opt == "ays":
+                    rep = s.method.config["report"]
+                    row["ays_run"] = {"init": rep["init"], "plan": rep["plan"], "chosen": s.method.objective["chosen"]}
+            print(json_text(row), flush=True)
+            rows.append(row)
+    atomic_write_text(args.out, json_text({"model": m.id, "test_seeds": f"0..{args.test_n - 1}", "rows": rows}, 1))
+    print(table(rows, optimizers))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def table(rows: list[dict[str, Any]], optimizers: list[str]) -> str:
+    """Markdown: one row per (solver, NFE), the best number in bold; refusals as a footnote mark."""
+    cols = [*BASELINE_COLUMNS, *optimizers]
+    lines = ["| solver, NFE | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    notes: list[str] = []
+    for r in rows:
+        nums = [r[c] for c in cols if isinstance(r[c], float)]
+        best = min(nums) if nums else None
+        cells = []
+        for c in cols:
+            v = r[c]
+            if isinstance(v, float):
+                cells.append(f"**{v:.4f}**" if v == best else f"{v:.4f}")
+            else:
+                if v not in notes:
+                    notes.append(v)
+                cells.append(f"({notes.index(v) + 1})")
+        lines.append(f"| {r['solver']} {r['nfe']} | " + " | ".join(cells) + " |")
+    lines += [f"\n({i + 1}) {v}" for i, v in enumerate(notes)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
