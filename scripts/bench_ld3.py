@@ -14,6 +14,10 @@ training: LD3's teacher pairs come from seeds 2,000,000+) of
   50 training pairs, started from uniform lam, time-quadratic and edm (best training RMSE kept):
   the best grid that this training set can identify, to show how close each method gets.
 
+``--variant KEY=VALUE[,KEY=VALUE]`` (repeatable) adds a row "ld3 KEY=VALUE" (the defaults with those
+options) at every solver and NFE, e.g. ``--variant noise_lr_rule=reference``; ``--only-default`` skips the
+uniform-start and --init rows.
+
 Writes ``out/bench_ld3.json`` and prints markdown tables. ``--quick`` runs NFE 5 only on fewer
 held-out seeds (about two minutes on two cores once the teacher cache is warm).
 
@@ -32,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from scipy.optimize import minimize
 
 from stepopt.baselines import baseline_sigmas
@@ -107,6 +112,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="LD3's seed")
     ap.add_argument("--quick", action="store_true", help="NFE 5 only, 300 held-out seeds")
     ap.add_argument("--no-direct", action="store_true", help="skip the direct-search reference")
+    ap.add_argument("--variant", action="append", default=[], help="KEY=VALUE: an extra LD3 row with that option")
+    ap.add_argument("--only-default", action="store_true", help="skip the uniform-start and --init rows")
     ap.add_argument("--out", type=Path, default=Path("out/bench_ld3.json"))
     args = ap.parse_args()
     if args.quick:
@@ -147,6 +154,7 @@ def main() -> None:
             seconds_training=rep["seconds_training"],
             iterations=rep["iterations"],
             start=rep["init"],
+            lr_noise_final=rep.get("lr_noise_final"),
             validation=s.method.objective,
         )
 
@@ -162,8 +170,14 @@ def main() -> None:
                 tr = optimize("trust-region", model, ident, nfe)
                 add(solver, nfe, "trust-region", tr, seconds=time.perf_counter() - t)
             default = ld3(solver, nfe, "ld3")
-            ld3(solver, nfe, "ld3 (uniform start)", init="uniform")
-            if tr is not None and default["start"] == "trust-region":  # the same run: reuse it
+            for item in args.variant:  # KEY=VALUE[,KEY=VALUE...]
+                kv = dict(x.partition("=")[::2] for x in item.split(","))
+                ld3(solver, nfe, f"ld3 {item}", **{k: yaml.safe_load(v) for k, v in kv.items()})
+            if not args.only_default:
+                ld3(solver, nfe, "ld3 (uniform start)", init="uniform")
+            if args.only_default:
+                pass
+            elif tr is not None and default["start"] == "trust-region":  # the same run: reuse it
                 rows.append({**default, "method": "ld3 (--init trust-region)"})
             elif tr is not None:
                 ld3(solver, nfe, "ld3 (--init trust-region)", start=tr)

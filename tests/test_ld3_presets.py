@@ -3,8 +3,9 @@
 Where the numbers come from: the paper preset's teacher is the LD3 reference code's
 (github.com/vinhsuhi/LD3, scripts/gen_data.sh with configs/cifar10.yml: UniPC order 3, 20 steps,
 ``skip_type edm``); paper-sd's is its Stable Diffusion one (configs/stable_diff_v1-5.yml order 2,
-time-uniform, 6 steps as in its README). Both use LPIPS (``loss_type: LPIPS`` in every config) and
-start from equal logits (the uniform grid).
+time-uniform, 6 steps as in its README; 25 + 25 pairs, batch 1, 2 + 3 rounds). Both use LPIPS
+(``loss_type: LPIPS`` in every config), start from equal logits (the uniform grid) and decay the
+noise rate by the reference trainer's rule.
 """
 
 from __future__ import annotations
@@ -46,12 +47,17 @@ def test_the_default_preset_is_todays_defaults() -> None:
 def test_paper_sets_the_teacher_the_loss_and_the_start() -> None:
     c = resolve_config(Ld3Config, None, ["preset=paper"])
     assert (c.preset, c.loss, c.init, c.teacher) == ("paper", "lpips", "uniform", PAPER_TEACHER)
+    assert c.noise_lr_rule == "reference"
     # every other option keeps its default
-    rest = {k: v for k, v in config_to_dict(c).items() if k not in ("preset", "loss", "init", "teacher")}
+    rest = {
+        k: v for k, v in config_to_dict(c).items() if k not in ("preset", "loss", "init", "noise_lr_rule", "teacher")
+    }
     assert rest == {k: v for k, v in config_to_dict(Ld3Config()).items() if k in rest}
     sd = resolve_config(Ld3Config, None, [], {"preset": "paper-sd"})
     assert sd.teacher == TeacherConfig(solver="unipc", order=2, steps=6, grid="time-uniform")
-    assert (sd.loss, sd.init) == ("lpips", "uniform")
+    assert (sd.loss, sd.init, sd.noise_lr_rule) == ("lpips", "uniform", "reference")
+    # the reference's Stable Diffusion config: 25 + 25 pairs, batch 1, 2 + 3 rounds
+    assert (sd.n_train, sd.n_valid, sd.batch_size, sd.grid_rounds, sd.joint_rounds) == (25, 25, 1, 2, 3)
 
 
 def test_explicit_keys_override_the_preset_key_by_key(tmp_path: Path) -> None:
@@ -66,6 +72,10 @@ def test_explicit_keys_override_the_preset_key_by_key(tmp_path: Path) -> None:
     # the documented config file leaves the preset's keys commented out, so the preset applies through it
     c = resolve_config(Ld3Config, REPO / "configs" / "ld3.yaml", ["preset=paper"])
     assert (c.loss, c.init, c.teacher) == ("lpips", "uniform", PAPER_TEACHER)
+    # every key a preset sets is left to it by the documented file
+    for name in Ld3Config.PRESETS:
+        want = resolve_config(Ld3Config, None, [f"preset={name}"])
+        assert resolve_config(Ld3Config, REPO / "configs" / "ld3.yaml", [f"preset={name}"]) == want
     # an explicit override back to the stepopt value wins too
     assert resolve_config(Ld3Config, None, ["preset=paper", "init=best"]).init == "best"
 

@@ -85,8 +85,9 @@ class DiffusionModel(ABC):
         """The prompts of a text-conditioned model, in prompt-index order; empty for other models."""
         return []
 
-    def decode(self, x: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """Images from final states, for models with a decoder (``image_shape`` is not None)."""
+    def decode(self, x: torch.Tensor, batch_size: int = 8, *, grad: bool = False) -> torch.Tensor:
+        """Images from final states, for models with a decoder (``image_shape`` is not None): float32 on the CPU,
+        or with ``grad`` differentiable in ``x`` on the model's device (for losses on the image)."""
         raise StepoptError(f"{self.id} has no decoder (only latent models have one)")
 
     @abstractmethod

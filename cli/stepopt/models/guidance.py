@@ -132,8 +132,8 @@ class ClassifierFreeGuidance(DiffusionModel):
     def time_gradient(self) -> str:
         return self.inner.time_gradient
 
-    def decode(self, x: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        return self.inner.decode(x, batch_size)
+    def decode(self, x: torch.Tensor, batch_size: int = 8, *, grad: bool = False) -> torch.Tensor:
+        return self.inner.decode(x, batch_size, grad=grad)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ClassifierFreeGuidance:
         """Move the wrapped model (in place); the conditions follow it on the next call."""

@@ -222,9 +222,10 @@ class FlowTransformer(TextToImageNetwork):
         v = self.velocity(x_t.to(self.net_dtype), t, cond)
         return denoised_from_velocity(x_t, t, v).to(x.dtype)
 
-    def decode(self, x: torch.Tensor, batch_size: int = DECODE_BATCH) -> torch.Tensor:
-        """Images ``(B, *image_shape)`` in ``[-1, 1]`` (float32, CPU) from final states ``x`` (the latent)."""
-        images = decode_latents(self.vae, x, self.scaling_factor, self.shift_factor, self.device, batch_size)
+    def decode(self, x: torch.Tensor, batch_size: int = DECODE_BATCH, *, grad: bool = False) -> torch.Tensor:
+        """Images ``(B, *image_shape)`` in ``[-1, 1]`` (float32, CPU) from final states ``x`` (the latent);
+        ``grad``: differentiable, on the model's device."""
+        images = decode_latents(self.vae, x, self.scaling_factor, self.shift_factor, self.device, batch_size, grad)
         return images if len(x) else torch.empty((0, *(self.image_shape or ())))
 
     def describe(self) -> dict[str, Any]:

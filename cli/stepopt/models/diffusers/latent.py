@@ -175,15 +175,26 @@ class CLIPPromptEncoder:
 
 
 def decode_latents(
-    vae: Any, x: torch.Tensor, scaling_factor: float, shift_factor: float, device: torch.device, batch_size: int
+    vae: Any,
+    x: torch.Tensor,
+    scaling_factor: float,
+    shift_factor: float,
+    device: torch.device,
+    batch_size: int,
+    grad: bool = False,
 ) -> torch.Tensor:
-    """Images in ``[-1, 1]`` (float32, CPU): ``VAE.decode(x / scaling_factor + shift_factor)``, clipped."""
+    """Images in ``[-1, 1]`` (float32, CPU): ``VAE.decode(x / scaling_factor + shift_factor)``, clipped.
+
+    ``grad``: differentiable in ``x`` (where gradients are enabled) and left on ``device``, for losses
+    on the decoded image (LD3's LPIPS on latent models).
+    """
     vae_dtype = next(vae.parameters()).dtype
     outs = []
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         for chunk in x.split(max(1, int(batch_size))):
             z = chunk.to(device=device, dtype=vae_dtype) / scaling_factor + shift_factor
-            outs.append(vae.decode(z).sample.to(torch.float32).clamp(-1.0, 1.0).cpu())
+            image = vae.decode(z).sample.to(torch.float32).clamp(-1.0, 1.0)
+            outs.append(image if grad else image.cpu())
     return torch.cat(outs) if outs else torch.empty(0)
 
 
@@ -253,9 +264,10 @@ class LatentUNet(DiffusersUNet, TextToImageNetwork):
             raise StepoptError(f"{self.id}: the latent UNet takes encoder_hidden_states (B, L, D) as conditioning")
         return self.unet(x_t, t, encoder_hidden_states=emb).sample[:, : self.shape[0]].to(torch.float64)
 
-    def decode(self, x: torch.Tensor, batch_size: int = DECODE_BATCH) -> torch.Tensor:
-        """Images ``(B, *image_shape)`` in ``[-1, 1]`` (float32, CPU) from final states ``x`` (the EDM-frame latent)."""
-        images = decode_latents(self.vae, x, self.scaling_factor, self.shift_factor, self.device, batch_size)
+    def decode(self, x: torch.Tensor, batch_size: int = DECODE_BATCH, *, grad: bool = False) -> torch.Tensor:
+        """Images ``(B, *image_shape)`` in ``[-1, 1]`` (float32, CPU) from final states ``x`` (the EDM-frame latent);
+        ``grad``: differentiable, on the model's device."""
+        images = decode_latents(self.vae, x, self.scaling_factor, self.shift_factor, self.device, batch_size, grad)
         return images if len(x) else torch.empty((0, *(self.image_shape or ())))
 
     def describe(self) -> dict[str, Any]:

@@ -53,14 +53,26 @@ joint_rounds`` passes over the training pairs or when the learning rate has sat 
 ``min_lr_patience`` times. The validated start is a candidate, so the result is never worse than
 the start on the validation pairs.
 
+The relaxed-noise rate ``lr_noise`` decays (x ``noise_lr_decay``) after a round in which no noise
+moved: by default no training pair's relaxed noise was accepted (``noise_lr_rule: accepted``); the
+reference trainer instead relaxes each validation pair's noise by one step after the round, the grid
+fixed, and decays when none of those moved (``noise_lr_rule: reference``; those noises serve only
+this signal). On gmm-digits the two rules never differ (README).
+
 **Distance d**: ``l2`` (mean squared difference per sample; default), ``lpips`` (the paper's
-choice; needs user-given VGG16 and LPIPS weights, never downloaded) or ``features`` (the digits
-classifier of FID-digits); see :mod:`stepopt.optimizers.ld3.losses`. The reported objective is the
-validation mean of d from the original noise.
+choice; needs user-given VGG16 and LPIPS weights, never downloaded; on a model with a VAE decoder,
+a latent model, both states are decoded first, the student's differentiably) or ``features`` (the
+digits classifier of FID-digits); see :mod:`stepopt.optimizers.ld3.losses`. The reported objective
+is the validation mean of d from the original noise.
+
+**Presets**: ``preset: paper`` (``paper-sd`` for Stable Diffusion) sets the paper's teacher, LPIPS,
+the uniform start and the reference's noise-rate rule under any explicitly given option
+(:class:`~stepopt.optimizers.ld3.config.Ld3Config`; README: the table of departures).
 
 **Teacher** (the paper's setup): ``n_train + n_valid`` pairs (50/50) from seeds ``data_seed,
 data_seed+1, ...`` via :class:`stepopt.teacher.GridValidator` (exact ODE for analytic models; for
-networks the ``teacher`` solver, cached on disk). A conditional model (several prompts) gives pair i
+networks the ``teacher`` solver, cached on disk: Heun with 100 steps by default, the paper's UniPC
+with 20 steps under ``preset: paper``). A conditional model (several prompts) gives pair i
 the condition of its seed (prompt ``seed mod P``) in training, validation and the teacher alike.
 With ``final_step: denoise`` the target is the teacher's state at sigma_min passed through the same
 final denoising jump. The report also gives

@@ -19,6 +19,8 @@ RESUMABLE_CHANGES = ("max_iterations", "checkpoint")
 # with 5 steps (scripts/gen_data.sh) or 6 (the README's example).
 PAPER_TEACHER = {"solver": "unipc", "order": 3, "steps": 20, "grid": "edm", "rho": 7.0}
 PAPER_SD_TEACHER = {"solver": "unipc", "order": 2, "steps": 6, "grid": "time-uniform", "rho": 7.0}
+# configs/stable_diff_v1-5.yml: 25 + 25 pairs, batch 1, 2 + 3 rounds (CIFAR-10's are stepopt's defaults).
+PAPER_SD_SIZES = {"n_train": 25, "n_valid": 25, "batch_size": 1, "joint_rounds": 3}
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,13 @@ class Ld3Config:
     """Options of LD3 (see configs/ld3.yaml and the README's table of departures from the paper).
 
     preset: ``stepopt`` (the defaults below), ``paper`` (the paper's teacher for pixel-space and
-       unconditional latent models -- UniPC order 3, 20 steps, EDM rho=7 grid -- its LPIPS loss and
-       its uniform start), ``paper-sd`` (the same with the reference's Stable Diffusion teacher:
-       UniPC order 2, 6 steps, time-uniform). A preset is applied when the options are resolved
-       (:func:`stepopt.config.resolve_config`: configs, ``--set``, :func:`stepopt.optimize`'s
-       keywords), under every key given explicitly; the config records the resolved values.
+       unconditional latent models -- UniPC order 3, 20 steps, EDM rho=7 grid -- its LPIPS loss, its
+       uniform start and the reference trainer's ``noise_lr_rule``), ``paper-sd`` (the same with the
+       reference's Stable Diffusion teacher -- UniPC order 2, 6 steps, time-uniform -- and its
+       Stable Diffusion sizes: 25 + 25 pairs, batch 1, 2 + 3 rounds). A preset is
+       applied when the options are resolved (:func:`stepopt.config.resolve_config`: configs,
+       ``--set``, :func:`stepopt.optimize`'s keywords), under every key given explicitly; the config
+       records the resolved values.
     loss: l2 | lpips | features (see :mod:`stepopt.optimizers.ld3.losses`); lpips needs
        ``vgg_weights`` and ``lpips_weights`` (paths; nothing is downloaded); ``lpips_resize``: the
        shorter image side LPIPS sees (smaller images are upsampled).
@@ -51,6 +55,11 @@ class Ld3Config:
     grid_rounds: rounds training theta only; joint_rounds: rounds training theta and xi.
     patience, lr_decay, min_lr_theta, min_lr_xi, min_lr_patience: validation-based decay and early
        stop; noise_lr_decay: factor on lr_noise after a round in which no relaxed noise moved.
+    noise_lr_rule: which noises' movement decides that decay: ``accepted`` (the training pairs'
+       relaxed noises, as they are updated during the round) or ``reference`` (the reference
+       trainer's: after the round, one projected SGD step on each validation pair's own relaxed
+       noise with the grid fixed, kept where it lowers that pair's loss; decay when none moved.
+       Those validation noises serve only this signal: validation still scores the original noise).
     max_iterations: stop after this many iterations (a budget; a resumed run may raise it).
     checkpoint: recompute each network call in the backward (auto: for non-analytic models).
     teacher: the many-step teacher for networks (analytic models use the exact ODE).
@@ -58,8 +67,14 @@ class Ld3Config:
 
     PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "stepopt": {},
-        "paper": {"loss": "lpips", "init": "uniform", "teacher": PAPER_TEACHER},
-        "paper-sd": {"loss": "lpips", "init": "uniform", "teacher": PAPER_SD_TEACHER},
+        "paper": {"loss": "lpips", "init": "uniform", "noise_lr_rule": "reference", "teacher": PAPER_TEACHER},
+        "paper-sd": {
+            "loss": "lpips",
+            "init": "uniform",
+            "noise_lr_rule": "reference",
+            "teacher": PAPER_SD_TEACHER,
+            **PAPER_SD_SIZES,
+        },
     }
 
     preset: Literal["stepopt", "paper", "paper-sd"] = "stepopt"
@@ -93,6 +108,7 @@ class Ld3Config:
     min_lr_xi: float = 1e-6
     min_lr_patience: int = 5
     noise_lr_decay: float = 0.5
+    noise_lr_rule: Literal["accepted", "reference"] = "accepted"
     max_iterations: int | None = None
     checkpoint: bool | Literal["auto"] = "auto"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -13,6 +13,8 @@ in its first argument.
   the VGG16 weights (a torchvision ``vgg16`` state dict, ``.pth``/``.pt``/``.safetensors``) and the
   LPIPS linear-layer weights (the ``vgg.pth`` of LPIPS v0.1: keys ``lin{k}.model.1.weight`` or
   ``lin{k}.weight``, shapes ``(1, C_k, 1, 1)``). The network is torchvision's VGG16 feature stack.
+  On a latent model both states are decoded by the model's VAE first (differentiably for the
+  student; the reference trainer likewise compares decoded images), so LPIPS sees images.
 * ``features``: the mean squared difference of the penultimate features of the digits classifier
   that FID-digits uses (:mod:`stepopt.metrics.digits_features`), for 8x8 one-channel models.
 """
@@ -147,8 +149,15 @@ def make_distance(
     vgg_weights: str | None = None,
     lpips_weights: str | None = None,
     lpips_resize: int = 32,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    image_shape: tuple[int, ...] | None = None,
 ) -> Distance:
-    """The per-sample distance named ``loss`` for states of shape ``shape``; clear errors otherwise."""
+    """The per-sample distance named ``loss`` for states of shape ``shape``; clear errors otherwise.
+
+    ``decode`` (with the decoded ``image_shape``): a differentiable map from states to images in
+    [-1, 1] (a latent model's VAE decoder); ``lpips`` then compares ``decode(y)`` with ``decode(target)``
+    (the target decoded without gradients).
+    """
     if loss == "l2":
         return l2_distance
     if loss == "lpips":
@@ -158,10 +167,24 @@ def make_distance(
                 "`vgg_weights=PATH` (torchvision vgg16 state dict) `lpips_weights=PATH` (LPIPS v0.1 vgg.pth); "
                 "or choose `loss=l2` (or loss=features for the digits models)"
             )
-        if len(shape) != 3 or shape[0] not in (1, 3):
-            raise StepoptError(f"loss 'lpips' needs image states (1 or 3 channels, H, W); this model's are {shape}")
+        img = tuple(image_shape) if decode is not None and image_shape is not None else tuple(shape)
+        if len(img) != 3 or img[0] not in (1, 3):
+            what = "decoded images" if decode is not None else "states"
+            raise StepoptError(
+                f"loss 'lpips' needs images (1 or 3 channels, H, W); this model's {what} are {img}"
+                + ("" if decode is not None else " and it has no decoder; choose `loss=l2`")
+            )
         net = load_lpips(vgg_weights, lpips_weights, lpips_resize).to(device)
-        return lambda y, t: net(y, t)
+        if decode is None:
+            return lambda y, t: net(y, t)
+        dec = decode
+
+        def decoded_lpips(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                t_img = dec(t)
+            return net(dec(y), t_img)
+
+        return decoded_lpips
     if loss == "features":
         if tuple(shape) != (1, 8, 8):
             raise StepoptError(

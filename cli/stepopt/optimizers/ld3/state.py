@@ -53,6 +53,7 @@ class Ld3State:
     history: list[float] = field(default_factory=list)  # validation value after each iteration
     init: str = ""  # the start: uniform, a baseline kind, or the --init schedule
     starts: dict[str, float] = field(default_factory=dict)  # validation loss of each candidate start
+    noise_valid: torch.Tensor | None = None  # relaxed noises of the validation pairs (noise_lr_rule: reference)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically: a crash or Ctrl-C leaves the previous state file intact."""

@@ -79,13 +79,31 @@ class Trainer:
         # train through their fractional-timestep twin; validation runs the model as it samples.
         self.grad_model = self.model.differentiable_time()
         self.denoiser: Callable[..., torch.Tensor] = Recompute(self.grad_model) if use_ckpt else self.grad_model
-        self.distance: Distance = make_distance(
+        self.distance: Distance = self.make_distance()
+
+    def make_distance(self) -> Distance:
+        """The configured distance; ``lpips`` on a model with a decoder (a latent model) compares the
+        decoded images, the student's decode differentiable (checkpointed along with the network calls)."""
+        cfg, m = self.cfg, self.model
+
+        def differentiable_decode(y: torch.Tensor) -> torch.Tensor:
+            return m.decode(y, grad=True).to(self.device)
+
+        def decode(y: torch.Tensor) -> torch.Tensor:
+            if self.checkpointed and torch.is_grad_enabled() and y.requires_grad:
+                out: torch.Tensor = _checkpoint(differentiable_decode, y, use_reentrant=False)
+                return out
+            return differentiable_decode(y)
+
+        return make_distance(
             cfg.loss,
-            tuple(self.model.shape),
+            tuple(m.shape),
             self.device,
             vgg_weights=cfg.vgg_weights,
             lpips_weights=cfg.lpips_weights,
             lpips_resize=cfg.lpips_resize,
+            decode=decode if cfg.loss == "lpips" and m.image_shape is not None else None,
+            image_shape=m.image_shape,
         )
 
     # -- data ----------------------------------------------------------------------------------
@@ -277,6 +295,7 @@ class Trainer:
             history=[v0],
             init=init,
             starts=starts,
+            noise_valid=self.eps_valid.clone() if self.cfg.noise_lr_rule == "reference" else None,
         )
         return st
 
@@ -295,8 +314,9 @@ class Trainer:
             if state_path is None:
                 raise StepoptError("ld3: resume needs a state file path")
             st = Ld3State.load(state_path, key)
-            for name in ("theta", "xi", "best_theta", "best_xi", "noise"):
-                setattr(st, name, getattr(st, name).to(device=self.device, dtype=torch.float64))
+            for name in ("theta", "xi", "best_theta", "best_xi", "noise", "noise_valid"):
+                if getattr(st, name) is not None:
+                    setattr(st, name, getattr(st, name).to(device=self.device, dtype=torch.float64))
             ctx.report("log", message=f"ld3: resuming at iteration {st.iteration} (round {st.round + 1})")
         else:
             if state_path is not None and state_path.exists():
@@ -322,6 +342,7 @@ class Trainer:
             "radius": self.radius,
             "lr_xi": self.lr_xi,
             "lr_noise": self.lr_noise0,
+            "lr_noise_final": st.lr_noise,
             "iterations": st.iteration,
             "best_iteration": st.best_iteration,
             "rounds_done": st.round,
@@ -406,7 +427,7 @@ class Trainer:
                     break
             if st.done or stopped:
                 break
-            if self.radius > 0 and not st.accepted_in_round:
+            if self.radius > 0 and not self.noise_moved(st, theta, xi):
                 st.lr_noise *= cfg.noise_lr_decay
             st.round += 1
             st.perm, st.pos = None, 0
@@ -480,12 +501,7 @@ class Trainer:
         if soft and eps.grad is not None:
             with torch.no_grad():
                 # SGD on the relaxed noise, projected back onto the ball around the original noise.
-                orig = self.eps_train[idx]
-                cand = eps - st.lr_noise * eps.grad
-                diff = (cand - orig).flatten(1)
-                norm = diff.norm(dim=1)
-                scale = torch.where(norm > self.radius, self.radius / norm.clamp_min(1e-300), torch.ones_like(norm))
-                cand = orig + (diff * scale[:, None]).reshape(cand.shape)
+                cand = self.project(eps - st.lr_noise * eps.grad, self.eps_train[idx])
                 # Keep a moved noise only where it lowers that pair's loss (with the updated grid).
                 x_new = None if x_arg is None else xi.detach()
                 new = self.distance(self.student(cand, theta.detach(), x_new, cond=cond), target)
@@ -498,6 +514,47 @@ class Trainer:
             accepted = torch.tensor(float(st.accepted_in_round), dtype=torch.float64)
             st.accepted_in_round = bool(distributed.all_sum(accepted) > 0)
         return float(loss.detach())
+
+    def project(self, cand: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
+        """``cand`` projected onto the ball of radius ``self.radius`` around ``orig`` (per sample)."""
+        diff = (cand - orig).flatten(1)
+        norm = diff.norm(dim=1)
+        scale = torch.where(norm > self.radius, self.radius / norm.clamp_min(1e-300), torch.ones_like(norm))
+        return orig + (diff * scale[:, None]).reshape(cand.shape)
+
+    def noise_moved(self, st: Ld3State, theta: torch.Tensor, xi: torch.Tensor) -> bool:
+        """Whether the round moved a relaxed noise, by ``noise_lr_rule`` (no move: lr_noise decays).
+
+        ``accepted``: a training pair's relaxed noise was accepted during the round. ``reference`` (the
+        reference trainer's rule): after the round, each validation pair's relaxed noise takes one
+        projected SGD step on its loss (batches of ``batch_size``, the grid fixed), kept where it lowers
+        that pair's loss; True when any was kept. Under ``torchrun`` every rank makes the whole pass
+        and the answer is any rank's.
+        """
+        if self.cfg.noise_lr_rule == "accepted":
+            return st.accepted_in_round
+        cfg = self.cfg
+        if st.noise_valid is None:
+            raise StepoptError("ld3: the state has no relaxed validation noises (noise_lr_rule: reference)")
+        theta_d = theta.detach()
+        xi_d = xi.detach() if cfg.decouple else None
+        moved = False
+        for a in range(0, cfg.n_valid, cfg.batch_size):
+            idx = torch.arange(a, min(a + cfg.batch_size, cfg.n_valid), device=self.device)
+            cond = self.train_cond(idx + cfg.n_train)  # validation pair j is seed data_seed + n_train + j
+            target = self.y_valid[idx]
+            eps = st.noise_valid[idx].clone().requires_grad_(True)
+            per = self.distance(self.student(eps, theta_d, xi_d, cond=cond), target)
+            (grad,) = torch.autograd.grad(per.mean(), eps)
+            with torch.no_grad():
+                cand = self.project(eps - st.lr_noise * grad, self.eps_valid[idx])
+                ok = self.distance(self.student(cand, theta_d, xi_d, cond=cond), target) < per
+                if bool(ok.any()):
+                    st.noise_valid[idx[ok]] = cand[ok]
+                    moved = True
+        if distributed.active():
+            moved = bool(distributed.all_sum(torch.tensor(float(moved), dtype=torch.float64)) > 0)
+        return moved
 
     def after_validation(
         self,
