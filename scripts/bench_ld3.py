@@ -18,10 +18,18 @@ training: LD3's teacher pairs come from seeds 2,000,000+) of
 options) at every solver and NFE, e.g. ``--variant noise_lr_rule=reference``; ``--only-default`` skips the
 uniform-start and --init rows.
 
+``--speed`` instead times the whole ``stepopt optimize -o ld3`` on ``builtin:unet-digits`` (dpmpp-3m,
+NFE 5, cold teacher cache: a fresh ``STEPOPT_CACHE_DIR``) in a subprocess per thread setting --
+torch's default (OpenMP threads spin while they wait), ``OMP_WAIT_POLICY=PASSIVE`` (what the CLI
+sets unless the variable is set) and ``OMP_NUM_THREADS=1`` -- with where the time goes (teacher,
+training) and the learned grid's RMSE against the eval teacher (heun, 100 steps) on held-out seeds
+0..511; writes ``out/bench_ld3_speed.json``.
+
 Writes ``out/bench_ld3.json`` and prints markdown tables. ``--quick`` runs NFE 5 only on fewer
 held-out seeds (about two minutes on two cores once the teacher cache is warm).
 
     .venv/bin/python scripts/bench_ld3.py [--quick] [--solvers dpmpp-3m unipc] [--nfe 5 6 8 10]
+    .venv/bin/python scripts/bench_ld3.py --speed [--settings default passive one-thread]
 """
 
 from __future__ import annotations
@@ -103,6 +111,69 @@ def direct_search(model: Any, n: int, train: GridValidator) -> dict[str, Any]:
     }
 
 
+SPEED_SETTINGS = {
+    "default": {},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "one-thread": {"OMP_NUM_THREADS": "1"},
+}
+SPEED_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from stepopt.models import load_model
+from stepopt.optimizers import optimize
+from stepopt.solvers import get_solver
+from stepopt.teacher import GridValidator
+model = load_model("builtin:unet-digits")
+ident = get_solver("dpmpp-3m").identity()
+s = optimize("ld3", model, ident, 5, seed=0)
+total = time.perf_counter() - t0
+rep = s.method.config["report"]
+import os
+os.environ["STEPOPT_CACHE_DIR"] = os.environ["BENCH_HELDOUT_CACHE"]  # the held-out teacher: warm after the first run
+test = GridValidator(model, ident, range(512))
+print(json.dumps({"seconds": total, "threads": torch.get_num_threads(),
+    "seconds_teacher": rep["seconds_teacher"], "seconds_training": rep["seconds_training"],
+    "iterations": rep["iterations"], "heldout_rmse": test.rmse(s.sigmas, s.model_sigmas)}))
+"""
+
+
+def bench_speed(settings: list[str], out: Path) -> None:
+    """Whole ld3 runs on unet-digits with a cold teacher cache, one subprocess per thread setting."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    rows = []
+    heldout_cache = tempfile.mkdtemp(prefix="stepopt-bench-heldout-")
+    for name in settings:
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+        with tempfile.TemporaryDirectory() as cache:
+            env.update(SPEED_SETTINGS[name], STEPOPT_CACHE_DIR=cache, BENCH_HELDOUT_CACHE=heldout_cache)
+            t0 = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-c", SPEED_CHILD], env=env, capture_output=True, text=True, check=True
+            )
+            row = {"setting": name, "env": SPEED_SETTINGS[name], **json.loads(proc.stdout.strip().splitlines()[-1])}
+        row["wall_seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        print(
+            f"{name:11s} {row['seconds']:7.1f} s (teacher {row['seconds_teacher']:.1f} s, training "
+            f"{row['seconds_training']:.1f} s, {row['iterations']} iterations; {row['threads']} threads) "
+            f"held-out RMSE {row['heldout_rmse']:.4f}",
+            flush=True,
+        )
+    print("\n| setting | whole optimize s | teacher s | training s | held-out RMSE |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['setting']} | {r['seconds']:.0f} | {r['seconds_teacher']:.0f} | {r['seconds_training']:.0f} "
+            f"| {r['heldout_rmse']:.4f} |"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--solvers", nargs="+", default=["dpmpp-3m", "unipc"])
@@ -114,8 +185,14 @@ def main() -> None:
     ap.add_argument("--no-direct", action="store_true", help="skip the direct-search reference")
     ap.add_argument("--variant", action="append", default=[], help="KEY=VALUE: an extra LD3 row with that option")
     ap.add_argument("--only-default", action="store_true", help="skip the uniform-start and --init rows")
-    ap.add_argument("--out", type=Path, default=Path("out/bench_ld3.json"))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--speed", action="store_true", help="time whole ld3 runs on unet-digits (cold teacher cache)")
+    ap.add_argument("--settings", nargs="+", choices=list(SPEED_SETTINGS), default=list(SPEED_SETTINGS))
     args = ap.parse_args()
+    if args.speed:
+        bench_speed(args.settings, args.out or Path("out/bench_ld3_speed.json"))
+        return
+    args.out = args.out or Path("out/bench_ld3.json")
     if args.quick:
         args.nfe, args.heldout = [5], min(args.heldout, 300)
     model = load_model("builtin:gmm-digits")

@@ -137,3 +137,18 @@ def test_baseline_from_a_card_equals_baseline_from_the_model(name):
         a = baseline_schedule(kind, model_card(f"builtin:{name}"), ident, 6)
         b = baseline_schedule(kind, load_model(f"builtin:{name}"), ident, 6)
         assert a.sigmas == b.sigmas and a.model == b.model, kind
+
+
+def test_the_cli_lets_openmp_threads_sleep_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stepopt` sets OMP_WAIT_POLICY=PASSIVE before torch is imported, and keeps a value the user set."""
+    from stepopt.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["stepopt", "--help"])
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with pytest.raises(SystemExit):
+        main()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    with pytest.raises(SystemExit):
+        main()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
