@@ -17,6 +17,7 @@ SD3's) or ``mu`` set the pipeline-default grid it records; the network itself do
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -94,19 +95,48 @@ class GaussianMixtureFlow(AnalyticModel):
         return {**super().describe(), "shift": self.flow_frame.shift, "mu": self.flow_frame.mu}
 
 
+def parse_key_values(
+    text: str, convert: Mapping[str, Callable[[str], Any]], expected: str, *, skip_empty: bool = True
+) -> dict[str, Any]:
+    """``key=value,...`` (each key of ``convert`` at most once) converted by ``convert[key]``.
+
+    A converter raises ``ValueError("must be ...")``; the error names the text and the key.
+    ``skip_empty=False`` refuses empty parts (a trailing comma).
+    """
+    out: dict[str, Any] = {}
+    for part in text.split(","):
+        if not part and skip_empty:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or key not in convert or key in out:
+            raise StepoptError(f"'{text}': expected {expected}")
+        try:
+            out[key] = convert[key](value)
+        except ValueError as e:
+            raise StepoptError(f"'{text}': {key} {e}") from None
+    return out
+
+
+def _finite(positive: bool) -> Callable[[str], float]:
+    def convert(value: str) -> float:
+        try:
+            v = float(value)
+        except ValueError:
+            raise ValueError(f"must be a number, got '{value}'") from None
+        if not math.isfinite(v) or (positive and v <= 0):
+            raise ValueError(f"must be finite{' and > 0' if positive else ''}")
+        return v
+
+    return convert
+
+
 def parse_flow_options(text: str) -> dict[str, float]:
     """``shift=S`` or ``mu=M`` (the part after ``builtin:gmm-digits-flow:``)."""
-    out: dict[str, float] = {}
-    for part in filter(None, text.split(",")):
-        key, sep, value = part.partition("=")
-        if not sep or key not in ("shift", "mu") or key in out:
-            raise StepoptError(f"'{text}': expected shift=S or mu=M (e.g. builtin:gmm-digits-flow:shift=3)")
-        try:
-            out[key] = float(value)
-        except ValueError:
-            raise StepoptError(f"'{text}': {key} must be a number, got '{value}'") from None
-        if not math.isfinite(out[key]) or (key == "shift" and out[key] <= 0):
-            raise StepoptError(f"'{text}': {key} must be finite{' and > 0' if key == 'shift' else ''}")
+    out = parse_key_values(
+        text,
+        {"shift": _finite(positive=True), "mu": _finite(positive=False)},
+        "shift=S or mu=M (e.g. builtin:gmm-digits-flow:shift=3)",
+    )
     if len(out) > 1:
         raise StepoptError(f"'{text}': give shift or mu, not both")
     return out

@@ -61,14 +61,12 @@ from stepopt.errors import StepoptError
 from stepopt.frames import Flow
 from stepopt.models.diffusers.common import load_component, quiet_diffusers, read_json, state_dtype, unet_fingerprint
 from stepopt.models.diffusers.latent import (
-    DECODE_BATCH,
     ENCODE_BATCH,
     DiffusersLatent,
     PromptSet,
     TextToImageNetwork,
-    decode_latents,
 )
-from stepopt.models.flow import denoised_from_velocity, flow_input
+from stepopt.models.flow import denoised_from_velocity, flow_input, parse_key_values
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 SD3_GUIDANCE = 7.0  # StableDiffusion3Pipeline's default guidance_scale
@@ -125,20 +123,21 @@ def dynamic_mu(settings: Mapping[str, Any], seq_len: int) -> float:
     return float(settings["base_shift"] + m * (seq_len - settings["base_image_seq_len"]))
 
 
+def _pixels(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise ValueError(f"must be an integer number of pixels, got '{value}'") from None
+    if v < 1:
+        raise ValueError("must be >= 1")
+    return v
+
+
 def parse_resolution(text: str) -> dict[str, int]:
     """``height=H,width=W`` (pixels; either may be omitted) from the part after ``diffusers:PATH:``."""
-    out: dict[str, int] = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or key not in ("height", "width") or key in out:
-            raise StepoptError(f"'{text}': expected height=H,width=W (pixels) after the folder")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            raise StepoptError(f"'{text}': {key} must be an integer number of pixels, got '{value}'") from None
-        if out[key] < 1:
-            raise StepoptError(f"'{text}': {key} must be >= 1")
-    return out
+    return parse_key_values(
+        text, {"height": _pixels, "width": _pixels}, "height=H,width=W (pixels) after the folder", skip_empty=False
+    )
 
 
 # -- the networks ----------------------------------------------------------------------------------
@@ -166,9 +165,8 @@ class FlowTransformer(TextToImageNetwork):
         pipeline: str,
         settings: Mapping[str, Any],
     ) -> None:
-        vcfg: Any = vae.config
         self.transformer = transformer.eval().requires_grad_(False)
-        self.vae = vae.eval().requires_grad_(False)
+        self.attach_vae(vae, shape)
         self.id = id
         self.pipeline = pipeline
         self.settings = dict(settings)
@@ -176,10 +174,6 @@ class FlowTransformer(TextToImageNetwork):
         self.sigma_min = float(frame.sigma(frame.t_min))
         self.sigma_max = math.inf
         self.shape = shape
-        self.scaling_factor = float(vcfg.scaling_factor)
-        self.shift_factor = float(vcfg.shift_factor or 0.0)
-        f = 2 ** (len(vcfg.block_out_channels) - 1)
-        self.image_shape = (int(vcfg.out_channels), shape[1] * f, shape[2] * f)
         self._fingerprint = fingerprint
         self.device = next(transformer.parameters()).device
         self.net_dtype = next(transformer.parameters()).dtype
@@ -221,12 +215,6 @@ class FlowTransformer(TextToImageNetwork):
         x_t, t = flow_input(x.to(torch.float64), sigma.to(device=x.device, dtype=torch.float64))
         v = self.velocity(x_t.to(self.net_dtype), t, cond)
         return denoised_from_velocity(x_t, t, v).to(x.dtype)
-
-    def decode(self, x: torch.Tensor, batch_size: int = DECODE_BATCH, *, grad: bool = False) -> torch.Tensor:
-        """Images ``(B, *image_shape)`` in ``[-1, 1]`` (float32, CPU) from final states ``x`` (the latent);
-        ``grad``: differentiable, on the model's device."""
-        images = decode_latents(self.vae, x, self.scaling_factor, self.shift_factor, self.device, batch_size, grad)
-        return images if len(x) else torch.empty((0, *(self.image_shape or ())))
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

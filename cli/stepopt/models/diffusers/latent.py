@@ -214,6 +214,21 @@ class TextToImageNetwork(DiffusionModel):
         """The denoising network module (UNet or transformer)."""
         raise NotImplementedError
 
+    def attach_vae(self, vae: Any, latent_shape: tuple[int, ...]) -> None:
+        """Keep the pipeline's VAE (frozen) and the image shape it decodes ``latent_shape`` to."""
+        vcfg: Any = vae.config
+        self.vae = vae.eval().requires_grad_(False)
+        self.scaling_factor = float(vcfg.scaling_factor)
+        self.shift_factor = float(getattr(vcfg, "shift_factor", None) or 0.0)
+        f = 2 ** (len(vcfg.block_out_channels) - 1)
+        self.image_shape = (int(vcfg.out_channels), latent_shape[1] * f, latent_shape[2] * f)
+
+    def decode(self, x: torch.Tensor, batch_size: int = DECODE_BATCH, *, grad: bool = False) -> torch.Tensor:
+        """Images ``(B, *image_shape)`` in ``[-1, 1]`` (float32, CPU) from final states ``x`` (the latent
+        in the model's frame); ``grad``: differentiable, on the model's device."""
+        images = decode_latents(self.vae, x, self.scaling_factor, self.shift_factor, self.device, batch_size, grad)
+        return images if len(x) else torch.empty((0, *(self.image_shape or ())))
+
 
 class LatentUNet(DiffusersUNet, TextToImageNetwork):
     """A latent ``UNet2DConditionModel`` with its VAE, as an unguided conditional denoiser on the latent.
@@ -237,13 +252,8 @@ class LatentUNet(DiffusersUNet, TextToImageNetwork):
         round_timesteps: bool = True,
     ) -> None:
         super().__init__(unet, settings, id=id, fingerprint=fingerprint, round_timesteps=round_timesteps)
-        vcfg: Any = vae.config
-        self.vae = vae.eval().requires_grad_(False)
+        self.attach_vae(vae, self.shape)
         self.pipeline = pipeline
-        self.scaling_factor = float(vcfg.scaling_factor)
-        self.shift_factor = float(getattr(vcfg, "shift_factor", None) or 0.0)
-        f = 2 ** (len(vcfg.block_out_channels) - 1)
-        self.image_shape = (int(vcfg.out_channels), self.shape[1] * f, self.shape[2] * f)
 
     @property
     def network(self) -> Any:
@@ -263,12 +273,6 @@ class LatentUNet(DiffusersUNet, TextToImageNetwork):
         if unknown or emb is None:
             raise StepoptError(f"{self.id}: the latent UNet takes encoder_hidden_states (B, L, D) as conditioning")
         return self.unet(x_t, t, encoder_hidden_states=emb).sample[:, : self.shape[0]].to(torch.float64)
-
-    def decode(self, x: torch.Tensor, batch_size: int = DECODE_BATCH, *, grad: bool = False) -> torch.Tensor:
-        """Images ``(B, *image_shape)`` in ``[-1, 1]`` (float32, CPU) from final states ``x`` (the EDM-frame latent);
-        ``grad``: differentiable, on the model's device."""
-        images = decode_latents(self.vae, x, self.scaling_factor, self.shift_factor, self.device, batch_size, grad)
-        return images if len(x) else torch.empty((0, *(self.image_shape or ())))
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
