@@ -91,6 +91,27 @@ def test_the_schedule_records_the_resolved_values(gmm: DiffusionModel) -> None:
     assert conf["preset"] == "paper" and conf["loss"] == "l2" and conf["init"] == "uniform"
     assert conf["teacher"] == PAPER_TEACHER.to_dict()
     assert conf["report"]["init"] == "uniform"
+    # every remaining departure from the paper is listed (the exact-ODE teacher of gmm-digits is none)
+    fixed = [
+        "validation scores the original noise (reference: the relaxed validation noises)",
+        "xi clamp: half the smallest gap of the grid (reference: of the raw logits)",
+    ]
+    assert conf["report"]["departures"] == ["loss: 'l2' (paper: 'lpips')", *fixed]
+
+
+def test_departures_name_every_option_off_the_paper() -> None:
+    lines = Ld3Config().departures(exact_teacher=False)
+    assert [x.split(":")[0] for x in lines[:4]] == ["loss", "init", "noise_lr_rule", "teacher"]
+    assert "'solver': 'heun'" in lines[3] and "'solver': 'unipc'" in lines[3]
+    assert [x.split(":")[0] for x in Ld3Config().departures(exact_teacher=True)[:3]] == [
+        "loss",
+        "init",
+        "noise_lr_rule",
+    ]
+    paper = resolve_config(Ld3Config, None, ["preset=paper"])
+    assert len(paper.departures(exact_teacher=False)) == 2  # only what stepopt always does differently
+    sd = resolve_config(Ld3Config, None, ["preset=paper-sd", "batch_size=2"])
+    assert sd.departures(exact_teacher=False)[0] == "batch_size: 2 (paper: 1)"
 
 
 def test_cli_preset(tmp_path: Path) -> None:

@@ -113,6 +113,29 @@ class Ld3Config:
     checkpoint: bool | Literal["auto"] = "auto"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
+    def departures(self, exact_teacher: bool) -> list[str]:
+        """Where this configuration departs from the paper's setting (``paper``, or ``paper-sd`` when that
+        is the preset), one line each, plus what stepopt always does differently from the reference code.
+        ``exact_teacher``: the model's teacher is its exact ODE (the ``teacher`` option does not apply)."""
+        paper = self.PRESETS["paper-sd" if self.preset == "paper-sd" else "paper"]
+        out = []
+        for key, want in paper.items():
+            have = getattr(self, key)
+            if key == "teacher":
+                if exact_teacher:
+                    continue
+                have = have.to_dict()
+                if all(have.get(k) == v for k, v in want.items()):
+                    continue
+            elif have == want:
+                continue
+            out.append(f"{key}: {have!r} (paper: {want!r})")
+        return [
+            *out,
+            "validation scores the original noise (reference: the relaxed validation noises)",
+            "xi clamp: half the smallest gap of the grid (reference: of the raw logits)",
+        ]
+
     def __post_init__(self) -> None:
         if self.n_train < 1 or self.n_valid < 1:
             raise ValueError("n_train and n_valid must be >= 1")

@@ -350,6 +350,7 @@ class Trainer:
             "checkpoint": self.checkpointed,
             "time_gradient": self.model.time_gradient,
             "teacher": cfg.teacher.describe(self.model),
+            "departures": cfg.departures(exact_teacher=isinstance(self.model, AnalyticModel)),
             "validation_rmse": self.validator.rmse(sigmas, model_sigmas),
             "seconds_teacher": round(self.teacher_seconds, 4),
             "seconds_training": round(st.seconds, 4),
