@@ -30,6 +30,7 @@ One JSON line per evaluated schedule while running (the out file is rewritten af
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from stepopt import api
@@ -51,6 +53,7 @@ from stepopt.models import load_model
 from stepopt.models.base import DiffusionModel
 from stepopt.schedule import Schedule
 from stepopt.solvers import get_solver
+from stepopt.teacher import GridValidator
 
 BASELINES = ("edm", "logsnr", "time-quadratic", "kl-optimal", "time-uniform")
 # column name -> (optimizer, config overrides)
@@ -95,17 +98,32 @@ def tiny_latent_model(folder: Path) -> DiffusionModel:
 def counting(model: DiffusionModel) -> Iterator[list[int]]:
     """Count the rows through ``model.denoise`` (one evaluation per row; guidance counts once) while active."""
     count = [0]
-    inner: Callable[..., torch.Tensor] = model.denoise
 
-    def denoise(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
-        count[0] += int(x.shape[0])
-        return inner(x, sigma, **cond)
+    def wrap(m: DiffusionModel) -> None:
+        inner: Callable[..., torch.Tensor] = m.denoise
 
-    model.denoise = denoise  # type: ignore[method-assign]
+        def denoise(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+            count[0] += int(x.shape[0])
+            return inner(x, sigma, **cond)
+
+        m.denoise = denoise  # type: ignore[method-assign]
+
+    twin_of: Callable[[], DiffusionModel] = model.differentiable_time
+
+    def differentiable_time() -> DiffusionModel:  # ld3 trains a DDPM network through a twin: count it too
+        twin = twin_of()
+        if twin is not model:  # a copy.copy of the model: drop the copied wrappers, count the twin's own calls
+            twin.__dict__.pop("denoise", None)
+            twin.__dict__.pop("differentiable_time", None)
+            wrap(twin)
+        return twin
+
+    wrap(model)
+    model.differentiable_time = differentiable_time  # type: ignore[method-assign]
     try:
         yield count
     finally:
-        del model.denoise  # back to the class's method
+        del model.denoise, model.differentiable_time  # back to the class's methods
 
 
 def report_evals(report: dict[str, Any]) -> Any:
@@ -119,10 +137,31 @@ def report_evals(report: dict[str, Any]) -> Any:
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """Small scalar facts of an optimizer's report (what it chose, where it started), for the JSON."""
-    keep = ("init", "chosen", "kept_start", "select", "selected", "keep_best", "iterations", "plan", "time_gradient")
+    keep = (
+        "init",
+        "starts",
+        "start_candidates",
+        "chosen",
+        "kept_start",
+        "keep_best",
+        "iterations",
+        "best_iteration",
+        "stop_reason",
+        "validation_rmse",
+        "plan",
+        "stop_initial",
+        "stop_final",
+        "selection_initial",
+        "selection_final",
+        "time_gradient",
+    )
     out: dict[str, Any] = {}
+    sel = report.get("select")
+    if isinstance(sel, dict) and "candidates" in sel:  # trust-region --select: its choice and the candidates' scores
+        scores = {c["candidate"]: c["rmse"] for c in sel["candidates"]}
+        out["select"] = {"chosen": sel.get("chosen"), "seeds": sel.get("teacher_seeds"), "rmse": scores}
     for k in keep:
-        if k in report:
+        if k in report and k not in out:
             v = report[k]
             out[k] = v if isinstance(v, str | int | float | bool | type(None)) else json_safe(v)
     return out
@@ -147,6 +186,7 @@ class Bench:
 
             self.rows = json.loads(args.out.read_text())["rows"]
         self.done = {(r["model"], r["solver"], r["nfe"], r["method"]) for r in self.rows}
+        self.validators: dict[tuple[str, str, int], GridValidator] = {}
 
     def save(self) -> None:
         a = self.args
@@ -167,6 +207,28 @@ class Bench:
             out["fid_digits"] = float(row.metrics["fid-digits"])
         out["eval_s"] = round(time.perf_counter() - t0, 1)
         return out
+
+    def seed_mse(
+        self, name: str, model: DiffusionModel, solver: str, n: int, sigmas: list[float], model_sigmas: Any
+    ) -> list[float]:
+        """Each held-out seed's mean squared error against the teacher (for the paired bootstrap of the tables)."""
+        key = (name, solver, n)
+        if key not in self.validators:
+            self.validators[key] = GridValidator(model, get_solver(solver).identity(), range(n))
+        v = self.validators[key]
+        out = v.outputs(sigmas, model_sigmas).to(torch.float64)
+        return [float(e) for e in ((out - v.targets.to(torch.float64)) ** 2).flatten(1).mean(1)]
+
+    def fill_seed_mse(self) -> None:
+        """Per-seed errors for rows written before they were recorded (their grids are in the JSON)."""
+        todo = [r for r in self.rows if "sigmas" in r and "seed_mse" not in r and r["model"] != TINY_LATENT]
+        models: dict[str, DiffusionModel] = {}
+        for r in todo:
+            m = models.setdefault(r["model"], load_model(r["model"]))
+            n = self.args.heldout
+            r["seed_mse"] = self.seed_mse(r["model"], m, r["solver"], n, r["sigmas"], r.get("model_sigmas"))
+        if todo:
+            self.save()
 
     def run_model(self, name: str, model: DiffusionModel) -> None:
         a = self.args
@@ -192,7 +254,7 @@ class Bench:
                         kind,
                         n,
                         metrics,
-                        lambda k=kind, i=ident, t=steps: base(k, model, i, t),
+                        functools.partial(baseline_schedule, kind, model, ident, steps),
                     )
                 for col in optimizers:
                     opt, overrides = OPTIMIZERS[col]
@@ -234,24 +296,34 @@ class Bench:
                 row["evals"] = count[0]
                 row["report_evals"] = report_evals(report)
                 row["report"] = summary(report)
+                row["objective"] = json_safe(dict(sched.method.objective or {}))
             row.update(self.score(model, f"{method}", sched, n, metrics))
+            row["seed_mse"] = self.seed_mse(name, model, solver, n, list(sched.sigmas), sched.model_sigmas)
             row["sigmas"] = list(sched.sigmas)
             if sched.model_sigmas is not None:
                 row["model_sigmas"] = list(sched.model_sigmas)
-        print(json_text({k: v for k, v in row.items() if k not in ("sigmas", "model_sigmas")}), flush=True)
+        print(json_text({k: v for k, v in row.items() if k not in ("sigmas", "model_sigmas", "report")}), flush=True)
         self.rows.append(row)
         self.done.add((name, solver, nfe, method))
         self.save()
-
-
-def base(kind: str, model: DiffusionModel, ident: Any, steps: int) -> Schedule:
-    return baseline_schedule(kind, model, ident, steps)
 
 
 def fmt_evals(r: dict[str, Any]) -> str:
     rep = r.get("report_evals")
     tot = rep.get("total") if isinstance(rep, dict) else rep
     return f"{r['evals']} ({'n/a' if tot is None else tot})"
+
+
+def compare(r: dict[str, Any], b: dict[str, Any], resamples: int = 2000) -> str:
+    """``r``'s RMSE relative to ``b``'s, with a 95 % paired bootstrap interval over the seeds and the share of
+    seeds on which ``r`` is better (when both rows hold their per-seed errors)."""
+    rel = f"{100 * (r['rmse'] / b['rmse'] - 1):+.1f} %"
+    if "seed_mse" not in r or "seed_mse" not in b or len(r["seed_mse"]) != len(b["seed_mse"]):
+        return rel
+    x, y = np.asarray(r["seed_mse"]), np.asarray(b["seed_mse"])
+    idx = np.random.default_rng(0).integers(0, len(x), (resamples, len(x)))
+    lo, hi = np.percentile(100 * (np.sqrt(x[idx].mean(1) / y[idx].mean(1)) - 1), [2.5, 97.5])
+    return f"{rel} [{lo:+.1f}, {hi:+.1f}], {100 * np.mean(x < y):.0f} %"
 
 
 def tables(rows: list[dict[str, Any]], heldout: int) -> str:
@@ -294,7 +366,8 @@ def tables(rows: list[dict[str, Any]], heldout: int) -> str:
                     cs.append("" if r is None or "refused" in r else f"{r['seconds']:.0f} / {fmt_evals(r)}")
                 out.append(f"| {s} {nfe} | " + " | ".join(cs) + " |")
             out.append(
-                f"\n{model}: each optimizer relative to the best baseline (+ = worse), {heldout} held-out seeds\n"
+                f"\n{model}: each optimizer's RMSE relative to the best baseline (+ = worse) on {heldout} held-out"
+                " seeds, [95 % paired bootstrap interval], share of the seeds on which it is better\n"
             )
             out.append("| solver, NFE | best baseline | " + " | ".join(opts) + " |")
             out.append("|---|---|" + "---:|" * len(opts))
@@ -306,7 +379,7 @@ def tables(rows: list[dict[str, Any]], heldout: int) -> str:
                 cs = []
                 for m in opts:
                     r = by.get((s, nfe, m))
-                    cs.append("" if r is None or "rmse" not in r else f"{100 * (r['rmse'] / b['rmse'] - 1):+.1f} %")
+                    cs.append("" if r is None or "rmse" not in r else compare(r, b))
                 out.append(f"| {s} {nfe} | {b['method']} {b['rmse']:.4f} | " + " | ".join(cs) + " |")
     return "\n".join(out)
 
@@ -344,7 +417,9 @@ def main() -> int:
             print(f"error: unknown optimizer column '{o}'; expected some of {', '.join(OPTIMIZERS)}", file=sys.stderr)
             return 1
     bench = Bench(args)
-    if not args.table_only:
+    if args.table_only:
+        bench.fill_seed_mse()
+    else:
         for name in args.models:
             with tempfile.TemporaryDirectory() as tmp:
                 model = tiny_latent_model(Path(tmp)) if name == TINY_LATENT else load_model(name)
