@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import json
 import sys
 import tempfile
 import time
@@ -182,9 +183,16 @@ class Bench:
         self.args = args
         self.rows: list[dict[str, Any]] = []
         if args.resume and args.out.exists():
-            import json
-
             self.rows = json.loads(args.out.read_text())["rows"]
+        for path in args.merge:  # rows of other runs (e.g. cells run in parallel); later files win
+            keys = {
+                (r["model"], r["solver"], r["nfe"], r["method"]) for r in json.loads(Path(path).read_text())["rows"]
+            }
+            self.rows = [r for r in self.rows if (r["model"], r["solver"], r["nfe"], r["method"]) not in keys]
+            self.rows += json.loads(Path(path).read_text())["rows"]
+        if args.merge:
+            order = {(m, s): i for i, (m, s) in enumerate(dict.fromkeys((r["model"], r["solver"]) for r in self.rows))}
+            self.rows.sort(key=lambda r: (order[(r["model"], r["solver"])], r["nfe"]))
         self.done = {(r["model"], r["solver"], r["nfe"], r["method"]) for r in self.rows}
         self.validators: dict[tuple[str, str, int], GridValidator] = {}
 
@@ -302,7 +310,10 @@ class Bench:
             row["sigmas"] = list(sched.sigmas)
             if sched.model_sigmas is not None:
                 row["model_sigmas"] = list(sched.model_sigmas)
-        print(json_text({k: v for k, v in row.items() if k not in ("sigmas", "model_sigmas", "report")}), flush=True)
+        print(
+            json_text({k: v for k, v in row.items() if k not in ("sigmas", "model_sigmas", "report", "seed_mse")}),
+            flush=True,
+        )
         self.rows.append(row)
         self.done.add((name, solver, nfe, method))
         self.save()
@@ -321,6 +332,8 @@ def compare(r: dict[str, Any], b: dict[str, Any], resamples: int = 2000) -> str:
     if "seed_mse" not in r or "seed_mse" not in b or len(r["seed_mse"]) != len(b["seed_mse"]):
         return rel
     x, y = np.asarray(r["seed_mse"]), np.asarray(b["seed_mse"])
+    if np.array_equal(x, y):
+        return f"{rel} (the same grid)"
     idx = np.random.default_rng(0).integers(0, len(x), (resamples, len(x)))
     lo, hi = np.percentile(100 * (np.sqrt(x[idx].mean(1) / y[idx].mean(1)) - 1), [2.5, 97.5])
     return f"{rel} [{lo:+.1f}, {hi:+.1f}], {100 * np.mean(x < y):.0f} %"
@@ -365,8 +378,9 @@ def tables(rows: list[dict[str, Any]], heldout: int) -> str:
                     r = by.get((s, nfe, m))
                     cs.append("" if r is None or "refused" in r else f"{r['seconds']:.0f} / {fmt_evals(r)}")
                 out.append(f"| {s} {nfe} | " + " | ".join(cs) + " |")
+            n = next((len(r["seed_mse"]) for r in mrows if "seed_mse" in r), heldout)
             out.append(
-                f"\n{model}: each optimizer's RMSE relative to the best baseline (+ = worse) on {heldout} held-out"
+                f"\n{model}: each optimizer's RMSE relative to the best baseline (+ = worse) on {n} held-out"
                 " seeds, [95 % paired bootstrap interval], share of the seeds on which it is better\n"
             )
             out.append("| solver, NFE | best baseline | " + " | ".join(opts) + " |")
@@ -399,6 +413,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("out/bench_networks.json"))
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, skip those entries")
     ap.add_argument("--table-only", action="store_true", help="print the tables of --out and stop")
+    ap.add_argument("--merge", nargs="*", default=[], help="JSON files of other runs whose rows join --out's")
     ap.add_argument(
         "--quick", action="store_true", help="one cell (dpmpp-3m 5), edm and kl-optimal, trust-region, 32 seeds"
     )
@@ -419,6 +434,7 @@ def main() -> int:
     bench = Bench(args)
     if args.table_only:
         bench.fill_seed_mse()
+        bench.save()
     else:
         for name in args.models:
             with tempfile.TemporaryDirectory() as tmp:
