@@ -54,6 +54,7 @@ from stepopt.models import load_model
 from stepopt.models.base import DiffusionModel
 from stepopt.schedule import Schedule
 from stepopt.solvers import get_solver
+from stepopt.stats import paired_bootstrap
 from stepopt.teacher import GridValidator
 
 BASELINES = ("edm", "logsnr", "time-quadratic", "kl-optimal", "time-uniform")
@@ -334,9 +335,8 @@ def compare(r: dict[str, Any], b: dict[str, Any], resamples: int = 2000) -> str:
     x, y = np.asarray(r["seed_mse"]), np.asarray(b["seed_mse"])
     if np.array_equal(x, y):
         return f"{rel} (the same grid)"
-    idx = np.random.default_rng(0).integers(0, len(x), (resamples, len(x)))
-    lo, hi = np.percentile(100 * (np.sqrt(x[idx].mean(1) / y[idx].mean(1)) - 1), [2.5, 97.5])
-    return f"{rel} [{lo:+.1f}, {hi:+.1f}], {100 * np.mean(x < y):.0f} %"
+    c = paired_bootstrap(x, y, resamples=resamples)
+    return f"{rel} [{100 * c.low:+.1f}, {100 * c.high:+.1f}], {100 * c.better:.0f} %"
 
 
 def tables(rows: list[dict[str, Any]], heldout: int) -> str:

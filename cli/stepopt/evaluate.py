@@ -17,6 +17,11 @@ gathered (:mod:`stepopt.distributed`), so every number equals the one-process ta
 
 Rows are grouped by solver and NFE (stable, otherwise in the order given). Tables are written by
 extension (.md, .csv, .json), atomically.
+
+``versus`` (``eval --versus FILE``) compares every row's ``ode-error`` with one reference row seed by
+seed: the relative RMSE change with a 95 % paired bootstrap interval and the share of seeds on which
+the row is better (:mod:`stepopt.stats`). Rows whose targets differ from the reference's (another
+sigma range or final step) are marked not comparable.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from stepopt.metrics.fidelity import FidelityOptions
 from stepopt.models.base import DiffusionModel
 from stepopt.sampling import NonFiniteError, sample_schedule
 from stepopt.schedule import Schedule
+from stepopt.stats import DEFAULT_RESAMPLES, paired_bootstrap
 from stepopt.teacher import TeacherConfig
 
 Progress = Callable[[str, Mapping[str, Any]], None]
@@ -60,8 +66,12 @@ class EvalConfig:
     feature_weights: str | None = None
     reference: str | None = None
     fidelity: FidelityOptions = field(default_factory=FidelityOptions)
+    versus: str | None = None
+    resamples: int = DEFAULT_RESAMPLES
 
     def __post_init__(self) -> None:
+        if self.resamples < 1:
+            raise StepoptError(f"`resamples` {self.resamples}: expected an integer >= 1")
         if self.n < 2:
             raise StepoptError(f"`n` {self.n}: expected at least 2 samples")
         if self.batch_size < 1:
@@ -83,6 +93,9 @@ class EvalRow:
     metrics: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    # ode-error per seed and the key of its targets (for ``versus``; not written anywhere)
+    seed_errors: tuple[Any, torch.Tensor] | None = None
+    versus: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         s = self.schedule
@@ -99,6 +112,7 @@ class EvalRow:
             "metrics": self.metrics,
             "settings": self.settings,
             "seconds": self.seconds,
+            **({"versus": self.versus} if self.versus is not None else {}),
         }
 
     def metric_entries(self) -> dict[str, dict[str, Any]]:
@@ -160,6 +174,12 @@ def evaluate(
     else:
         reqs = parse_metrics([m for m in metrics if isinstance(m, str)] if not isinstance(metrics, str) else metrics)
     check_same_model(items)
+    if cfg.versus is not None:
+        if "ode-error" not in {r.kind for r in reqs}:
+            raise StepoptError("`versus` compares the ode-error of each seed; add ode-error to the metrics")
+        if cfg.versus not in [p for p, _ in items]:
+            names = ", ".join(p for p, _ in items)
+            raise StepoptError(f"`versus` {cfg.versus}: not one of the evaluated schedules ({names})")
     s0 = items[0][1]
     if s0.model.fingerprint != model.fingerprint:
         raise StepoptError(
@@ -201,13 +221,37 @@ def evaluate(
             for name, value, settings in computer.compute(sched, samples):
                 row.metrics[name] = value
                 row.settings[name] = {**common, **settings}
+            if cfg.versus is not None and kind.name == "ode-error":
+                row.seed_errors = computer.per_seed(sched, samples)  # type: ignore[attr-defined]
         row.seconds["metrics"] = time.perf_counter() - t1
         for st in row.settings.values():
             st["stepopt"] = __version__
         rows.append(row)
         if progress:
             progress("row", {"index": k, "total": len(items), "row": row})
+    if cfg.versus is not None:
+        compare_rows(rows, cfg.versus, cfg.resamples)
     return rows
+
+
+def compare_rows(rows: Sequence[EvalRow], versus: str, resamples: int = DEFAULT_RESAMPLES) -> None:
+    """Set each row's ``versus``: its ode-error against the row of schedule ``versus``, seed by seed."""
+    ref = next((r for r in rows if r.path == versus), None)
+    if ref is None or ref.seed_errors is None:
+        raise StepoptError(f"`versus` {versus}: no ode-error per seed for it")
+    ref_key, ref_err = ref.seed_errors
+    for r in rows:
+        if r is ref:
+            r.versus = {"schedule": versus, "reference": True}
+        elif r.seed_errors is None or r.seed_errors[0] != ref_key:
+            r.versus = {
+                "schedule": versus,
+                "comparable": False,
+                "reason": "another sigma range or final step than the reference: other ode-error targets",
+            }
+        else:
+            cmp = paired_bootstrap(r.seed_errors[1].numpy(), ref_err.numpy(), resamples=resamples)
+            r.versus = {"schedule": versus, "metric": "ode-error rmse", **cmp.to_dict()}
 
 
 def write_back(row: EvalRow) -> Schedule:
@@ -244,10 +288,19 @@ def table_records(rows: Sequence[EvalRow]) -> tuple[list[str], list[dict[str, An
                 rec[col] = x
                 if col not in metric_cols:
                     metric_cols.append(col)
+        v = r.versus or {}
+        if "change" in v:
+            rec.update({c: 100 * v[k] for c, k in zip(VERSUS_COLS, ("change", "low", "high", "better"), strict=True)})
         rec["sample s"] = r.seconds.get("sample")
         rec["metrics s"] = r.seconds.get("metrics")
         records.append(rec)
-    return ["solver", "nfe", "method", "schedule", *metric_cols, "sample s", "metrics s"], records
+    versus = list(VERSUS_COLS) if any(r.versus is not None for r in rows) else []
+    return ["solver", "nfe", "method", "schedule", *metric_cols, *versus, "sample s", "metrics s"], records
+
+
+# eval --versus: the row's rmse vs the reference's (%), the 95 % paired bootstrap interval, the share of
+# seeds on which the row is better (%); empty for the reference row and rows not comparable with it.
+VERSUS_COLS = ("vs ref %", "95% low", "95% high", "better on %")
 
 
 def _fmt(v: Any) -> str:

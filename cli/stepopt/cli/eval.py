@@ -98,6 +98,18 @@ def eval_cmd(
             help="Teacher option for networks KEY=VALUE, e.g. steps=200 (repeatable).",
         ),
     ] = None,
+    versus: Annotated[
+        str | None,
+        typer.Option(
+            "--versus",
+            metavar="FILE",
+            help="Compare every schedule's ode-error with this one (one of the files), seed by seed: relative"
+            " RMSE change, its 95 % paired bootstrap interval, share of seeds on which it is better.",
+        ),
+    ] = None,
+    resamples: Annotated[
+        int, typer.Option("--resamples", min=1, help="Bootstrap resamples of --versus (seeded: reproducible).")
+    ] = 2000,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the on-disk cache.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = NetDtype.float32,
@@ -116,6 +128,13 @@ def eval_cmd(
     if not paths:
         raise typer.BadParameter("no schedules to evaluate: pass schedule files as arguments or with -S FILE")
     items = [(str(p), Schedule.load(p)) for p in paths]
+    if versus is not None:
+        same = [p for p, _ in items if p == versus or Path(p).resolve() == Path(versus).resolve()]
+        if not same:
+            raise StepoptError(f"--versus {versus}: not one of the schedules evaluated here; pass it as a FILE too")
+        versus = same[0]
+        if "ode-error" not in [m.strip() for m in metrics.split(",")]:
+            raise StepoptError("--versus compares the ode-error of each seed: add ode-error to --metrics")
     if out is not None:
         check_writable(out, "--out")
     if write_back_:
@@ -153,6 +172,8 @@ def eval_cmd(
         feature_weights=None if feature_weights is None else str(feature_weights),
         reference=reference,
         fidelity=fopts,
+        versus=versus,
+        resamples=resamples,
     )
     recorded = items[0][1].method.config.get("conditioning")
     loaded = load_with_options(

@@ -40,6 +40,15 @@ def ode_error(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     return {KEY_RMSE: float(d.square().mean().sqrt()), KEY_MAX: float(d.abs().max())}
 
 
+def seed_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean squared error over its coordinates (float64, on the CPU): the per-seed
+    errors whose mean is ``rmse**2`` (``eval --versus`` compares schedules on them)."""
+    if outputs.shape != targets.shape:
+        raise ValueError(f"ode-error: outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} differ")
+    d = outputs.detach().to(torch.float64).cpu() - targets.detach().to(torch.float64).cpu()
+    return d.square().flatten(1).mean(1)
+
+
 class OdeErrorMetric:
     """The ``ode-error`` kind: one :class:`GridValidator` (the teacher's targets) per sigma range and
     final step, shared by the rows; the teachers are computed first, each reported on its own (a
@@ -88,6 +97,11 @@ class OdeErrorMetric:
     def compute(self, schedule: Schedule, samples: torch.Tensor) -> list[tuple[str, Any, dict[str, Any]]]:
         v = self._validator(schedule)
         return [(r.name, v.errors(samples), v.describe()) for r in self.requests]
+
+    def per_seed(self, schedule: Schedule, samples: torch.Tensor) -> tuple[tuple[float, float, str], torch.Tensor]:
+        """Each seed's squared error and the key of its targets (rows with the same key share them)."""
+        key = (schedule.sigmas[0], schedule.sigmas[-1], schedule.final_step)
+        return key, seed_mse(samples, self._validator(schedule).targets)
 
 
 register_metric_kind(MetricKind("ode-error", OdeErrorMetric))
