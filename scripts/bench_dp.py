@@ -7,6 +7,11 @@ solvers at equal NFE on the logsnr and time-quadratic grids (gmm-digits: exact O
 the cached many-step teacher of ``stepopt eval``).
 
     .venv/bin/python scripts/bench_dp.py [--methods gits oss trust-region ays ld3] [--nfe 5 6 8 10] [--n 1000]
+    .venv/bin/python scripts/bench_dp.py --methods gits:cost=local gits:cost=history --solvers dpmpp-3m euler
+
+A method may carry ``--set`` items after a colon (``gits:cost=history,coeff=1.15``). For gits and oss
+the row also records the DP's own path held out (``dp_rmse``) and what ``keep_best`` kept, so the
+cells where keep_best replaced a DP path that was better held out can be counted.
     .venv/bin/python scripts/bench_dp.py --pfdiff [--models builtin:gmm-digits builtin:unet-digits]
 
 Writes ``out/bench_dp.json`` (or ``out/bench_pfdiff.json``) and prints markdown tables.
@@ -23,8 +28,10 @@ from typing import Any
 import torch
 
 from stepopt.baselines import baseline_sigmas
+from stepopt.config import resolve_config
 from stepopt.models import load_model
-from stepopt.optimizers import optimize
+from stepopt.optimizers import get_optimizer, optimize
+from stepopt.optimizers.dp import candidate_grid
 from stepopt.solvers import get_solver
 from stepopt.teacher import GridValidator
 
@@ -44,14 +51,24 @@ def bench_optimizers(args: argparse.Namespace) -> dict[str, Any]:
             for b in BASELINES:
                 row["rmse"][b] = test.rmse(baseline_sigmas(b, n, model.sigma_max, model.sigma_min, model.frame))
             for m in args.methods:
-                if m == "trust-region" and solver not in ("euler", "dpmpp-2m", "dpmpp-3m", "unipc"):
+                name, _, sets = m.partition(":")
+                if name == "trust-region" and solver not in ("euler", "dpmpp-2m", "dpmpp-3m", "unipc"):
                     continue
+                cfg = resolve_config(get_optimizer(name).config_cls, None, [v for v in sets.split(",") if v])
                 t0 = time.perf_counter()
-                s = optimize(m, model, ident, nfe, seed=0)
+                s = optimize(name, model, ident, nfe, cfg, seed=0)
                 row["seconds"][m] = round(time.perf_counter() - t0, 2)
                 row["rmse"][m] = test.rmse(s.sigmas)
-                row["evals"][m] = (s.method.config.get("report") or {}).get("network_evals")
-                print(f"{solver} nfe {nfe} {m}: rmse {row['rmse'][m]:.4f} in {row['seconds'][m]} s", flush=True)
+                rep = s.method.config.get("report") or {}
+                row["evals"][m] = rep.get("network_evals")
+                msg = f"{solver} nfe {nfe} {m}: rmse {row['rmse'][m]:.4f} in {row['seconds'][m]} s"
+                if name in ("gits", "oss"):
+                    cand = candidate_grid(model, cfg, n)
+                    row.setdefault("dp_rmse", {})[m] = test.rmse([float(cand[i]) for i in rep["path"]])
+                    row.setdefault("kept", {})[m] = (rep.get("keep_best") or {}).get("kept", "dp")
+                    row.setdefault("cost", {})[m] = rep.get("cost")
+                    msg += f" (DP path {row['dp_rmse'][m]:.4f}, kept {row['kept'][m]}, cost {rep.get('cost')})"
+                print(msg, flush=True)
             rows.append(row)
     return {"n": args.n, "rows": rows}
 

@@ -26,6 +26,13 @@ from stepopt.optimizers.dp import (
     oss_dp,
     teacher_trajectories,
 )
+from stepopt.optimizers.dp_history import (
+    HistoryCosts,
+    history_costs,
+    history_dp,
+    history_objective,
+    teacher_denoised,
+)
 from stepopt.optimizers.gits import GITSConfig
 from stepopt.optimizers.oss import OSSConfig
 from stepopt.solvers import get_solver, solve
@@ -121,6 +128,123 @@ def test_oss_evaluations_are_cached(gmm: GaussianMixture, small_setup: tuple[np.
     assert memo.evals <= n * m * p
 
 
+def solver_teacher_forced_errors(ident, traj: torch.Tensor, den: torch.Tensor, cand: np.ndarray, path: list[int]):
+    """Each step's teacher-forced local error along ``path`` (mean over trajectories of its L2 norm),
+    from the real solver: run on the path's grid with a denoiser that returns the cached D(X_m) at node
+    m whatever its input. Every step is affine in its state with slope sigma_{s+1}/sigma_s, so with
+    e_s = x_s - X_{p_s} the step from the teacher state errs by e_{s+1} - (sigma_{s+1}/sigma_s) e_s."""
+    grid = [float(cand[i]) for i in path]
+    node = {float(cand[i]): i for i in path}
+    states = [traj[:, 0]]
+    solve(
+        ident,
+        lambda x, sigma, **_: den[:, node[float(sigma[0])]],
+        traj[:, 0],
+        torch.tensor(grid, dtype=torch.float64),
+        callback=lambda info: states.append(info["x"]),
+    )
+    out = []
+    for s in range(len(path) - 1):
+        e0 = (states[s] - traj[:, path[s]]).flatten(1)
+        e1 = (states[s + 1] - traj[:, path[s + 1]]).flatten(1)
+        out.append(float(torch.linalg.vector_norm(e1 - (grid[s + 1] / grid[s]) * e0, dim=1).mean()))
+    return out
+
+
+HISTORY_SOLVERS = [
+    ("dpmpp-3m", {}),
+    ("dpmpp-3m", {"variant": "exact", "lower_order_final": False}),
+    ("dpmpp-2m", {}),
+    ("unipc", {}),
+    ("unipc", {"variant": "bh1", "lower_order_final": False}),
+    ("euler", {}),
+]
+
+
+@pytest.mark.parametrize("n", [2, 4, 5])
+@pytest.mark.parametrize(("solver", "opts"), HISTORY_SOLVERS)
+def test_gits_history_dp_against_the_real_solver_and_exhaustive_search(
+    gmm: GaussianMixture, small_setup: tuple[np.ndarray, torch.Tensor], solver: str, opts: dict, n: int
+) -> None:
+    """cost=history: the objective of every N-step path equals the sum of the teacher-forced local
+    errors of the real solver along it (warm-up, lower_order_final, UniPC's corrector and its
+    uncorrected last step as the solver takes them), and the DP returns the exhaustive minimum."""
+    cand, traj = small_setup
+    ident = get_solver(solver).identity(**opts)
+    m = len(cand) - 1
+    den = teacher_denoised(gmm, traj, cand)
+    costs = history_costs(ident, traj, den, cand, n)
+    path, value = history_dp(costs, m)
+    objective = {tuple(p): history_objective(costs, p) for p in all_paths(m, n)}
+    assert value == pytest.approx(min(objective.values()), rel=1e-12)
+    assert value == pytest.approx(objective[tuple(path)], rel=1e-12)
+    for p in objective:
+        steps = solver_teacher_forced_errors(ident, traj, den, cand, list(p))
+        assert [costs.step_cost(s, p) for s in range(n)] == pytest.approx(steps, rel=1e-8, abs=1e-12)
+    # coeff weighs step s by coeff^s, as the local cost's DP does.
+    wpath, wvalue = history_dp(costs, m, 1.3)
+    assert wvalue == pytest.approx(min(history_objective(costs, p, 1.3) for p in all_paths(m, n)), rel=1e-12)
+    assert wvalue == pytest.approx(history_objective(costs, wpath, 1.3), rel=1e-12)
+
+
+def test_gits_history_sees_the_higher_orders(
+    gmm: GaussianMixture, small_setup: tuple[np.ndarray, torch.Tensor]
+) -> None:
+    """The order-1 table is the local cost (a first-order step from the teacher state is the solver
+    started afresh); euler's history DP is the local DP; dpmpp-3m's order-2/3 steps cost less than
+    first-order ones on the first short jumps (the history is exact under teacher forcing; at lower
+    noise, where this mixture's denoiser turns fast in lam, the extrapolation costs more)."""
+    cand, traj = small_setup
+    m, memo = len(cand) - 1, MemoDenoiser(gmm)
+    den = teacher_denoised(memo, traj, cand)
+    assert memo.evals == m * traj.shape[0]  # one evaluation per candidate (but the last) and trajectory
+    ident = get_solver("dpmpp-3m").identity()
+    local = gits_costs(ident, memo, traj, cand)
+    hist = history_costs(ident, traj, den, cand, 5)
+    assert hist.kinds == [(1, False), (2, False), (3, False), (2, False), (1, False)]
+    upper = np.triu_indices(m + 1, 1)
+    assert hist.tables[(1, False)][upper] == pytest.approx(local[upper], rel=1e-9)
+    euler = get_solver("euler").identity()
+    for n in (2, 4):
+        assert (
+            history_dp(history_costs(euler, traj, den, cand, n), m)[0]
+            == gits_dp(gits_costs(euler, memo, traj, cand), n)[0]
+        )
+    c2, c3 = hist.tables[(2, False)], hist.tables[(3, False)]
+    assert c2[0, 1, 2] < local[1, 2] and c3[0, 1, 2, 3] < local[2, 3]
+
+
+def test_gits_cost_option(gmm: GaussianMixture) -> None:
+    """cost: local (default) or history; the report records the cost, the step orders and the
+    departures; history is refused where it is not defined."""
+    from stepopt.errors import StepoptError
+
+    three = get_solver("dpmpp-3m").identity()
+    assert GITSConfig().cost == "local" and [d.split(":")[0] for d in GITSConfig().departures()] == ["keep_best"]
+    s = optimize("gits", gmm, three, 4, GITSConfig(**SMALL, cost="history", keep_best=False))
+    rep = s.method.config["report"]
+    assert s.method.config["cost"] == "history" and rep["cost"] == "history"
+    assert rep["step_orders"] == {"order 1": 2, "order 2": 2}
+    assert any(d.startswith("cost: history") for d in rep["departures"])
+    assert "history" in s.method.objective["name"]
+    local = optimize("gits", gmm, three, 4, GITSConfig(**SMALL, cost="local"))
+    assert local.method.config["report"]["cost"] == "local" and "step_orders" not in local.method.config["report"]
+    with pytest.raises(StepoptError, match="cost=history is defined for"):
+        optimize("gits", gmm, get_solver("heun").identity(), 4, GITSConfig(**SMALL, cost="history"))
+    with pytest.raises(StepoptError, match="GiB table"):
+        history_costs(three, torch.zeros(1, 301, 2), torch.zeros(1, 300, 2), np.geomspace(80, 0.002, 301), 5)
+    with pytest.raises(ConfigError, match="cost"):
+        resolve_config(GITSConfig, None, ["cost=global"])
+    assert isinstance(history_costs(three, *_tiny(gmm), 3), HistoryCosts)
+
+
+def _tiny(gmm: GaussianMixture) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    cfg = DPConfig(candidates=4, trajectories=2)
+    cand = candidate_grid(gmm, cfg, 3)
+    traj, _ = teacher_trajectories(gmm, cand, cfg)
+    return traj, teacher_denoised(gmm, traj, cand), cand
+
+
 def test_gits_costs_are_local_errors(gmm: GaussianMixture, small_setup: tuple[np.ndarray, torch.Tensor]) -> None:
     cand, traj = small_setup
     cost = gits_costs(get_solver("euler").identity(), MemoDenoiser(gmm), traj, cand)
@@ -129,7 +253,15 @@ def test_gits_costs_are_local_errors(gmm: GaussianMixture, small_setup: tuple[np
     assert np.all(np.isfinite(cost[np.triu_indices(m + 1, 1)])) and np.all(cost[np.triu_indices(m + 1, 1)] > 0)
 
 
-@pytest.mark.parametrize(("name", "cfg"), [("gits", GITSConfig(**SMALL)), ("oss", OSSConfig(**SMALL))])
+@pytest.mark.parametrize(
+    ("name", "cfg"),
+    [
+        ("gits", GITSConfig(**SMALL, cost="local")),
+        ("gits", GITSConfig(**SMALL, cost="history")),
+        ("oss", OSSConfig(**SMALL)),
+    ],
+    ids=["gits-local", "gits-history", "oss"],
+)
 @pytest.mark.parametrize("solver", ["euler", "dpmpp-3m"])
 def test_optimizer_contract(gmm: GaussianMixture, name: str, cfg: DPConfig, solver: str) -> None:
     ident = get_solver(solver).identity()
