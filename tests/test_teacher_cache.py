@@ -16,11 +16,13 @@ import torch
 from typer.testing import CliRunner
 
 from _gaussian_net import GaussianNet
+from stepopt.baselines import baseline_sigmas
 from stepopt.cache import ENV_VAR, TeacherCache, cache_info, cache_root, clear_cache
 from stepopt.cli import app
 from stepopt.errors import StepoptError
 from stepopt.models import IsotropicGaussian
 from stepopt.sampling import initial_noise
+from stepopt.solvers import solve
 from stepopt.teacher import TeacherConfig, teacher_key, teacher_outputs
 
 
@@ -216,3 +218,30 @@ def test_models_without_content_fingerprint_are_not_cached(cache_dir: Path) -> N
     teacher_outputs(m, [0, 1])
     teacher_outputs(m, [0, 1])
     assert m.calls == [2, 2] and not cache_dir.exists()
+
+
+def test_teacher_variant(cache_dir: Path) -> None:
+    """``variant`` picks the teacher solver's variant (LD3's CIFAR-10 teacher is UniPC bh1), keys the cache,
+    and is left out of the key and the records when unset (earlier caches stay valid)."""
+    net = GaussianNet()
+    x0 = initial_noise(net.inner, [0, 1, 2])
+    truth = net.inner.ode_solution(x0, 80.0, 0.002)
+    unset = TeacherConfig(solver="unipc", order=3, steps=20)
+    assert "variant" not in unset.cache_key() and unset.identity().variant == "bh2"  # the solver's default
+    ys = {}
+    for v in ("bh1", "bh2"):
+        err = []
+        for steps in (20, 40):
+            cfg = TeacherConfig(solver="unipc", order=3, steps=steps, variant=v)
+            assert cfg.cache_key()["variant"] == v and cfg.identity().variant == v
+            _, ys[v, steps] = teacher_outputs(net, [0, 1, 2], cfg)
+            grid = torch.as_tensor(baseline_sigmas("edm", steps, 80.0, 0.002, net.frame))
+            assert torch.equal(ys[v, steps], solve(cfg.identity(), net, x0, grid))  # exactly that solver and grid
+            err.append(float((ys[v, steps] - truth).abs().max()))
+        assert err[1] < err[0] / 8  # third order against the closed-form solution
+    assert not torch.equal(ys["bh1", 20], ys["bh2", 20])
+    _, y_unset = teacher_outputs(net, [0, 1, 2], unset)
+    assert torch.equal(y_unset, ys["bh2", 20])
+    assert len(list((cache_dir / "teacher").iterdir())) == 5  # unset and bh2 are different keys, same values
+    with pytest.raises(StepoptError, match="no variant 'bh3'"):
+        TeacherConfig(solver="unipc", variant="bh3").identity()

@@ -34,7 +34,7 @@ from stepopt.cache import TeacherCache
 from stepopt.errors import StepoptError
 from stepopt.models.base import AnalyticModel, DiffusionModel
 from stepopt.sampling import NonFiniteError, cond_for_seeds, initial_noise, locate_non_finite, slice_cond
-from stepopt.solvers import SolverIdentity, get_solver, solve
+from stepopt.solvers import SolverIdentity, solve
 from stepopt.teacher_config import TeacherConfig
 
 # Bump when the teacher's computation changes in a way the key does not capture.
@@ -45,7 +45,7 @@ def teacher_key(
     model: DiffusionModel, config: TeacherConfig, sigma_from: float, sigma_to: float, dtype: torch.dtype
 ) -> dict[str, Any]:
     """Everything a teacher output depends on besides the seed (the cache key)."""
-    teacher: Any = f"exact:{type(model).__name__}" if isinstance(model, AnalyticModel) else config.to_dict()
+    teacher: Any = f"exact:{type(model).__name__}" if isinstance(model, AnalyticModel) else config.cache_key()
     return {
         "version": CACHE_VERSION,
         "model": model.id,
@@ -82,7 +82,7 @@ def _compute(
 
 
 def _teacher_grid(model: DiffusionModel, cfg: TeacherConfig, s_hi: float, s_lo: float) -> tuple[Any, torch.Tensor]:
-    ident = get_solver(cfg.solver).identity(cfg.order)
+    ident = cfg.identity()
     return ident, torch.as_tensor(baseline_sigmas(cfg.grid, cfg.steps, s_hi, s_lo, model.frame, rho=cfg.rho))
 
 

@@ -122,7 +122,7 @@ def _compute_trajectories(
             torch.set_num_threads(threads)
     else:
         tc = cfg.teacher
-        ident = get_solver(tc.solver).identity(tc.order)
+        ident = tc.identity()
         cond = cond_for_seeds(model, seeds)
         with torch.no_grad():
             for a, b in itertools.pairwise(cand):
@@ -177,8 +177,8 @@ def teacher_trajectories(
 
 
 def _teacher_nfe(cfg: DPConfig) -> int:
-    spec = get_solver(cfg.teacher.solver)
-    return spec.nfe(spec.identity(cfg.teacher.order), cfg.teacher.steps)
+    ident = cfg.teacher.identity()
+    return get_solver(ident.name).nfe(ident, cfg.teacher.steps)
 
 
 # -- the solver as a transition --------------------------------------------------------------------

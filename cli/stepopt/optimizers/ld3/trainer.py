@@ -47,6 +47,7 @@ class Recompute:
 def run_key(ctx: OptimizeContext, cfg: Ld3Config) -> dict[str, Any]:
     """What a state file must match to be resumed: the run's identity without the resumable options."""
     conf = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
+    conf["teacher"] = cfg.teacher.cache_key()  # an unset variant as before it existed: older states resume
     return {
         "optimizer": "ld3",
         "model": ctx.model.id,
