@@ -204,7 +204,8 @@ def test_trust_region_from_pure_noise_gives_a_grid_from_inf(flow: GaussianMixtur
     for name in ("euler", "dpmpp-2m"):
         ident = get_solver(name).identity()
         s = optimize("trust-region", flow, ident, 6, TrustRegionConfig(), final_step="denoise")
-        assert s.sigmas[0] == math.inf and s.sigmas[-1] == flow.sigma_min
+        # final_step denoise: the last evaluated node is free, and the bound moves it off sigma_min.
+        assert s.sigmas[0] == math.inf and s.sigmas[-1] > 5 * flow.sigma_min
         assert all(math.isfinite(v) for v in s.sigmas[1:]) and bool(np.all(np.diff(s.sigmas) < 0))
         top = flow.frame.sigma(flow.frame.shift_time(1.0 - 1.0 / 1000))
         assert s.sigmas[1] <= top * (1 + 1e-9)  # the first finite node is a real training level

@@ -15,8 +15,8 @@ first- and third-order steps). Package layout: ``bound`` (the one evaluator of J
 gradient), ``search`` (constraint, starts, multistart, scipy), ``refine`` (teacher-driven
 refinement), this module (the optimizer: hyperparameters, model-aware selection, registration).
 
-J is minimized over the N-1 interior lam's (endpoints: the model's sigma_max and sigma_min)
-under the linear constraint ``lam_{i+1} - lam_i >= min_gap`` (a ``LinearConstraint``).
+J is minimized over the N-1 interior lam's (endpoints: the model's sigma_max and sigma_min; with
+a final denoise the last node may be free, below) under the linear constraint ``lam_{i+1} - lam_i >= min_gap`` (a ``LinearConstraint``).
 
 How stepopt solves it (the traps of the paper's procedure):
 
@@ -85,12 +85,34 @@ How stepopt solves it (the traps of the paper's procedure):
   next to pure noise). Solvers that carry evaluations through earlier states (heun, ipndm, pfdiff)
   have no derived limit and are refused. This is an extension of the paper (its models are VP
   noise-prediction networks); the grids it gives on ``builtin:gmm-digits-flow`` are in the README.
+* a free last node before ``final_step: denoise`` (an extension; ``last_node``, ``bound.FinalDenoise``).
+  The output is then ``D(x_N, sigma_N)``, one more evaluation. Pinned at sigma_min (the paper's fixed
+  end), that evaluation corrects almost nothing, while a flow pipeline's last node is ``s / N`` and
+  its denoise is a real step. The paper's J cannot place lam_N by itself: it bounds the error of
+  ``x / sigma`` carried by the exponential integrator's linear part alone (``sigma_N / sigma_s``,
+  no feedback through D); at the exact jump to sigma = 0 that factor is 0 for every earlier
+  evaluation, although ``dD/dx ~ I`` at small sigma carries their errors to the output. Two models
+  of the jump, both keeping the paper's step terms: ``denoise_carry: linear`` (default) takes the
+  jump as what it is to within the model's sigma_min, a first-order step from lam_N to
+  ``lam_end = -log sigma_min``: ``J_den = J(lam_0..lam_N) + (e^{lam_end} - e^{lam_N}) eps(lam_N)``,
+  the paper's own bound for the N steps plus that step (for euler exactly the paper's bound on N+1
+  steps to sigma_min, tested), whose state-error carry is the paper's throughout. ``data`` carries
+  step s's error as for Gaussian data of variance ``sigma_data^2``: through the ODE by
+  ``sqrt((sd^2 + sigma_N^2) / (sd^2 + sigma_{s+1}^2))`` (the variational equation ``d delta / d sigma
+  = (1 - a) delta / sigma``, ``a = sd^2 / (sd^2 + sigma^2)`` the denoiser's Jacobian), then through D
+  by ``a(sigma_N)``, plus the jump's own ``eps(lam_N)``. Measured on gmm-digits-flow against the
+  exact ODE (README): ``linear`` beats the flow default for euler and dpmpp-2m at NFE 5, 8, 10;
+  ``data`` (sigma_data 0.1-2) puts the last node at 0.4-2.3 and loses to it. On gmm-digits (EDM,
+  sigma_max = 80) the free node helps euler and costs dpmpp-2m/3m and unipc (the bound lifts the
+  interior nodes), so ``last_node: auto`` frees it only on models that start from pure noise.
 * teacher refinement (``teacher_refine: true``, an extension beyond the paper; module ``refine``): a
   model-free bound can lose to a baseline on a given model (UniPC on gmm-digits at NFE 6). This
   stage scores the bound's grid (or the selection's choice) and every baseline against the
   teacher on the selection's noises, starts from the best, and moves the nodes to minimize that
   error by backpropagating through the solver; it costs network evaluations (seconds on
-  gmm-digits) and is never worse than its start or a baseline on those noises.
+  gmm-digits) and is never worse than its start or a baseline on those noises. With a final
+  denoise the last node is one of its variables (unless ``last_node: sigma_min``) and, on flow
+  models, the pipeline default is among its starts.
 * model-aware selection (``select: true``): every (p, tau, init) of ``select_p`` x
   ``select_tau`` x {logsnr, time-uniform}, plus every baseline, is run by the solver from
   ``select_n`` teacher noises; the lowest RMSE against the teacher wins and every candidate's
@@ -108,7 +130,7 @@ from typing import Any
 
 import numpy as np
 
-from stepopt.baselines import BASELINES, sigma_top
+from stepopt.baselines import BASELINES, FLOW_BASELINES, sigma_top
 from stepopt.errors import StepoptError
 from stepopt.frames import Flow
 from stepopt.models.base import DiffusionModel
@@ -117,6 +139,7 @@ from stepopt.optimizers.trust_region.bound import (
     FROM_NOISE_SOLVERS,
     PAPER_WEIGHT_SOLVERS,
     ErrorBound,
+    FinalDenoise,
     WeightFn,
     error_model,
     from_noise_weights,
@@ -229,8 +252,13 @@ def optimize_grid(
     resolved: Resolved,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    final_step: str = "none",
 ) -> tuple[Solution, ErrorBound]:
-    """The model-free part: minimize the bound for this solver, N and hyperparameters."""
+    """The model-free part: minimize the bound for this solver, N and hyperparameters.
+
+    With ``final_step: denoise`` (and ``last_node: free``) the last node is a variable too and the
+    bound is its denoise extension (:class:`~stepopt.optimizers.trust_region.bound.FinalDenoise`).
+    """
     solver_orders(identity, n_steps)
     lam_start, lam_end = -math.log(model.sigma_max), -math.log(model.sigma_min)
     if not (lam_end - lam_start) / n_steps > 1e-6:
@@ -267,13 +295,31 @@ def optimize_grid(
         error,
         noise_scale(model) if error == "velocity" else 1.0,
         -math.log(sigma_top(model.frame)) if math.isinf(lam_start) else -math.inf,
+        final_denoise_model(cfg, model, final_step, lam_end),
     )
-    if n_steps == 1:
+    if n_steps == 1 and not bound.free_end:
         lam = np.array([lam_start, lam_end])
         v = bound.value(np.empty(0))
         return Solution(lam, v, resolved.init, v, ()), bound
     starts = make_starts(model, n_steps, resolved.init, cfg, seed)
     return minimize_bound(bound, starts, cfg, log), bound
+
+
+def free_last_node(cfg: TrustRegionConfig, model: DiffusionModel, final_step: str) -> bool:
+    """Whether the bound's last node is a variable: ``final_step: denoise`` and ``last_node`` free, or
+    auto on a model that samples from pure noise (config docstring)."""
+    if final_step != "denoise":
+        return False
+    return cfg.last_node == "free" or (cfg.last_node == "auto" and math.isinf(model.sigma_max))
+
+
+def final_denoise_model(
+    cfg: TrustRegionConfig, model: DiffusionModel, final_step: str, lam_end: float
+) -> FinalDenoise | None:
+    """The bound's final-denoise extension when the last node is free (:func:`free_last_node`)."""
+    if not free_last_node(cfg, model, final_step):
+        return None
+    return FinalDenoise(float(cfg.sigma_data), cfg.denoise_carry, lam_end)
 
 
 def _logger(ctx: OptimizeContext) -> Callable[[str], None]:
@@ -297,7 +343,11 @@ def run(ctx: OptimizeContext, cfg: TrustRegionConfig) -> OptimizeResult:
     n = ctx.n_steps
     from_noise = math.isinf(ctx.model.sigma_max)
     orders, lowered = solver_orders(ctx.solver, n, from_noise)
-    report: dict[str, Any] = {"orders": orders, "lower_order_final": lowered}
+    report: dict[str, Any] = {
+        "orders": orders,
+        "lower_order_final": lowered,
+        "last_node": "free" if free_last_node(cfg, ctx.model, ctx.final_step) else "sigma_min",
+    }
     if from_noise:
         report["error_model"] = {"kind": "velocity", "noise_scale": noise_scale(ctx.model)}
     note = None
@@ -318,7 +368,9 @@ def run(ctx: OptimizeContext, cfg: TrustRegionConfig) -> OptimizeResult:
         return _run_select(ctx, cfg, report)
     resolved = resolve(cfg, ctx.model, n)
     t0 = time.perf_counter()
-    sol, bound = optimize_grid(ctx.model, ctx.solver, n, cfg, resolved, ctx.seed, log=_logger(ctx))
+    sol, bound = optimize_grid(
+        ctx.model, ctx.solver, n, cfg, resolved, ctx.seed, log=_logger(ctx), final_step=ctx.final_step
+    )
     report.update(
         resolved=resolved.to_dict(),
         latent=_is_latent(ctx.model),
@@ -342,9 +394,13 @@ def run(ctx: OptimizeContext, cfg: TrustRegionConfig) -> OptimizeResult:
 
 
 def _baseline_candidates(ctx: OptimizeContext) -> dict[str, list[float]]:
-    """Every baseline the model's range and frame allow, as candidate grids (sigmas)."""
+    """Every baseline the model's range and frame allow, as candidate grids (sigmas); with a final
+    denoise on a flow model also the pipeline's default (its last node is not sigma_min)."""
     out: dict[str, list[float]] = {}
-    for kind in BASELINES:
+    kinds = list(BASELINES)
+    if ctx.final_step == "denoise" and isinstance(ctx.model.frame, Flow):
+        kinds += list(FLOW_BASELINES)
+    for kind in kinds:
         try:
             out[f"{kind} baseline"] = _sigmas(ctx, start_grid(kind, ctx.model, ctx.n_steps))
         except StepoptError:
@@ -367,7 +423,11 @@ def _teacher_refine(
     start = min(scored, key=lambda k: scored[k][0])
     ctx.report("log", message=f"trust-region teacher_refine: start {start} (rmse {scored[start][0]:.6g})")
     lam0 = -np.log(np.asarray(scored[start][1], dtype=np.float64))
-    lam, info = refine_grid(validator, lam0, cfg.teacher_refine_iters)
+    # With a final denoise the refinement measures, so the last node is free unless pinned explicitly.
+    free = ctx.final_step == "denoise" and cfg.last_node != "sigma_min"
+    free_at = -math.log(ctx.model.sigma_min) if free else None
+    lam, info = refine_grid(validator, lam0, cfg.teacher_refine_iters, free_end_at=free_at)
+    info["last_node"] = "free" if free else "sigma_min"
     ctx.report(
         "log",
         message=(
@@ -393,9 +453,12 @@ def _runs_report(sol: Solution) -> list[dict[str, Any]]:
 
 
 def _sigmas(ctx: OptimizeContext, lam: np.ndarray) -> list[float]:
-    """exp(-lam) with the model's endpoints exact."""
+    """exp(-lam) with the model's endpoints exact (a free last node: exact when it is at sigma_min)."""
     s = np.exp(-np.asarray(lam, dtype=np.float64))
-    s[0], s[-1] = ctx.model.sigma_max, ctx.model.sigma_min
+    s[0] = ctx.model.sigma_max
+    lo = ctx.model.sigma_min
+    if s[-1] <= lo * (1 + 1e-12):
+        s[-1] = lo
     return [float(v) for v in s]
 
 
@@ -432,7 +495,9 @@ def _run_select(ctx: OptimizeContext, cfg: TrustRegionConfig, report: dict[str, 
                 if key in seen:  # e.g. tau "auto" = 3 at N = 5: the same problem
                     continue
                 seen.add(key)
-                sol, _ = optimize_grid(ctx.model, ctx.solver, n, cfg, resolved, ctx.seed, log=_logger(ctx))
+                sol, _ = optimize_grid(
+                    ctx.model, ctx.solver, n, cfg, resolved, ctx.seed, log=_logger(ctx), final_step=ctx.final_step
+                )
                 sig = _sigmas(ctx, sol.lam)
                 err = rmse(sig)
                 tau_label = f"{tau}({resolved.tau})" if tau in ("auto", "paper") else str(tau)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -151,6 +152,54 @@ def from_noise_weights(weight_fn: WeightFn, trapezoid: bool) -> WeightFn:
     return weights
 
 
+@dataclass(frozen=True)
+class FinalDenoise:
+    """The bound's extension to ``final_step: denoise`` (an extension of the paper; derivation in the
+    module docstring of :mod:`stepopt.optimizers.trust_region`). The output is ``D(x_N, sigma_N)`` and
+    lam_N is free, so the error that step s leaves in the state (``sigma_{s+1} T[s, e]`` in ``x``) is
+    carried to the output as it is for data of variance ``sigma_data^2``: through the ODE to sigma_N by
+    ``sqrt((sigma_data^2 + sigma_N^2) / (sigma_data^2 + sigma_{s+1}^2))``, then through D by its Jacobian
+    ``a(sigma_N) = sigma_data^2 / (sigma_data^2 + sigma_N^2)``; the final jump adds its own term
+    ``eps(lam_N)`` (weight 1). In all, step s's terms are scaled by
+
+        F_s = sigma_{s+1} / sqrt((1 + sigma_{s+1}^2 / sigma_data^2) (1 + sigma_N^2 / sigma_data^2))
+
+    and ``J_den = J(F T) + eps(lam_N)`` (``sigma_data = inf``: ``F_s = sigma_{s+1}``, errors in x kept).
+    """
+
+    sigma_data: float = 1.0
+    carry: str = "linear"
+    lam_end: float = math.inf
+
+    def jump(self, lam_n: float, eps: float, deps: float) -> tuple[float, float]:
+        """The final jump's term and its derivative in lam_N."""
+        if self.carry == "linear":
+            # A first-order step from lam_N to lam_end in x / sigma: weight e^{lam_end} - e^{lam_N}.
+            w = math.exp(self.lam_end) - math.exp(lam_n)
+            return w * eps, -math.exp(lam_n) * eps + w * deps
+        return eps, deps
+
+    def factors(self, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``F`` (N,) and ``d log F_s / d lam_k`` (N, N+1) on the full grid ``lam`` (N+1 values)."""
+        n = len(lam) - 1
+        if self.carry == "linear":
+            return np.ones(n), np.zeros((n, n + 1))
+        sig = np.exp(-np.asarray(lam[1:], dtype=np.float64))  # sigma_1..sigma_N
+        a = 1.0 / (1.0 + (sig / self.sigma_data) ** 2)  # a(sigma) = sd^2 / (sd^2 + sigma^2)
+        f = sig * np.sqrt(a * a[-1])
+        dlog = np.zeros((n, n + 1))
+        # d log(sigma sqrt(a(sigma))) / d lam = -a(sigma); d log sqrt(a(sigma_N)) / d lam_N = 1 - a_N.
+        dlog[np.arange(n), np.arange(1, n + 1)] = -a
+        dlog[:, n] += 1.0 - a[-1]
+        return f, dlog
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "extension": "J(F T) + eps(lam_N), F_s: the carry for data of variance sigma_data^2",
+            "sigma_data": self.sigma_data,
+        }
+
+
 class ErrorBound:
     """J on a grid of N steps between fixed endpoints ``lam_start < lam_end``, for one solver identity.
 
@@ -171,8 +220,12 @@ class ErrorBound:
         error: str = "noise",
         noise_scale: float = 1.0,
         lam_floor: float = -math.inf,
+        final_denoise: FinalDenoise | None = None,
     ) -> None:
         self.identity = identity
+        # ``final_step: denoise``: the last node lam_N is free (at most lam_end) and J is the denoise
+        # extension (:class:`FinalDenoise`); otherwise lam_N = lam_end and J is the paper's.
+        self.final_denoise = final_denoise
         self._weight_fn: WeightFn = weight_fn or step_weights
         self.lam_start, self.lam_end = float(lam_start), float(lam_end)
         self.p, self.tau = float(p), int(tau)
@@ -197,8 +250,8 @@ class ErrorBound:
         self.single = used.sum(axis=1) == 1
         self.rss = ~self.single & (s < self.tau)
         self.tail = ~self.single & (s >= self.tau)
-        # Complex-step directions: row k perturbs interior node k + 1.
-        self._dirs = np.eye(n_steps + 1)[1:-1] * (1j * _CSTEP)
+        # Complex-step directions: row k perturbs variable node k + 1 (interior, and lam_N when free).
+        self._dirs = np.eye(n_steps + 1)[1 : n_steps + 1 if self.free_end else -1] * (1j * _CSTEP)
 
     @property
     def n_steps(self) -> int:
@@ -214,8 +267,20 @@ class ErrorBound:
         """True when no evaluation is weighed by two tail steps (no cancellation, no kinks)."""
         return bool((self.used & self.tail[:, None]).sum(axis=0).max(initial=0) <= 1)
 
+    @property
+    def free_end(self) -> bool:
+        """The last node lam_N is a variable (a final denoise follows it), bounded above by lam_end."""
+        return self.final_denoise is not None
+
     def full(self, x: Sequence[float] | np.ndarray) -> np.ndarray:
-        return np.concatenate(([self.lam_start], np.asarray(x, dtype=np.float64), [self.lam_end]))
+        """The N+1 lam's of the variables ``x`` (interior lam's, then lam_N when it is free)."""
+        tail = [] if self.free_end else [self.lam_end]
+        return np.concatenate(([self.lam_start], np.asarray(x, dtype=np.float64), tail))
+
+    def variables(self, lam: np.ndarray) -> np.ndarray:
+        """The variables of the full grid ``lam``: the inverse of :meth:`full`."""
+        lam = np.asarray(lam, dtype=np.float64)
+        return lam[1:].copy() if self.free_end else lam[1:-1].copy()
 
     def weights(self, lam: np.ndarray) -> np.ndarray:
         """W (N, M) of the solver on the full grid ``lam``."""
@@ -224,7 +289,10 @@ class ErrorBound:
     def terms(self, lam: np.ndarray) -> np.ndarray:
         """T[s, e] = eps(lam of evaluation e) W[s, e]."""
         eps, _ = error_model(lam + self.lam_offset, self.p, self.error)
-        return self.weights(lam) * eps[self.nodes]
+        t = self.weights(lam) * eps[self.nodes]
+        if self.final_denoise is not None:
+            t = t * self.final_denoise.factors(lam)[0][:, None]
+        return t
 
     def tail_sums(self, lam: np.ndarray) -> np.ndarray:
         """The per-evaluation sums c_e of the tail steps at the evaluations some tail step uses."""
@@ -235,7 +303,7 @@ class ErrorBound:
     def value(self, x: Sequence[float] | np.ndarray, mu: float = 0.0) -> float:
         """J at interior lam's ``x`` (inf if they are not strictly increasing)."""
         lam = self.full(x)
-        if np.any(np.diff(lam) <= 0):
+        if np.any(np.diff(lam) <= 0) or lam[-1] > self.lam_end:
             return math.inf
         return self.evaluate(lam, mu, False)[0]
 
@@ -249,16 +317,19 @@ class ErrorBound:
         return self.value_and_grad(x, mu)[1]
 
     def evaluate(self, lam: np.ndarray, mu: float, with_grad: bool) -> tuple[float, np.ndarray | None]:
-        """J (and dJ/d interior lam) on the full grid ``lam``: the one evaluator of the bound."""
+        """J (and dJ/d variables) on the full grid ``lam``: the one evaluator of the bound."""
         n = self.n_steps
-        if with_grad and n > 1:
+        if with_grad and len(self._dirs):
             wc = self._weight_fn(self.identity, lam[None] + self._dirs)[0]
             w, dw = wc[0].real, wc.imag / _CSTEP  # dw[k]: dW / d lam_{k+1}
         else:
             w, dw = self.weights(lam), None
         eps_n, deps_n = error_model(lam + self.lam_offset, self.p, self.error)
         eps = eps_n[self.nodes]
-        t = w * eps
+        fd = self.final_denoise
+        # Per-step factors: 1 (the paper's), or the final denoise's carry F_s.
+        f, dlogf = fd.factors(lam) if fd is not None else (np.ones(n), None)
+        t = w * eps * f[:, None]
         # One-evaluation steps: |T|; steps s < tau: root of the sum of squares; the others: per-evaluation sums.
         j_single = float(np.abs(t[self.single]).sum())
         norms = np.sqrt((t * t).sum(axis=1))
@@ -270,24 +341,35 @@ class ErrorBound:
         else:
             absc, dc = np.abs(c), np.sign(c)
         val = j_single + j_rss + float(absc.sum())
+        if fd is not None:  # the final jump's own term
+            jv, jd = fd.jump(float(lam[-1]), float(eps_n[-1]), float(deps_n[-1]))
+            val += jv
         if not with_grad:
             return val, None
         if dw is None:
             return val, np.zeros(0)
-        # g = dJ/dT, then dT[s, e]/dlam_k = eps_e dW[k, s, e] + [node(e) == k] eps'_e W[s, e].
+        # g = dJ/dT, then dT[s, e]/dlam_k = F_s (eps_e dW[k, s, e] + [node(e) == k] eps'_e W[s, e])
+        # + T[s, e] d log F_s / d lam_k.
         g = np.zeros_like(t)
         g[self.single] = np.sign(t[self.single])
         g[self.rss] = t[self.rss] / np.where(norms[self.rss] > 0, norms[self.rss], 1.0)[:, None]
         g[self.tail] = dc
-        grad = np.einsum("kse,se->k", dw, g * eps)
-        node_grad = np.bincount(self.nodes, weights=(g * w).sum(axis=0) * deps_n[self.nodes], minlength=n + 1)
-        return val, grad + node_grad[1:-1]
+        gf = g * f[:, None]
+        grad = np.einsum("kse,se->k", dw, gf * eps)
+        node_grad = np.bincount(self.nodes, weights=(gf * w).sum(axis=0) * deps_n[self.nodes], minlength=n + 1)
+        if dlogf is not None:
+            node_grad += (g * t).sum(axis=1) @ dlogf
+            node_grad[-1] += jd
+        return val, grad + node_grad[1 : n + 1 if self.free_end else -1]
 
     def describe(self) -> dict[str, Any]:
         """The step structure the bound uses (for the run's report)."""
-        return {
+        out: dict[str, Any] = {
             "evaluations_per_step": [int(k) for k in self.used.sum(axis=1)],
             "tau": self.tau,
             "error_model": self.error,
             "noise_scale": self.noise_scale,
         }
+        if self.final_denoise is not None:
+            out["final_denoise"] = self.final_denoise.describe()
+        return out

@@ -47,6 +47,17 @@ class TrustRegionConfig:
        "solver": the solver's exact weights (every identity; UniPC with its corrector, DPM-Solver++'s
        second-order form). Other solvers (heun, ipndm) always use their own. Measured on
        gmm-digits "paper" gives better grids (README).
+    last_node: with ``final_step: denoise``, whether the last evaluated node is a variable of the bound
+       ("free") or the model's sigma_min ("sigma_min", the bound before this option). "auto" (default):
+       free for models that sample from pure noise (flow: their pipelines end with the denoise, and
+       there the free node beats the pinned one for every solver and NFE measured), sigma_min
+       otherwise (on gmm-digits the free node helps euler but costs dpmpp-2m/3m and unipc: README).
+       Without a final denoise the last node is always sigma_min.
+    denoise_carry: how the free-node bound carries the state error through the final denoise
+       (``bound.FinalDenoise``): "linear" (default), the paper's bound for the N steps followed by a
+       first-order step to sigma_min; "data", the exact error propagation for Gaussian data of
+       standard deviation ``sigma_data`` through the ODE and D (measured worse on gmm-digits-flow).
+    sigma_data: the data standard deviation of ``denoise_carry: data``.
     teacher_refine: after the bound (or the selection), start from the best of the bound's grid and
        every baseline by RMSE against the teacher on the selection's noises, and move the interior
        nodes to minimize that RMSE (L-BFGS through the solver, at most ``teacher_refine_iters``
@@ -75,6 +86,9 @@ class TrustRegionConfig:
     select_n: int = 32
     select_seed: int = 10_000
     weights: Literal["paper", "solver"] = "paper"
+    last_node: Literal["auto", "free", "sigma_min"] = "auto"
+    sigma_data: float = 1.0
+    denoise_carry: Literal["linear", "data"] = "linear"
     teacher_refine: bool = False
     teacher_refine_iters: int = 100
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -100,6 +114,12 @@ class TrustRegionConfig:
             raise ValueError("select_p and select_tau must not be empty")
         if self.weights not in ("paper", "solver"):
             raise ValueError(f"weights must be 'paper' or 'solver', got {self.weights!r}")
+        if self.last_node not in ("auto", "free", "sigma_min"):
+            raise ValueError(f"last_node must be 'auto', 'free' or 'sigma_min', got {self.last_node!r}")
+        if self.denoise_carry not in ("linear", "data"):
+            raise ValueError(f"denoise_carry must be 'linear' or 'data', got {self.denoise_carry!r}")
+        if not (isinstance(self.sigma_data, (int, float)) and self.sigma_data > 0):
+            raise ValueError(f"sigma_data must be a number > 0 (inf: a = 1), got {self.sigma_data!r}")
         if self.teacher_refine_iters < 1:
             raise ValueError(f"teacher_refine_iters must be >= 1, got {self.teacher_refine_iters}")
         if self.select_n < 1:

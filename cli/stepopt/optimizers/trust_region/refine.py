@@ -11,7 +11,9 @@ the solver (and through the network's time: :meth:`~stepopt.models.base.Diffusio
 Parameterization: the N gaps of the fixed interval ``[lam_start, lam_end]`` as a softmax of N free
 numbers, so every iterate is an increasing grid with the model's endpoints (from pure noise,
 ``lam_start = -inf``: the N-1 finite gaps as exponentials, lam_1 free); a gap below
-``min_gap`` is never produced by the start and rarely approached. The result replaces the start
+``min_gap`` is never produced by the start and rarely approached. With ``final_step: denoise`` the
+last node is free as well (``free_end_at``: one more gap, between lam_N and the model's sigma_min,
+which the denoise skips). The result replaces the start
 only when its teacher RMSE is lower (so it is never worse than the bound's minimizer or a
 baseline on those noises). The teacher noises are the selection's (``select_n`` seeds from
 ``select_seed``), disjoint from the seeds stepopt's evaluations use by default (0, 1, ...).
@@ -32,32 +34,49 @@ from stepopt.solvers import solve
 torch = lazy_module("torch")
 
 
-def _lam_of(z: Any, lam_start: float, lam_end: float) -> Any:
+def _lam_of(z: Any, lam_start: float, lam_end: float, free_end: bool = False) -> Any:
+    """The N+1 lam's of the parameters ``z``; ``free_end``: the last entry of z is the gap between
+    lam_N and lam_end that the final denoise skips (dropped from the grid)."""
     if lam_start == -math.inf:
         # From pure noise: z are the logs of the N-1 finite gaps, lam_1 = lam_end - their sum.
         back = torch.flip(torch.cumsum(torch.flip(torch.exp(z), [0]), 0), [0])
         finite = torch.cat([lam_end - back, torch.full((1,), lam_end, dtype=z.dtype)])
-        return torch.cat([torch.full((1,), -math.inf, dtype=z.dtype), finite])
-    g = torch.softmax(z, 0)
-    frac = torch.cat([torch.zeros(1, dtype=z.dtype), torch.cumsum(g, 0)])
-    return lam_start + frac * (lam_end - lam_start)
+        lam = torch.cat([torch.full((1,), -math.inf, dtype=z.dtype), finite])
+    else:
+        g = torch.softmax(z, 0)
+        frac = torch.cat([torch.zeros(1, dtype=z.dtype), torch.cumsum(g, 0)])
+        lam = lam_start + frac * (lam_end - lam_start)
+    return lam[:-1] if free_end else lam
 
 
-def _z_of(lam: np.ndarray) -> Any:
-    """The free parameters of :func:`_lam_of` for an increasing grid ``lam``."""
+def _z_of(lam: np.ndarray, lam_end: float | None = None) -> Any:
+    """The free parameters of :func:`_lam_of` for an increasing grid ``lam`` (``lam_end``: its free end's
+    bound; a last node at lam_end gets the skipped gap :data:`FREE_END_GAP`)."""
+    if lam_end is not None:
+        lam = np.concatenate([lam, [max(lam_end, lam[-1] + FREE_END_GAP)]])
     gaps = np.diff(lam[1:]) if lam[0] == -math.inf else np.diff(lam)
     return torch.log(torch.as_tensor(gaps))
 
 
-def refine_grid(validator: Any, lam0: np.ndarray, maxiter: int) -> tuple[np.ndarray, dict[str, Any]]:
+# The gap (in lam) below a free last node that starts at sigma_min: the parameters are log gaps, so a
+# zero gap could not move (0.1 in lam: sigma_N = 1.105 sigma_min, which changes no error measurably).
+FREE_END_GAP = 0.1
+
+
+def refine_grid(
+    validator: Any, lam0: np.ndarray, maxiter: int, free_end_at: float | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Minimize the validator's RMSE over the interior of ``lam0`` (N+1 increasing lam's).
 
-    Returns the refined grid (or ``lam0`` if nothing better was found) and a report
-    (``rmse_start``, ``rmse``, ``iterations``, ``evals``, ``seconds``).
+    ``free_end_at``: the last node is free too, at most this lam (the model's sigma_min; the
+    validator's ``final_step`` is then ``denoise``). Returns the refined grid (or ``lam0`` if nothing
+    better was found) and a report (``rmse_start``, ``rmse``, ``iterations``, ``evals``, ``seconds``).
     """
     t0 = time.perf_counter()
     lam0 = np.asarray(lam0, dtype=np.float64)
-    lam_start, lam_end = float(lam0[0]), float(lam0[-1])
+    free_end = free_end_at is not None
+    lam_start = float(lam0[0])
+    lam_end = float(free_end_at) if free_end_at is not None else float(lam0[-1])
     x_all, y_all = validator.x_t, validator.targets.to(torch.float64)
     n_rows = x_all.shape[0]
     net, solver, final_step = validator.model, validator.solver, validator.final_step
@@ -71,9 +90,11 @@ def refine_grid(validator: Any, lam0: np.ndarray, maxiter: int) -> tuple[np.ndar
         evals[0] += x.shape[0]
         return (grad_net if torch.is_grad_enabled() else net)(x, sigma, **cond)
 
-    def run_loss(z: Any, grad: bool) -> float:
+    def run_loss(z: Any, grad: bool, lam: Any = None) -> float:
         total = 0.0
-        sig = torch.exp(-_lam_of(z, lam_start, lam_end)).to(x_all.device)
+        if lam is None:
+            lam = _lam_of(z, lam_start, lam_end, free_end)
+        sig = torch.exp(-lam).to(x_all.device)
         for start in range(0, n_rows, bs):
             stop = min(start + bs, n_rows)
             cond = slice_cond(validator.cond, start, stop, n_rows)
@@ -85,9 +106,13 @@ def refine_grid(validator: Any, lam0: np.ndarray, maxiter: int) -> tuple[np.ndar
             total += float(part.detach())
         return total
 
-    z = _z_of(lam0).clone().requires_grad_(True)
+    def loss_of(lam: np.ndarray) -> float:
+        """The loss of a given grid (no parameters, no gradient)."""
+        return run_loss(None, False, torch.as_tensor(lam))
+
+    z = _z_of(lam0, lam_end if free_end else None).clone().requires_grad_(True)
     if z.numel() == 0:  # one step from pure noise: nothing to move
-        rmse = math.sqrt(run_loss(z.detach(), False))
+        rmse = math.sqrt(loss_of(lam0))
         return lam0.copy(), {
             "rmse_start": rmse,
             "rmse": rmse,
@@ -96,7 +121,7 @@ def refine_grid(validator: Any, lam0: np.ndarray, maxiter: int) -> tuple[np.ndar
             "evals": 0,
             "seconds": round(time.perf_counter() - t0, 3),
         }
-    start_loss = run_loss(z.detach(), False)
+    start_loss = loss_of(lam0)
     opt = torch.optim.LBFGS(
         [z],
         lr=1.0,
@@ -113,9 +138,10 @@ def refine_grid(validator: Any, lam0: np.ndarray, maxiter: int) -> tuple[np.ndar
     opt.step(closure)
     iters = int(opt.state[opt._params[0]].get("n_iter", 0))
     with torch.no_grad():
-        lam = _lam_of(z.detach(), lam_start, lam_end).cpu().numpy()
-    lam[0], lam[-1] = lam_start, lam_end
-    loss = run_loss(_z_of(lam), False) if np.all(np.diff(lam) > 0) else math.inf
+        lam = _lam_of(z.detach(), lam_start, lam_end, free_end).cpu().numpy()
+    lam[0] = lam_start
+    lam[-1] = min(lam[-1], lam_end) if free_end else lam_end
+    loss = loss_of(lam) if np.all(np.diff(lam) > 0) else math.inf
     better = math.isfinite(loss) and loss < start_loss
     report = {
         "rmse_start": math.sqrt(start_loss),

@@ -27,14 +27,30 @@ PROGRESS_SECONDS = 5.0
 
 
 def monotone_constraint(
-    n_steps: int, lam_start: float, lam_end: float, min_gap: float, lam_floor: float = -math.inf
+    n_steps: int,
+    lam_start: float,
+    lam_end: float,
+    min_gap: float,
+    lam_floor: float = -math.inf,
+    free_end: bool = False,
 ) -> LinearConstraint:
     """``lam_{i+1} - lam_i >= min_gap`` for i = 0..N-1, as a constraint on the N-1 interior lam's.
 
     From pure noise (``lam_start = -inf``) the first gap is infinite whatever lam_1 is; row 0 is
     then ``lam_1 >= lam_floor`` (the model's largest finite noise level: a node above it would be
     an evaluation wasted next to pure noise, as min_gap keeps nodes off a finite start).
+    ``free_end`` (a final denoise follows lam_N): the variables are lam_1..lam_N, the gaps are those
+    of lam_0..lam_N, and a last row keeps ``lam_N <= lam_end`` (the model's sigma_min).
     """
+    if free_end:
+        # The same rows on N variables, with lam_N in place of the fixed end, then lam_N <= lam_end.
+        base = monotone_constraint(n_steps + 1, lam_start, math.inf, min_gap, lam_floor)
+        a, lb = base.A[:-1], np.asarray(base.lb, dtype=np.float64)[:-1]
+        last = np.zeros((1, n_steps))
+        last[0, -1] = -1.0
+        a = np.vstack([a, last])
+        lb = np.concatenate([lb, [-lam_end]])
+        return LinearConstraint(a, lb, np.full(len(lb), np.inf))
     # Row i is lam_{i+1} - lam_i; the variables are x_j = lam_{j+1}, j = 0..N-2.
     a = np.zeros((n_steps, n_steps - 1))
     idx = np.arange(n_steps - 1)
@@ -155,9 +171,11 @@ def minimize_bound(
             log(f"trust-region: {message} ({now - t_start:.0f} s)")
 
     n = bound.n_steps
-    constraint = monotone_constraint(n, bound.lam_start, bound.lam_end, cfg.min_gap, bound.lam_floor)
+    constraint = monotone_constraint(
+        n, bound.lam_start, bound.lam_end, cfg.min_gap, bound.lam_floor, free_end=bound.free_end
+    )
     first = next(iter(starts.values()))
-    initial = bound.value(project_gaps(first, cfg.min_gap)[1:-1])
+    initial = bound.value(bound.variables(project_gaps(first, cfg.min_gap)))
 
     def widths(j0: float) -> tuple[float, ...]:
         # Continuation through the smoothed kinks (widths relative to the start's mean term), then
@@ -176,11 +194,13 @@ def minimize_bound(
     screen = "SLSQP" if cfg.screen == "slsqp" else "trust-constr"
     cands: list[tuple[float, str, np.ndarray]] = []
     runs: list[dict[str, Any]] = []
-    starts_x = {name: project_gaps(lam0, cfg.min_gap)[1:-1] for name, lam0 in starts.items()}
+    starts_x = {name: bound.variables(project_gaps(lam0, cfg.min_gap)) for name, lam0 in starts.items()}
 
     def score(x: np.ndarray) -> tuple[float, np.ndarray]:
-        lam = project_gaps(bound.full(x), cfg.min_gap * (1 - 1e-9))
-        return (bound.value(lam[1:-1]) if np.all(np.diff(lam) > 0) else math.inf), lam
+        full = bound.full(x)
+        full[-1] = min(full[-1], bound.lam_end)  # a free lam_N a rounding above sigma_min's lam
+        lam = project_gaps(full, cfg.min_gap * (1 - 1e-9))
+        return (bound.value(bound.variables(lam)) if np.all(np.diff(lam) > 0) else math.inf), lam
 
     # Every start runs the first stage; only the best ``finalists`` continue through the
     # remaining smoothing stages and the exact stage (successive halving of the multistart).
@@ -235,7 +255,7 @@ def minimize_bound(
         t0 = time.perf_counter()
         mu_last = widths(bound.value(starts_x[best[1]]))[-1]
         mu = mu_last if exact_stage_mu(best[2], mu_last) is None else 0.0
-        x, it = _run_scipy(bound, best[2][1:-1], mu, constraint, "trust-constr", cfg, polish=True)
+        x, it = _run_scipy(bound, bound.variables(best[2]), mu, constraint, "trust-constr", cfg, polish=True)
         v, lam = score(x)
         runs.append(
             {
