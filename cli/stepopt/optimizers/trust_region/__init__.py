@@ -16,7 +16,8 @@ gradient), ``search`` (constraint, starts, multistart, scipy), ``refine`` (teach
 refinement), this module (the optimizer: hyperparameters, model-aware selection, registration).
 
 J is minimized over the N-1 interior lam's (endpoints: the model's sigma_max and sigma_min; with
-a final denoise the last node may be free, below) under the linear constraint ``lam_{i+1} - lam_i >= min_gap`` (a ``LinearConstraint``).
+a final denoise the last node may be free, below) under the linear constraint
+``lam_{i+1} - lam_i >= min_gap`` (a ``LinearConstraint``).
 
 How stepopt solves it (the traps of the paper's procedure):
 
