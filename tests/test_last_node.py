@@ -12,7 +12,9 @@ Where the numbers come from:
 
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,6 +23,19 @@ import torch
 from stepopt.build import baseline_schedule
 from stepopt.models import load_model
 from stepopt.optimizers import optimize
+from stepopt.optimizers.dp import (
+    DPConfig,
+    MemoDenoiser,
+    candidate_grid,
+    denoised_target,
+    final_error,
+    gits_dp_denoise,
+    gits_objective,
+    oss_dp,
+    teacher_trajectories,
+)
+from stepopt.optimizers.gits import GITSConfig
+from stepopt.optimizers.oss import OSSConfig
 from stepopt.optimizers.trust_region import TrustRegionConfig
 from stepopt.optimizers.trust_region.bound import ErrorBound, FinalDenoise, from_noise_weights, lagrange_weights
 from stepopt.sampling import initial_noise
@@ -137,3 +152,77 @@ def test_last_node_only_moves_with_a_final_denoise() -> None:
     assert auto.sigmas[-1] == gmm.sigma_min and auto.method.config["report"]["last_node"] == "sigma_min"
     free = optimize("trust-region", gmm, ident, 6, TrustRegionConfig(last_node="free"), final_step="denoise")
     assert free.sigmas[-1] > gmm.sigma_min and free.nfe == 6
+
+
+# -- gits / oss: the final transition is the denoise from the chosen candidate -----------------------
+def _free_paths(m: int, n: int) -> list[list[int]]:
+    """Every N-step path 0 = p_0 < ... < p_N <= M (the denoise follows p_N)."""
+    return [[0, *rest] for rest in itertools.combinations(range(1, m + 1), n)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_gits_dp_with_a_final_denoise_is_the_exhaustive_optimum(n: int) -> None:
+    rng = np.random.default_rng(n)
+    m, coeff = 8, 1.15
+    cost = np.triu(rng.uniform(0.1, 2.0, (m + 1, m + 1)), 1)
+    cost[cost == 0] = np.inf
+    den = np.concatenate([[np.inf], rng.uniform(0.0, 2.0, m)])
+
+    def total(p: list[int]) -> float:
+        return gits_objective(cost, p, coeff) + coeff ** len(p[1:]) * den[p[-1]]
+
+    path, value = gits_dp_denoise(cost, den, n, coeff)
+    best = min(_free_paths(m, n), key=total)
+    assert path == best and value == pytest.approx(total(best), rel=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp-2m"])
+def test_oss_with_a_final_denoise_against_exhaustive_search(flow: object, solver: str) -> None:
+    """With a beam as wide as the paths, OSS's free-end result is the exhaustive optimum of the denoised
+    error over every N-step path ending anywhere; its value is its path's real error; beam 2 is never
+    worse than the pinned path (which ends at c_M) on the same trajectories."""
+    cfg = DPConfig(candidates=8, trajectories=6)
+    n = 3
+    cand = candidate_grid(flow, cfg, n)  # type: ignore[arg-type]
+    traj, _ = teacher_trajectories(flow, cand, cfg, cache=False)  # type: ignore[arg-type]
+    ident = get_solver(solver).identity()
+    memo = MemoDenoiser(flow)  # type: ignore[arg-type]
+    y = denoised_target(memo, traj, cand, None)
+    paths = _free_paths(len(cand) - 1, n)
+    errors = {tuple(p): final_error(ident, memo, traj, [cand[q] for q in p], None, y) for p in paths}
+    wide = oss_dp(ident, memo, traj, cand, n, beam=len(paths), target=y)
+    assert wide.value == pytest.approx(min(errors.values()), rel=1e-12)
+    assert wide.value == pytest.approx(errors[tuple(wide.path)], rel=1e-12)
+    assert wide.path[-1] < len(cand) - 1  # the best path does not end at sigma_min
+    pinned = oss_dp(ident, memo, traj, cand, n, beam=2)
+    free = oss_dp(ident, memo, traj, cand, n, beam=2, target=y)
+    assert free.value <= errors[tuple(pinned.path)] + 1e-15
+
+
+@pytest.mark.parametrize("name", ["gits", "oss"])
+def test_dp_optimizers_free_the_last_node(flow: object, exact_flow: GridValidator, name: str) -> None:
+    """Default options: the last node is a candidate above sigma_min, NFE exact, never worse than
+    flow-default on the optimizer's own trajectories (keep_best compares with it)."""
+    ident = get_solver("dpmpp-2m").identity()
+    cfg = (GITSConfig if name == "gits" else OSSConfig)(candidates=24, trajectories=32)
+    s = optimize(name, flow, ident, 5, cfg, final_step="denoise")  # type: ignore[arg-type]
+    rep = s.method.config["report"]
+    assert rep["last_node"] == "free" and s.nfe == 5 and s.sigmas[-1] > flow.sigma_min  # type: ignore[attr-defined]
+    scores = rep["keep_best"]["rmse_on_trajectories"]
+    assert "flow-default" in scores and scores[rep["keep_best"]["kept"]] <= scores["flow-default"]
+    pinned = optimize(name, flow, ident, 5, replace(cfg, last_node="sigma_min"), final_step="denoise")  # type: ignore[arg-type]
+    assert pinned.sigmas[-1] == flow.sigma_min  # type: ignore[attr-defined]
+
+
+def test_ld3_learns_the_last_node(flow: object) -> None:
+    """LD3 with a final denoise: theta has N+2 logits (the skipped gap), the start is the best of the
+    baselines, their N+1-step grids without the last point and flow-default; the learned last node is
+    not sigma_min; NFE exact."""
+    from stepopt.optimizers.ld3 import Ld3Config
+
+    cfg = Ld3Config(n_train=4, n_valid=8, grid_rounds=1, joint_rounds=0)
+    s = optimize("ld3", flow, get_solver("euler").identity(), 5, cfg, final_step="denoise")  # type: ignore[arg-type]
+    rep = s.method.config["report"]
+    assert rep["last_node"] == "free" and s.nfe == 5 and s.sigmas[-1] > 10 * flow.sigma_min  # type: ignore[attr-defined]
+    assert "flow-default" in rep["starts"] and "kl-optimal (N+1 steps, last dropped)" in rep["starts"]
+    assert s.method.objective["final"] <= min(rep["starts"].values())

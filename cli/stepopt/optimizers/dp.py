@@ -14,6 +14,14 @@ settings; one file per seed).
   O(B N M^2) solver transitions with a beam of B paths per node (B = 1: the paper's); each
   transition is the real solver (see its docstring).
 
+**A free last node** (``final_step: denoise``, ``last_node: free``, the default): the output is
+``D(x_N, c_{p_N})``, one evaluation, so the last node p_N is chosen like the others instead of being
+c_M = sigma_min (where that evaluation would correct almost nothing). The target is the teacher's
+state at c_M denoised, ``Y = D(X_M, c_M)``, as every validator's with a final denoise. GITS adds the
+jump's local cost ``C_den[j] = E || D(X_j, c_j) - Y ||`` as a last transition to a virtual node
+(:func:`gits_dp_denoise`); OSS lets the N-th level end at any candidate and denoises the kept
+student states there, one evaluation each (:func:`oss_dp`). ``last_node: sigma_min`` pins p_N = M.
+
 The transitions run the target solver itself (:func:`stepopt.solvers.solve`) through
 :class:`MemoDenoiser`, a content-addressed cache: a network evaluation whose input (x, sigma) was
 seen before is not repeated, so replaying a known prefix of a path costs no evaluation.
@@ -32,13 +40,14 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from stepopt.baselines import BASELINES, baseline_sigmas, start_sigmas
+from stepopt.baselines import BASELINES, FLOW_BASELINES, baseline_sigmas, start_sigmas
 from stepopt.cache import TeacherCache
 from stepopt.errors import StepoptError
+from stepopt.frames import Flow
 from stepopt.models.base import AnalyticModel, DiffusionModel
 from stepopt.optimizers import OptimizeContext, OptimizeResult
 from stepopt.sampling import cond_for_seeds, initial_noise
-from stepopt.solvers import SolverIdentity, get_solver, solve
+from stepopt.solvers import SolverIdentity, denoise, get_solver, solve
 from stepopt.teacher import TeacherConfig, teacher_key
 
 Spacing = Literal["lam", "time", "edm"]
@@ -61,6 +70,8 @@ class DPConfig:
        interval); analytic models use the exact ODE. Files from before the nesting: the flat
        ``teacher_solver``, ``teacher_order`` and ``teacher_substeps`` (= ``teacher.steps``).
     batch_size: trajectories per teacher batch.
+    last_node: with ``final_step: denoise``, "free" (default): the last evaluated node is chosen among the
+       candidates like the others (module docstring); "sigma_min": pinned at c_M.
     """
 
     # Flat keys of files written before the teacher section (stepopt.config reads them).
@@ -74,6 +85,7 @@ class DPConfig:
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(steps=4, grid="logsnr"))
     batch_size: int = 256
     keep_best: bool = True
+    last_node: Literal["free", "sigma_min"] = "free"
 
     def __post_init__(self) -> None:
         for name in ("candidates", "trajectories", "batch_size"):
@@ -83,6 +95,21 @@ class DPConfig:
             raise ValueError(f"'rho' must be a positive number, got {self.rho}")
         if self.data_seed < 0:
             raise ValueError(f"'data_seed' must be >= 0, got {self.data_seed}")
+        if self.last_node not in ("free", "sigma_min"):
+            raise ValueError(f"'last_node' must be 'free' or 'sigma_min', got {self.last_node!r}")
+
+
+def free_last_node(ctx: OptimizeContext, cfg: DPConfig) -> bool:
+    """Whether the last evaluated node is chosen (a final denoise follows it and it is not pinned)."""
+    return ctx.final_step == "denoise" and cfg.last_node == "free"
+
+
+def denoised_target(
+    denoiser: Callable[..., torch.Tensor], traj: torch.Tensor, cand: np.ndarray, cond: Mapping[str, Any] | None
+) -> torch.Tensor:
+    """``Y = D(X_M, c_M)``: the teacher's end state denoised, the target of a sampler with a final denoise."""
+    with torch.no_grad():
+        return denoise(denoiser, traj[:, -1], torch.tensor(float(cand[-1]), dtype=torch.float64), cond)
 
 
 def candidate_grid(model: DiffusionModel, cfg: DPConfig, n_steps: int) -> np.ndarray:
@@ -299,6 +326,41 @@ def gits_dp(cost: np.ndarray, n_steps: int, coeff: float = 1.0) -> tuple[list[in
     return path, float(v[0])
 
 
+def gits_denoise_costs(
+    denoiser: Callable[..., torch.Tensor],
+    traj: torch.Tensor,
+    cand: np.ndarray,
+    target: torch.Tensor,
+    cond: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """``C_den[j]`` (j >= 1): mean over trajectories of ``|| D(X_j, c_j) - Y ||_2``, the local error of
+    the final denoise from the teacher state at c_j (``C_den[M] = 0``); ``inf`` at j = 0."""
+    flat_y = target.reshape(target.shape[0], -1).to(torch.float64)
+    out = np.full(len(cand), np.inf)
+    with torch.no_grad():
+        for j in range(1, len(cand)):
+            d = denoise(denoiser, traj[:, j], torch.tensor(float(cand[j]), dtype=torch.float64), cond)
+            out[j] = float(torch.linalg.vector_norm(d.reshape(flat_y.shape).to(torch.float64) - flat_y, dim=1).mean())
+    return out
+
+
+def gits_dp_denoise(cost: np.ndarray, den: np.ndarray, n_steps: int, coeff: float = 1.0) -> tuple[list[int], float]:
+    """The N-step path ``0 = p_0 < ... < p_N <= M`` followed by the final denoise from c_{p_N}, minimising
+    ``sum_{s<N} coeff^s C[p_s, p_{s+1}] + coeff^N C_den[p_N]``: :func:`gits_dp` on the cost matrix with a
+    virtual node M+1 (sigma = 0) reached from c_j at the cost ``C_den[j]``; exact, O(N M^2).
+
+    >>> c = np.full((3, 3), np.inf); c[0, 1], c[1, 2], c[0, 2] = 1.0, 1.0, 5.0
+    >>> gits_dp_denoise(c, np.array([np.inf, 0.5, 0.0]), 1)
+    ([0, 1], 1.5)
+    """
+    m = cost.shape[0] - 1
+    aug = np.full((m + 2, m + 2), np.inf)
+    aug[: m + 1, : m + 1] = cost
+    aug[: m + 1, m + 1] = den
+    path, value = gits_dp(aug, n_steps + 1, coeff)
+    return path[:-1], value
+
+
 # -- OSS -------------------------------------------------------------------------------------------
 @dataclass
 class OSSResult:
@@ -308,6 +370,8 @@ class OSSResult:
     back: np.ndarray  # the predecessor i of (k, j) on its best path (-1: none)
     transitions: int
     beam: int = 1
+    # With a free last node: the best mean squared error after the final denoise from each candidate.
+    denoised: np.ndarray | None = None
 
 
 def _tail(sigma: float, n: int) -> list[float]:
@@ -325,6 +389,7 @@ def oss_dp(
     cond: Mapping[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     beam: int = 1,
+    target: torch.Tensor | None = None,
 ) -> OSSResult:
     """OSS (Pei, Hu, Gu 2025, Sec. 3.2): the best student state reachable at each candidate in k steps.
 
@@ -345,6 +410,10 @@ def oss_dp(
     multistep solver's history and the later steps' error cancellation make the premise of optimal
     substructure approximate; a wider beam searches more of the path space at B times the
     transitions and evaluations, and B = the number of paths is the exhaustive search.
+
+    ``target`` (a final denoise with a free last node, ``Y = D(X_M, c_M)``): level N may end at any
+    candidate j, and each of its kept paths is finished by the denoise from its student state at c_j
+    (one evaluation per path); the schedule is the path with the lowest error to ``target`` after it.
     """
     m = len(cand) - 1
     if not 1 <= n_steps <= m:
@@ -360,13 +429,14 @@ def oss_dp(
     x0 = traj[:, 0]
     flat = traj.reshape(traj.shape[0], traj.shape[1], -1).to(torch.float64)
     runs = 0
+    free_end = target is not None
     for k in range(1, n_steps + 1):
         last = m if k == n_steps else m - (n_steps - k)
         found: list[list[tuple[float, tuple[int, ...]]]] = [[] for _ in range(m + 1)]
         for i in range(m + 1):
             for _, path in kept[i]:
                 prefix = [float(cand[p]) for p in path]
-                lo = i + 1 if k < n_steps else m
+                lo = i + 1 if k < n_steps or free_end else m
                 for j in range(lo, last + 1):
                     grid = [*prefix, float(cand[j]), *_tail(float(cand[j]), n_steps - k)]
                     x = state_after(identity, denoiser, x0, grid, k - 1, cond)
@@ -384,6 +454,24 @@ def oss_dp(
         kept = found
         if progress is not None:
             progress(k)
+    if target is not None:
+        flat_y = target.reshape(target.shape[0], -1).to(torch.float64)
+        denoised = np.full(m + 1, np.inf)
+        finals: list[tuple[float, tuple[int, ...]]] = []
+        for j in range(m + 1):
+            for _, path in kept[j]:
+                path_grid = torch.as_tensor(np.asarray([cand[p] for p in path], dtype=np.float64))
+                with torch.no_grad():
+                    out = solve(identity, denoiser, x0, path_grid, cond=cond, final_step="denoise")
+                runs += 1
+                err = float(((out.reshape(flat_y.shape).to(torch.float64) - flat_y) ** 2).mean())
+                if math.isfinite(err):
+                    finals.append((err, path))
+                    denoised[j] = min(denoised[j], err)
+        if not finals:
+            raise StepoptError("oss: no finite path through the candidate grid (non-finite student states)")
+        value, path = min(finals, key=lambda entry: entry[0])  # the first found wins ties
+        return OSSResult(list(path), float(value), table, back, runs, beam, denoised)
     if not kept[m]:
         raise StepoptError("oss: no finite path through the candidate grid (non-finite student states)")
     value, path = kept[m][0]
@@ -396,11 +484,15 @@ def final_error(
     traj: torch.Tensor,
     sigmas: Sequence[float],
     cond: Mapping[str, Any] | None = None,
+    target: torch.Tensor | None = None,
 ) -> float:
-    """Mean squared error (all elements) of the solver's output on ``sigmas`` vs the teacher at sigma_min."""
+    """Mean squared error (all elements) of the solver's output on ``sigmas`` vs the teacher at sigma_min
+    (``target``: the output after a final denoise vs that target, :func:`denoised_target`)."""
+    final_step = "none" if target is None else "denoise"
+    grid = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
     with torch.no_grad():
-        out = solve(identity, denoiser, traj[:, 0], torch.as_tensor(np.asarray(sigmas, dtype=np.float64)), cond=cond)
-    y = traj[:, -1].reshape(traj.shape[0], -1).to(torch.float64)
+        out = solve(identity, denoiser, traj[:, 0], grid, cond=cond, final_step=final_step)
+    y = (traj[:, -1] if target is None else target).reshape(traj.shape[0], -1).to(torch.float64)
     return float(((out.reshape(out.shape[0], -1).to(torch.float64) - y) ** 2).mean())
 
 
@@ -411,22 +503,25 @@ def keep_best_grid(
     traj: torch.Tensor,
     sigmas: Sequence[float],
     cond: Mapping[str, Any] | None = None,
+    target: torch.Tensor | None = None,
 ) -> tuple[list[float], dict[str, Any]]:
     """``sigmas`` or the baseline grid with the lowest final error on the trajectories, and the scores.
 
     Every baseline of :data:`stepopt.baselines.BASELINES` the model's range allows, with the same
-    number of steps, from c_0 = sigma_max to c_M = sigma_min (the trajectories' ends).
+    number of steps, from c_0 = sigma_max to c_M = sigma_min (the trajectories' ends); with a final
+    denoise (``target``) on a flow model also the pipeline default (:data:`FLOW_BASELINES`).
     """
     n = len(sigmas) - 1
-    scores = {"dp": final_error(identity, denoiser, traj, sigmas, cond)}
+    scores = {"dp": final_error(identity, denoiser, traj, sigmas, cond, target)}
     grids: dict[str, list[float]] = {"dp": [float(v) for v in sigmas]}
-    for kind in BASELINES:
+    kinds = list(BASELINES) + (list(FLOW_BASELINES) if target is not None and isinstance(model.frame, Flow) else [])
+    for kind in kinds:
         try:
             grid = [float(v) for v in start_sigmas(kind, model, n)]
         except StepoptError:
             continue
         grids[kind] = grid
-        scores[kind] = final_error(identity, denoiser, traj, grid, cond)
+        scores[kind] = final_error(identity, denoiser, traj, grid, cond, target)
     best = min(scores, key=lambda k: scores[k] if math.isfinite(scores[k]) else math.inf)
     if not scores[best] < scores["dp"]:
         best = "dp"  # ties keep the DP's own grid
@@ -448,11 +543,12 @@ def finish(
     objective: dict[str, Any],
     report: dict[str, Any],
     search_evals: int,
+    target: torch.Tensor | None = None,
 ) -> OptimizeResult:
     """The result of gits/oss: ``keep_best`` applied (when on), the check's evaluations counted."""
     if cfg.keep_best:
         with torch.no_grad():
-            sigmas, kept = keep_best_grid(ctx.model, ctx.solver, memo, traj, sigmas, cond)
+            sigmas, kept = keep_best_grid(ctx.model, ctx.solver, memo, traj, sigmas, cond, target)
         report["keep_best"] = kept
         objective["teacher_rmse_final"] = kept["rmse_on_trajectories"][kept["kept"]]
         if kept["kept"] != "dp":

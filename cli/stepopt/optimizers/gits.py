@@ -46,11 +46,15 @@ from stepopt.optimizers.dp import (
     DPConfig,
     MemoDenoiser,
     candidate_grid,
+    denoised_target,
     even_path,
     final_error,
     finish,
+    free_last_node,
     gits_costs,
+    gits_denoise_costs,
     gits_dp,
+    gits_dp_denoise,
     gits_objective,
     teacher_trajectories,
 )
@@ -111,6 +115,9 @@ def run(ctx: OptimizeContext, cfg: GITSConfig) -> OptimizeResult:
     t0 = time.perf_counter()
     start = even_path(len(cand) - 1, n)
     kind = cfg.cost
+    # A free last node closes the local-cost path with the final denoise (dp module docstring); the
+    # history cost has no such closure and keeps sigma_min.
+    target = denoised_target(memo, traj, cand, cond) if free_last_node(ctx, cfg) and kind == "local" else None
     if kind == "history":
         hist = history_costs(ctx.solver, traj, teacher_denoised(memo, traj, cand, cond), cand, n)
         path, value = history_dp(hist, len(cand) - 1, cfg.coeff)
@@ -120,17 +127,23 @@ def run(ctx: OptimizeContext, cfg: GITSConfig) -> OptimizeResult:
         pattern: dict[str, int] | None = hist.order_counts()
     else:
         cost = gits_costs(ctx.solver, memo, traj, cand, cond)
-        path, value = gits_dp(cost, n, cfg.coeff)
         initial = gits_objective(cost, start, cfg.coeff)
         name = "gits: sum_s coeff^s C[p_s, p_{s+1}]"
+        if target is None:
+            path, value = gits_dp(cost, n, cfg.coeff)
+        else:
+            den = gits_denoise_costs(memo, traj, cand, target, cond)
+            path, value = gits_dp_denoise(cost, den, n, cfg.coeff)
+            initial += cfg.coeff**n * float(den[start[-1]])
+            name += " + coeff^N C_den[p_N]"
         complexity = "cost matrix O(M^2) one-step solves; DP O(N M^2)"
         pattern = None
     search_seconds = time.perf_counter() - t0
     search_evals = memo.evals
     sigmas = [float(cand[p]) for p in path]
     with torch.no_grad():
-        mse_start = final_error(ctx.solver, memo, traj, [float(cand[p]) for p in start], cond)
-        mse_final = final_error(ctx.solver, memo, traj, sigmas, cond)
+        mse_start = final_error(ctx.solver, memo, traj, [float(cand[p]) for p in start], cond, target)
+        mse_final = final_error(ctx.solver, memo, traj, sigmas, cond, target)
     objective: dict[str, Any] = {
         "name": name,
         "initial": initial,
@@ -141,6 +154,7 @@ def run(ctx: OptimizeContext, cfg: GITSConfig) -> OptimizeResult:
     }
     report: dict[str, Any] = {
         "path": path,
+        "last_node": "sigma_min" if target is None else "free",
         "teacher": tinfo,
         "network_evals": {
             "teacher": tinfo["network_evals"],
@@ -154,7 +168,7 @@ def run(ctx: OptimizeContext, cfg: GITSConfig) -> OptimizeResult:
     }
     if pattern is not None:
         report["step_orders"] = pattern
-    return finish(ctx, "gits", cfg, memo, traj, sigmas, cond, objective, report, search_evals)
+    return finish(ctx, "gits", cfg, memo, traj, sigmas, cond, objective, report, search_evals, target)
 
 
 SPEC = register(

@@ -37,9 +37,11 @@ from stepopt.optimizers.dp import (
     DPConfig,
     MemoDenoiser,
     candidate_grid,
+    denoised_target,
     even_path,
     final_error,
     finish,
+    free_last_node,
     oss_dp,
     teacher_trajectories,
 )
@@ -81,6 +83,7 @@ def run(ctx: OptimizeContext, cfg: OSSConfig) -> OptimizeResult:
     cond = cond_for_seeds(model, list(range(cfg.data_seed, cfg.data_seed + cfg.trajectories)))
     memo = MemoDenoiser(model)
     t0 = time.perf_counter()
+    target = denoised_target(memo, traj, cand, cond) if free_last_node(ctx, cfg) else None
     res = oss_dp(
         ctx.solver,
         memo,
@@ -90,14 +93,15 @@ def run(ctx: OptimizeContext, cfg: OSSConfig) -> OptimizeResult:
         cond,
         progress=lambda k: ctx.report("log", message=f"oss: level {k}/{n}"),
         beam=cfg.beam,
+        target=target,
     )
     search_seconds = time.perf_counter() - t0
     search_evals = memo.evals
     start = even_path(len(cand) - 1, n)
-    mse_start = final_error(ctx.solver, memo, traj, [float(cand[p]) for p in start], cond)
+    mse_start = final_error(ctx.solver, memo, traj, [float(cand[p]) for p in start], cond, target)
     sigmas = [float(cand[p]) for p in res.path]
     objective: dict[str, Any] = {
-        "name": "oss: mean squared error to the teacher at sigma_min",
+        "name": "oss: mean squared error to the teacher at sigma_min" + ("" if target is None else ", denoised"),
         "initial": mse_start,
         "final": res.value,
         "start": f"candidates evenly spaced in index ({cfg.spacing})",
@@ -106,6 +110,7 @@ def run(ctx: OptimizeContext, cfg: OSSConfig) -> OptimizeResult:
     }
     report: dict[str, Any] = {
         "path": res.path,
+        "last_node": "sigma_min" if target is None else "free",
         "teacher": tinfo,
         "network_evals": {
             "teacher": tinfo["network_evals"],
@@ -116,7 +121,7 @@ def run(ctx: OptimizeContext, cfg: OSSConfig) -> OptimizeResult:
         "seconds_search": round(search_seconds, 4),
         "complexity": "O(B N M^2) solver transitions, O(B N M) network evaluations per trajectory (B = beam)",
     }
-    return finish(ctx, "oss", cfg, memo, traj, sigmas, cond, objective, report, search_evals)
+    return finish(ctx, "oss", cfg, memo, traj, sigmas, cond, objective, report, search_evals, target)
 
 
 SPEC = register(

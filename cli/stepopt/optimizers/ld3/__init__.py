@@ -9,7 +9,9 @@ same noise; the gradient flows through every solver step and network call into t
 ``c_0 < ... < c_N`` is normalised, ``u_i = (c_i - c_0) / (c_N - c_0)`` (so the first logit cancels:
 the increments are ``softmax(theta)_{1..N}`` up to a factor), and mapped affinely onto the grid
 coordinate ``s_i = s_0 + u_i (s_N - s_0)``; both ends are fixed at the model's sigma_max and
-sigma_min. The coordinate is ``lam = -log sigma`` for pixel-space models and normalised native
+sigma_min, except with ``final_step: denoise`` (``last_node: free``, default): then theta has one more
+logit, the gap between the last node and sigma_min that the final denoise skips, so the terminal node
+is learned like the others. The coordinate is ``lam = -log sigma`` for pixel-space models and normalised native
 time ``(t_max - t) / (t_max - t_min)`` for latent models, as in the paper's two modes. Models that
 start from pure noise (flow models, sigma_max = inf) use native time too (t = 1 is finite there; lam
 is not): the grid begins at ``inf``, the student starts from the noise itself (the noise-scaled state;

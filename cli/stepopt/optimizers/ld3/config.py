@@ -47,6 +47,11 @@ class Ld3Config:
        solver and NFE), or ``best``: whichever of uniform, the baselines and trust-region (where it
        supports the solver) has the lowest validation loss -- an extension (the reference code can
        likewise start from a prior schedule). An explicit ``--init FILE`` schedule overrides it.
+    last_node: with ``final_step: denoise``, ``free`` (default): the last evaluated node is a parameter
+       (one more logit, the gap to sigma_min that the denoise skips), so that evaluation is a real
+       step; ``sigma_min``: pinned there (the grid before this option). Starts (``init: best``) then
+       also include each baseline's N+1-step grid without its last point and, on flow models, the
+       pipeline default.
     decouple: learn the decoupled model time xi; window: its clamp as a fraction of the smallest gap.
     soft / gamma: the soft loss and its ball radius ``gamma * D / N^2`` (soft: false = hard loss).
     lr_theta, momentum_theta: RMSprop on the logits; lr_xi: SGD on xi ("auto": 0.1/N in lam,
@@ -88,6 +93,7 @@ class Ld3Config:
     batch_size: int = 2
     valid_batch_size: int = 50
     space: Literal["auto", "lam", "time"] = "auto"
+    last_node: Literal["free", "sigma_min"] = "free"
     init: Literal[
         "best", "uniform", "logsnr", "edm", "time-uniform", "time-quadratic", "kl-optimal", "trust-region"
     ] = "best"
@@ -137,6 +143,8 @@ class Ld3Config:
         ]
 
     def __post_init__(self) -> None:
+        if self.last_node not in ("free", "sigma_min"):
+            raise ValueError(f"last_node must be 'free' or 'sigma_min', got {self.last_node!r}")
         if self.n_train < 1 or self.n_valid < 1:
             raise ValueError("n_train and n_valid must be >= 1")
         if self.batch_size < 1 or self.valid_batch_size < 1:

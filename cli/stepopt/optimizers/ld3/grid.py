@@ -70,34 +70,56 @@ def clamped_offsets(xi: torch.Tensor, s: torch.Tensor, window: float) -> torch.T
 
 
 def ld3_grid(
-    theta: torch.Tensor, xi: torch.Tensor | None, space: GridSpace, window: float = 0.5
+    theta: torch.Tensor, xi: torch.Tensor | None, space: GridSpace, window: float = 0.5, free_end: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(sigmas, model_sigmas) of the parameters; both ends exactly sigma_max and sigma_min."""
+    """(sigmas, model_sigmas) of the parameters; both ends exactly sigma_max and sigma_min.
+
+    ``free_end`` (a final denoise follows the last node): ``theta`` has N+2 logits, the last one the
+    gap between the last node and sigma_min that the denoise skips; the grid is the first N+1 points,
+    its last node free (its model time is its own, as at sigma_max).
+    """
     s = grid_coordinates(theta, space)
     hi = theta.new_tensor([space.sigma_max])
-    lo = theta.new_tensor([space.sigma_min])
-    sig = torch.cat([hi, space.sigma(s[1:-1]), lo])
+    if free_end:
+        s = s[:-1]
+        last = space.sigma(s[-1:])
+    else:
+        last = theta.new_tensor([space.sigma_min])
+    sig = torch.cat([hi, space.sigma(s[1:-1]), last])
     if xi is None:
         return sig, None
     s_model = s + clamped_offsets(xi, s, window)
-    return sig, torch.cat([hi, space.sigma(s_model[1:-1]), lo])
+    return sig, torch.cat([hi, space.sigma(s_model[1:-1]), last])
+
+
+# With a free last node, a start whose last node is sigma_min gets this share of the coordinate
+# range as its skipped gap (its logit must be finite to move).
+FREE_END_SHARE = 0.01
 
 
 def params_from_sigmas(
-    sigmas: Any, space: GridSpace, model_sigmas: Any = None, what: str = "start grid"
+    sigmas: Any, space: GridSpace, model_sigmas: Any = None, what: str = "start grid", free_end: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(theta, xi) whose grid is ``sigmas`` (and whose model times are ``model_sigmas``), both (N+1,)."""
+    """(theta, xi) whose grid is ``sigmas`` (and whose model times are ``model_sigmas``), both (N+1,).
+
+    ``free_end``: theta has N+2 logits (:func:`ld3_grid`); the last node may lie above sigma_min, and one
+    at sigma_min is moved up by :data:`FREE_END_SHARE` of the coordinate range.
+    """
     sig = torch.as_tensor(sigmas, dtype=torch.float64)
-    for name, got, want in (
-        ("sigmas[0]", float(sig[0]), space.sigma_max),
-        (f"sigmas[{len(sig) - 1}]", float(sig[-1]), space.sigma_min),
-    ):
+    ends = [("sigmas[0]", float(sig[0]), space.sigma_max)]
+    if not free_end:
+        ends.append((f"sigmas[{len(sig) - 1}]", float(sig[-1]), space.sigma_min))
+    for name, got, want in ends:
         if abs(got - want) > 1e-6 * want:
             raise StepoptError(
                 f"{what}: {name} = {got!r} differs from the model's {want!r}; "
                 "LD3 keeps both ends fixed, so the start must span the model's sigma range"
             )
     s = space.s(sig)
+    if free_end:
+        s_end = space.s(sig.new_tensor([space.sigma_min]))
+        skip = torch.clamp(s_end - s[-1], min=FREE_END_SHARE * (s_end - s[0]))
+        s = torch.cat([s, s[-1:] + skip])
     u = (s - s[0]) / (s[-1] - s[0])
     d = torch.diff(u)
     if not bool((d > 0).all()):
@@ -105,9 +127,9 @@ def params_from_sigmas(
     # softmax(theta)_{1..N} proportional to the increments; theta_0 cancels out (set to 0).
     logd = torch.log(d)
     theta = torch.cat([logd.new_zeros(1), logd - logd.mean()])
-    xi = torch.zeros_like(theta)
+    xi = torch.zeros(len(sig), dtype=torch.float64)
     if model_sigmas is not None:
-        xi = space.s(torch.as_tensor(model_sigmas, dtype=torch.float64)) - s
+        xi = space.s(torch.as_tensor(model_sigmas, dtype=torch.float64)) - s[: len(sig)]
         xi[0] = xi[-1] = 0.0
     return theta, xi
 

@@ -17,9 +17,10 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from stepopt import distributed
-from stepopt.baselines import start_sigmas
+from stepopt.baselines import flow_default_sigmas, start_sigmas
 from stepopt.config import config_to_dict
 from stepopt.errors import StepoptError
+from stepopt.frames import Flow
 from stepopt.models.base import AnalyticModel
 from stepopt.optimizers import OptimizeContext, OptimizeResult
 from stepopt.optimizers.ld3.config import BASELINE_STARTS, RESUMABLE_CHANGES, Ld3Config
@@ -48,6 +49,8 @@ def run_key(ctx: OptimizeContext, cfg: Ld3Config) -> dict[str, Any]:
     """What a state file must match to be resumed: the run's identity without the resumable options."""
     conf = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
     conf["teacher"] = cfg.teacher.cache_key()  # an unset variant as before it existed: older states resume
+    if ctx.final_step != "denoise":
+        conf.pop("last_node", None)  # no effect without a final denoise (state files from before it resume)
     return {
         "optimizer": "ld3",
         "model": ctx.model.id,
@@ -69,6 +72,8 @@ class Trainer:
         self.device = ctx.device
         self.n = ctx.n_steps
         self.space = grid_space(cfg, self.model)
+        # A final denoise follows the last node: it is learned like the others (theta has N+2 logits).
+        self.free_end = ctx.final_step == "denoise" and cfg.last_node == "free"
         self.dim = math.prod(self.model.shape)
         self.radius = cfg.gamma * self.dim / self.n**2 if cfg.soft else 0.0
         auto_xi = (0.1 if self.space.kind == "lam" else 0.001) / self.n
@@ -161,7 +166,7 @@ class Trainer:
         ``sampling``: run the model as it samples (integer timesteps where it has them) instead of
         the differentiable training path. ``cond``: the rows' conditioning (:meth:`train_cond`).
         """
-        sig, msig = ld3_grid(theta, xi, self.space, self.cfg.window)
+        sig, msig = ld3_grid(theta, xi, self.space, self.cfg.window, self.free_end)
         return solve(
             self.ctx.solver,
             self.model if sampling else self.denoiser,
@@ -212,12 +217,6 @@ class Trainer:
         from stepopt.solvers import get_solver
 
         ctx = self.ctx
-        if math.isinf(self.model.sigma_max):  # the trust-region bound has no form from pure noise yet
-            if required:
-                raise StepoptError(
-                    f"ld3: init trust-region is not available for {self.model.id} (starts at sigma = inf)"
-                )
-            return None
         try:
             get_optimizer("trust-region")
             nfe = get_solver(ctx.solver.name).nfe(ctx.solver, self.n, ctx.final_step)
@@ -237,9 +236,24 @@ class Trainer:
         return list(sched.sigmas)
 
     # -- the run ---------------------------------------------------------------------------------
+    def params(self, sigmas: Any, what: str, model_sigmas: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return params_from_sigmas(sigmas, self.space, model_sigmas, what, free_end=self.free_end)
+
+    def start_grids(self) -> dict[str, list[float]]:
+        """The baseline starts of ``init: best``; with a free last node also each baseline's N+1-step grid
+        without its last point (the denoise as the last step) and, on a flow model, the pipeline default."""
+        m, out = self.model, {}
+        for kind in BASELINE_STARTS:
+            out[kind] = [float(v) for v in start_sigmas(kind, m, self.n)]
+            if self.free_end:
+                out[f"{kind} (N+1 steps, last dropped)"] = [float(v) for v in start_sigmas(kind, m, self.n + 1)[:-1]]
+        if self.free_end and isinstance(m.frame, Flow):
+            out["flow-default"] = [float(v) for v in flow_default_sigmas(m.frame, self.n)]
+        return out
+
     def fresh_state(self, key: dict[str, Any]) -> Ld3State:
         n1 = self.n + 1
-        theta = torch.zeros(n1, dtype=torch.float64)
+        theta = torch.zeros(n1 + int(self.free_end), dtype=torch.float64)
         xi = torch.zeros(n1, dtype=torch.float64)
         init: str = self.cfg.init
         starts: dict[str, float] = {}
@@ -250,22 +264,22 @@ class Trainer:
                     f"({self.ctx.solver.name} at this NFE)"
                 )
             init_s = self.ctx.init_schedule
-            theta, xi = params_from_sigmas(init_s.sigmas, self.space, init_s.model_sigmas, "`init_schedule`")
+            theta, xi = self.params(init_s.sigmas, "`init_schedule`", init_s.model_sigmas)
             init = f"schedule ({init_s.method.name})"
         elif init != "uniform":
-            kinds = BASELINE_STARTS if init == "best" else (init,) if init in BASELINE_STARTS else ()
+            grids = self.start_grids()
+            kinds = list(grids) if init == "best" else [init] if init in BASELINE_STARTS else []
             cands = {"uniform": theta} if init == "best" else {}
-            m = self.model
-            uniform = ld3_grid(theta, None, self.space)[0].numpy()
+            uniform = ld3_grid(theta, None, self.space, free_end=self.free_end)[0].numpy()
             for kind in kinds:
-                sig = start_sigmas(kind, m, self.n)
+                sig = grids[kind]
                 if init == "best" and np.allclose(sig, uniform, rtol=1e-9, atol=0):
                     continue  # the uniform start itself (logsnr in lam, time-uniform in time)
-                cands[kind], _ = params_from_sigmas(sig, self.space, what=f"init {kind}")
+                cands[kind], _ = self.params(sig, f"init {kind}")
             if init in ("best", "trust-region"):
                 tr = self.trust_region_start(required=init == "trust-region")
                 if tr is not None:
-                    cands["trust-region"], _ = params_from_sigmas(tr, self.space, what="init trust-region")
+                    cands["trust-region"], _ = self.params(tr, "init trust-region")
             if len(cands) > 1:  # score every start on the validation pairs; the first best wins ties
                 for kind, th in cands.items():
                     starts[kind] = self.validate(th.to(self.device), None)
@@ -326,7 +340,7 @@ class Trainer:
                 )
             st = self.fresh_state(key)
         self.train(st, state_path)
-        sig, msig = ld3_grid(st.best_theta, st.best_xi if cfg.decouple else None, self.space, cfg.window)
+        sig, msig = ld3_grid(st.best_theta, st.best_xi if cfg.decouple else None, self.space, cfg.window, self.free_end)
         sigmas = [float(v) for v in sig.detach().cpu()]
         model_sigmas = None if msig is None else [float(v) for v in msig.detach().cpu()]
         if model_sigmas is not None and model_sigmas == sigmas:
@@ -335,6 +349,7 @@ class Trainer:
             raise StepoptError(f"ld3: the learned grid is not strictly decreasing: {sigmas}")
         report = {
             "space": self.space.kind,
+            "last_node": "free" if self.free_end else "sigma_min",
             "init": st.init,
             "starts": st.starts,
             "resumed": bool(ctx.resume),
