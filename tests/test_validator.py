@@ -44,7 +44,8 @@ def test_select_ays_ld3_and_eval_report_the_same_error(model, tmp_path: Path, fi
 
     tr = select_validator(ctx, TrustRegionConfig(select_seed=SEED, select_n=N)).rmse(grid)
     ays = stop_validator(ctx, AYSConfig(val_seed=SEED, val_noises=N)).rmse(grid)
-    ld3_cfg = Ld3Config(data_seed=SEED - 3, n_train=3, n_valid=N, loss="l2")
+    # The grid itself (a free last node would move a start that ends at sigma_min: test_last_node.py).
+    ld3_cfg = Ld3Config(data_seed=SEED - 3, n_train=3, n_valid=N, loss="l2", last_node="sigma_min")
     trainer = Trainer(ctx, ld3_cfg)
     trainer.load_pairs()
     theta, _ = params_from_sigmas(grid, grid_space(ld3_cfg, model))
