@@ -27,7 +27,7 @@ from stepopt.errors import StepoptError
 from stepopt.frames import VPDiscrete
 from stepopt.models import DiffusionModel, IsotropicGaussian
 from stepopt.optimizers import get_optimizer, optimize
-from stepopt.optimizers.ays import AYSConfig, load_data, subdivide
+from stepopt.optimizers.ays import AYSConfig, MemoValidator, hierarchy_top, load_data, subdivide
 from stepopt.optimizers.klub import (
     KLUBEstimator,
     antiderivative,
@@ -349,6 +349,43 @@ def test_hierarchy_subdivides_and_interpolates(gaussian):
     assert np.allclose(s7d.sigmas, cands[chosen]["sigmas"], rtol=1e-15)
 
 
+def test_hierarchy_runs_only_the_levels_the_interpolation_reads(gaussian):
+    """5 steps read every 8th node of the 40-step grid = every 2nd node of the 10-step grid, which levels 20 and
+    40 keep: the 10-step level alone gives the paper's interpolated grid (the same random numbers per level)."""
+    tops = [hierarchy_top(n, 10) for n in (1, 2, 4, 5, 6, 7, 8, 10, 20, 40, 50)]
+    assert tops == [10, 10, 20, 10, 40, 40, 40, 10, 20, 40, 40]
+    assert hierarchy_top(5, 10, from_inf=True) == 40  # the finite part of a grid from inf does not line up
+    full = _run(gaussian, 40, hierarchy=True, max_sweeps=2, direct=False)
+    levels = full.method.config["report"]["levels"]
+    assert [lv["steps"] for lv in levels] == [10, 20, 40]
+    kept20 = np.array(levels[1]["history"][levels[1]["sweep_kept"]]["sigmas"])
+    grid40 = np.array(full.method.config["report"]["candidates"]["hierarchy"]["sigmas"])
+    for n, want in ((5, [10]), (4, [10, 20])):
+        s = _run(gaussian, n, hierarchy=True, max_sweeps=2, direct=False)
+        rep = s.method.config["report"]
+        assert [lv["steps"] for lv in rep["levels"]] == want
+        hier = rep["candidates"]["hierarchy"]["sigmas"]
+        np.testing.assert_allclose(hier, interpolate_loglinear(grid40, n), rtol=1e-14)
+    # the 20-step level keeps every node of the 10-step level, and the 40-step level every node of the 20-step one
+    assert np.array_equal(grid40[0::2], kept20)
+    s8 = _run(gaussian, 8, hierarchy=True, max_sweeps=2, direct=False)
+    assert [lv["steps"] for lv in s8.method.config["report"]["levels"]] == [10, 20, 40]
+    hier8 = s8.method.config["report"]["candidates"]["hierarchy"]["sigmas"]
+    np.testing.assert_allclose(hier8, interpolate_loglinear(grid40, 8), rtol=1e-14)
+
+
+def test_memo_validator_scores_each_grid_once(gmm):
+    inner = GridValidator(gmm, EULER, range(1_000_000, 1_000_008))
+    memo = MemoValidator(inner)
+    grid = baseline_sigmas("edm", 5, gmm.sigma_max, gmm.sigma_min)
+    first = memo.rmse(grid)
+    assert memo.evals == 5 * 8
+    assert memo.rmse(list(grid)) == first and memo.evals == 5 * 8  # not evaluated again
+    assert first == inner.with_solver(EULER).rmse(grid)
+    memo.rmse(grid * np.r_[1.0, np.full(4, 0.9), 1.0])
+    assert memo.evals == 2 * 5 * 8
+
+
 def test_final_grid_worse_than_its_start_is_not_returned(gmm, monkeypatch):
     """Every searched grid is checked at the requested step count; when all are worse the start is returned,
     and the start is the best baseline on the stopping measure (here kl-optimal for Euler)."""
@@ -371,6 +408,8 @@ def test_final_grid_worse_than_its_start_is_not_returned(gmm, monkeypatch):
         assert rep["start_candidates"] == pytest.approx(scores, rel=1e-12)
         assert obj["selection_final"] == pytest.approx(min(scores.values()), rel=1e-12)
         np.testing.assert_allclose(s.sigmas, baseline_sigmas("kl-optimal", 5, gmm.sigma_max, gmm.sigma_min), rtol=1e-12)
+        # the KLUB of the kept start is its KLUB before: estimated once (5 intervals x klub_samples x 2 rows)
+        assert obj["final"] == obj["initial"] and rep["network_evals"]["klub"] == 5 * FAST["klub_samples"] * 2
     assert set(rep["candidates"]) == {"start", "hierarchy", "direct"}  # 5 steps: interpolated, then direct
 
 

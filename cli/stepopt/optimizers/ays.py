@@ -23,7 +23,11 @@ interior sigmas of the grid by the paper's iterative coordinate search (Sec. 3.3
   the search stops after ``patience`` sweeps without improvement or at ``max_sweeps``.
 * **Hierarchy** (paper Sec. 3.3; ``hierarchy: true``, the default): optimise ``base_steps`` (10)
   steps, subdivide at geometric midpoints to 20 and 40 steps optimising only the new points, and
-  reach any other step count by log-linear interpolation of the 40-step grid. With ``direct: true``
+  reach any other step count by log-linear interpolation of the 40-step grid. Levels that cannot
+  change that interpolation are not run (:func:`hierarchy_top`): when the step count divides 10 (or
+  20), every node the interpolation takes is a node of the 10- (20-) step grid, which the finer levels
+  keep, so 5 steps need only the 10-step level (the same grid, bit for bit, at a third of the
+  evaluations). With ``direct: true``
   (the default, an extension) the requested step count is then also optimised directly when it is
   not in the hierarchy, or when the hierarchy's grid is not better than the start on the stopping
   measure; the direct search starts from the better of the two. With ``hierarchy: false`` only the
@@ -49,8 +53,15 @@ the midpoint in the frame's native time (flow: ``sigma = 2 sigma_1 + 1``) and ot
 prompt ``j mod P`` (:mod:`stepopt.optimizers.klub`), the stopping measure each validation seed with
 its own prompt (seed mod P), as ``sample`` does.
 
-The result records the KLUB of the start and of the kept grid (same random numbers), the kept
-sweep and the stopping measure of every sweep.
+The result records the KLUB of the start and of the kept grid (same random numbers; computed once
+when the start is kept), the kept sweep and the stopping measure of every sweep.
+
+**Cost.** Nearly every network evaluation is the KLUB's Monte Carlo: ``samples x (3 x candidates + 1)``
+per free point and sweep (``independent``; 8,704 at the defaults), in batches of ``batch_size`` rows
+(512: on CPU a batch of 4096 rows was 1.5-2x slower per row for ``builtin:unet-digits``; the
+estimates do not depend on it). The stopping measure remembers every grid it scored
+(:class:`MemoValidator`). ``scripts/bench_ays.py --network`` attributes every evaluation and second
+of a run to its phase.
 """
 
 from __future__ import annotations
@@ -102,7 +113,7 @@ class AYSConfig:
     base_steps: int = 10
     direct: bool = True  # after the hierarchy, also optimise the requested count directly (see module doc)
     klub_samples: int = 1024  # samples per interval for the KLUB before/after (0: skip)
-    batch_size: int = 4096  # rows per network call
+    batch_size: int = 512  # rows per network call (4096 was 1.5-2x slower per row on CPU: bench_ays.py --network)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)  # for networks (analytic: the exact ODE)
 
     def __post_init__(self) -> None:
@@ -214,7 +225,7 @@ def initial_grid(model: DiffusionModel, n_steps: int, cfg: AYSConfig) -> tuple[n
 
 
 def choose_start(
-    model: DiffusionModel, n_steps: int, cfg: AYSConfig, validate: GridValidator
+    model: DiffusionModel, n_steps: int, cfg: AYSConfig, validate: GridValidator | MemoValidator
 ) -> tuple[np.ndarray, str, dict[str, float]]:
     """The start grid, its kind and the stopping measure of every grid tried.
 
@@ -269,7 +280,7 @@ def search(
     est: KLUBEstimator,
     sigmas: np.ndarray,
     free: list[int],
-    validate: GridValidator,
+    validate: GridValidator | MemoValidator,
     cfg: AYSConfig,
     ctx: OptimizeContext,
     level: int,
@@ -354,6 +365,46 @@ def subdivide(sigmas: np.ndarray, frame: NoiseFrame | None = None) -> np.ndarray
     return out
 
 
+def hierarchy_top(n: int, base: int, from_inf: bool = False) -> int:
+    """The finest hierarchy level the requested ``n`` steps need (``base``, ``2 base`` or ``4 base``).
+
+    The paper interpolates the ``4 base``-step grid log-linearly to ``n`` steps. Its node ``k`` of ``n``
+    sits at position ``4 base k / n`` of that grid; when ``n`` divides a coarser level ``L`` that position
+    is the integer ``(4 base / L) (k L / n)``, i.e. node ``k L / n`` of the ``L``-step grid, which the finer
+    levels keep unchanged (they only insert and move new points between the old ones). So the
+    interpolation of the ``4 base``-step grid *is* the ``L``-step grid's every ``L/n``-th node and the
+    levels above ``L`` cannot change the result: they are not run (``n = 5``: only the 10-step level).
+    A grid from pure noise interpolates its finite part (``4 base - 1`` steps), whose positions do not
+    line up this way: it always takes every level.
+    """
+    if n in (base, 2 * base, 4 * base):
+        return n
+    if not from_inf:
+        for level in (base, 2 * base):
+            if level % n == 0:
+                return level
+    return 4 * base
+
+
+class MemoValidator:
+    """A :class:`GridValidator` whose :meth:`rmse` remembers every grid it scored (the start, sweep 0 of
+    every search and the kept grids are scored again otherwise); ``evals`` counts real evaluations."""
+
+    def __init__(self, inner: GridValidator) -> None:
+        self.inner = inner
+        self._seen: dict[bytes, float] = {}
+
+    @property
+    def evals(self) -> int:
+        return self.inner.evals
+
+    def rmse(self, sigmas: Any) -> float:
+        key = np.asarray(sigmas, dtype=np.float64).tobytes()
+        if key not in self._seen:
+            self._seen[key] = self.inner.rmse(sigmas)
+        return self._seen[key]
+
+
 def _seed_span(seeds: range) -> str:
     return f"{seeds.start}..{seeds.stop - 1}"
 
@@ -366,8 +417,8 @@ def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
     )
     if model.cond_for_seeds([0]) is not None:
         data_info["conditioning"] = "data row j (of the whole data set) with the condition of seed j: prompt j mod P"
-    validate = stop_validator(ctx, cfg)
-    holdout = stop_validator(ctx, cfg, cfg.holdout_seeds())
+    validate = MemoValidator(stop_validator(ctx, cfg))
+    holdout = MemoValidator(stop_validator(ctx, cfg, cfg.holdout_seeds()))
     start, init_kind, start_scores = choose_start(model, n, cfg, validate)
     ctx.report(
         "log",
@@ -388,8 +439,9 @@ def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
         grids["direct"], selection["direct"], searched["direct"] = sig, info["rmse_kept"], info
         plan = "direct"
     else:
-        # Paper Sec. 3.3: 10 -> 20 -> 40 steps (new points only); other counts from the 40-step grid.
-        last = n if n in (b, 2 * b, 4 * b) else 4 * b
+        # Paper Sec. 3.3: 10 -> 20 -> 40 steps (new points only); other counts from the 40-step grid,
+        # whose interpolation to n takes only nodes of a coarser level when n divides it (hierarchy_top).
+        last = hierarchy_top(n, b, math.isinf(float(start[0])))
         base, base_kind, base_scores = choose_start(model, b, cfg, validate)
         sig, info = search(est, base, list(range(1, b)), validate, cfg, ctx, level=b)
         info.update(init=base_kind, start_candidates=base_scores)
@@ -404,6 +456,8 @@ def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
         if last != n:
             sig = interpolate_loglinear(sig, n)
             plan += f", log-linear interpolation to {n}"
+            if last < 4 * b:
+                plan += f" (= the {4 * b}-step grid's: levels above {last} only insert points between these)"
         grids["hierarchy"], selection["hierarchy"], searched["hierarchy"] = sig, validate.rmse(sig), levels[-1]
         if cfg.direct and (last != n or selection["hierarchy"] >= selection["start"]):
             origin = "hierarchy" if selection["hierarchy"] < selection["start"] else "start"
@@ -434,7 +488,9 @@ def run(ctx: OptimizeContext, cfg: AYSConfig) -> OptimizeResult:
     objective: dict[str, Any] = {"name": "klub"}
     if cfg.klub_samples > 0 and n > 1:
         k0, se0 = klub_total(*est.interval_terms(start, cfg.klub_samples, tag=1))
-        k1, se1 = klub_total(*est.interval_terms(sig, cfg.klub_samples, tag=1))
+        same = np.array_equal(np.asarray(sig, dtype=np.float64), np.asarray(start, dtype=np.float64))
+        # The same grid on the same random numbers (tag 1) has the same estimate: not computed twice.
+        k1, se1 = (k0, se0) if same else klub_total(*est.interval_terms(sig, cfg.klub_samples, tag=1))
         if not (math.isfinite(k0) and math.isfinite(k1)):
             raise NonFiniteError(
                 f"ays: the KLUB is not finite ({k0} -> {k1}): the model returned NaN/inf on the training data"
