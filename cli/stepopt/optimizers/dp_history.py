@@ -169,35 +169,35 @@ def history_costs(
     p = traj.shape[0]
     x = traj.reshape(p, m + 1, -1).to(torch.float64)
     d = den.reshape(p, m, -1).to(torch.float64)
-    gram_d = torch.bmm(d, d.transpose(1, 2)).reshape(p, -1)  # <D_a, D_b> per trajectory, flat (P, M*M)
+    # Products are laid out (pair, trajectory): a window batch gathers whole contiguous rows.
+    gram_d = torch.bmm(d, d.transpose(1, 2)).reshape(p, -1).T.contiguous()  # <D_a, D_b>: (M*M, P)
     sig = np.asarray(cand, dtype=np.float64)
-    tables: dict[Kind, np.ndarray] = {}
+    tables = {kind: np.full((m + 1,) * (kind[0] + 1), np.inf) for kind in sorted(set(kinds))}
     with torch.no_grad():
-        for kind in sorted(set(kinds)):
-            k, corrected = kind
-            table = np.full((m + 1,) * (k + 1), np.inf)
-            for t in range(k, m + 1):
-                if corrected and t == m:
+        for t in range(1, m + 1):
+            # u_j = (sigma_t / sigma_j) X_j - X_t for every j < t, its norms and products with every D.
+            ratio = torch.as_tensor(sig[t] / sig[:t], dtype=torch.float64)
+            u = ratio[None, :, None] * x[:, :t] - x[:, t : t + 1]
+            uu = (u * u).sum(-1).T.contiguous()  # (t, P)
+            ud = torch.bmm(u, d.transpose(1, 2)).reshape(p, -1).T.contiguous()  # (t*M, P)
+            for kind, table in tables.items():
+                k, corrected = kind
+                if t < k or (corrected and t == m):
                     continue  # a corrected step is never the last: its target is an inner node
-                # u_j = (sigma_t / sigma_j) X_j - X_t for every j < t, its norms and products with every D.
-                ratio = torch.as_tensor(sig[t] / sig[:t], dtype=torch.float64)
-                u = ratio[None, :, None] * x[:, :t] - x[:, t : t + 1]
-                uu = (u * u).sum(-1)  # (P, t)
-                ud = torch.bmm(u, d.transpose(1, 2)).reshape(p, -1)  # (P, t*M)
+                cols = k + 1 if corrected else k  # D nodes: the window's, and the target's for a corrector
                 wins = np.array([(*c, t) for c in itertools.combinations(range(t), k)], dtype=np.int64)
                 for lo in range(0, len(wins), batch):
                     win = wins[lo : lo + batch]
                     w = torch.as_tensor(window_weights(identity, kind, sig[win]))
-                    cols = k + 1 if corrected else k  # D nodes: the window's, and the target's for a corrector
                     j = torch.as_tensor(win[:, k - 1])
                     nodes = torch.as_tensor(win[:, :cols])
-                    q = uu[:, j].clone()
+                    q = uu[j]  # (B, P)
                     for e in range(cols):
-                        q += 2 * w[:, e] * ud[:, j * m + nodes[:, e]]
+                        q += (2 * w[:, e, None]) * ud[j * m + nodes[:, e]]
                         for f in range(e, cols):
-                            q += (1 if e == f else 2) * (w[:, e] * w[:, f]) * gram_d[:, nodes[:, e] * m + nodes[:, f]]
-                    table[tuple(win.T)] = torch.sqrt(q.clamp_min(0)).mean(0).numpy()
-            tables[kind] = table
+                            c = (1 if e == f else 2) * w[:, e] * w[:, f]
+                            q += c[:, None] * gram_d[nodes[:, e] * m + nodes[:, f]]
+                    table[tuple(win.T)] = torch.sqrt(q.clamp_min_(0)).mean(1).numpy()
     return HistoryCosts(kinds, tables)
 
 
