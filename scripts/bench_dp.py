@@ -11,7 +11,10 @@ the cached many-step teacher of ``stepopt eval``).
 
 A method may carry ``--set`` items after a colon (``gits:cost=history,coeff=1.15``). For gits and oss
 the row also records the DP's own path held out (``dp_rmse``) and what ``keep_best`` kept, so the
-cells where keep_best replaced a DP path that was better held out can be counted.
+cells where keep_best replaced a DP path that was better held out can be counted (``keep_best``: the
+rule, the baseline it was tested against and, for ``significant``, the bootstrap interval):
+    .venv/bin/python scripts/bench_dp.py --methods gits:keep_best=off gits:keep_best=significant \
+        gits:keep_best=lowest,check_trajectories=1024 --solvers euler dpmpp-3m unipc dpmpp-2m
     .venv/bin/python scripts/bench_dp.py --pfdiff [--models builtin:gmm-digits builtin:unet-digits]
 
 Writes ``out/bench_dp.json`` (or ``out/bench_pfdiff.json``) and prints markdown tables.
@@ -67,6 +70,8 @@ def bench_optimizers(args: argparse.Namespace) -> dict[str, Any]:
                     row.setdefault("dp_rmse", {})[m] = test.rmse([float(cand[i]) for i in rep["path"]])
                     row.setdefault("kept", {})[m] = (rep.get("keep_best") or {}).get("kept", "dp")
                     row.setdefault("cost", {})[m] = rep.get("cost")
+                    kb = {k: v for k, v in (rep.get("keep_best") or {}).items() if k != "rmse_on_trajectories"}
+                    row.setdefault("keep_best", {})[m] = kb
                     msg += f" (DP path {row['dp_rmse'][m]:.4f}, kept {row['kept'][m]}, cost {rep.get('cost')})"
                 print(msg, flush=True)
             rows.append(row)

@@ -22,6 +22,7 @@ from stepopt.optimizers.dp import (
     gits_costs,
     gits_dp,
     gits_objective,
+    keep_best_decision,
     keep_best_grid,
     oss_dp,
     teacher_trajectories,
@@ -36,6 +37,7 @@ from stepopt.optimizers.dp_history import (
 from stepopt.optimizers.gits import GITSConfig
 from stepopt.optimizers.oss import OSSConfig
 from stepopt.solvers import get_solver, solve
+from stepopt.stats import paired_bootstrap
 from stepopt.teacher import TeacherConfig
 
 SMALL = {"candidates": 7, "trajectories": 4}
@@ -275,16 +277,22 @@ def test_optimizer_contract(gmm: GaussianMixture, name: str, cfg: DPConfig, solv
     rep = a.method.config["report"]
     assert rep["network_evals"]["search"] > 0 and len(rep["path"]) == 4
     assert a.method.config["candidates"] == SMALL["candidates"]
-    # keep_best: the returned grid has the lowest final error on the trajectories of the DP's grid
-    # and every baseline, recomputed here from the trajectories themselves.
+    # keep_best (default "significant"): the returned grid's final error on the trajectories,
+    # recomputed here from the trajectories themselves, is the one recorded for the kept grid; a
+    # baseline replaced the DP's grid only with an interval below 0, else the DP's grid is returned.
     kept = rep["keep_best"]
+    assert kept["rule"] == "significant" == a.method.config["keep_best"]
     assert set(kept["rmse_on_trajectories"]) == {"dp", "edm", "logsnr", "time-uniform", "time-quadratic", "kl-optimal"}
     cand = candidate_grid(gmm, cfg, 3)
     traj, _ = teacher_trajectories(gmm, cand, cfg)
-    assert final_error(ident, gmm, traj, a.sigmas) ** 0.5 == pytest.approx(
-        min(kept["rmse_on_trajectories"].values()), rel=1e-9
-    )
-    assert obj["teacher_rmse_final"] == kept["rmse_on_trajectories"][kept["kept"]]
+    scores = kept["rmse_on_trajectories"]
+    assert final_error(ident, gmm, traj, a.sigmas) ** 0.5 == pytest.approx(scores[kept["kept"]], rel=1e-9)
+    assert scores[kept["against"]] == min(v for k, v in scores.items() if k != "dp")
+    if kept["kept"] == "dp":
+        assert list(a.sigmas) == [float(cand[p]) for p in rep["path"]] and kept["interval"]["high"] >= 0
+    else:
+        assert kept["kept"] == kept["against"] and kept["interval"]["high"] < 0
+    assert obj["teacher_rmse_final"] == scores[kept["kept"]]
 
 
 def test_keep_best_returns_a_baseline_that_beats_the_dp_grid(
@@ -303,6 +311,54 @@ def test_keep_best_returns_a_baseline_that_beats_the_dp_grid(
     assert same == grid and again["kept"] == "dp"  # a tie keeps the DP's own grid
     off = optimize("gits", gmm, ident, 3, GITSConfig(**SMALL, keep_best=False))
     assert "keep_best" not in off.method.config["report"]
+
+
+def test_keep_best_significant_replaces_only_a_significantly_better_baseline() -> None:
+    """Heavy-tailed per-trajectory errors (log-normal, as over the noises of a mixture): a baseline 3 %
+    better in RMSE but with seed-to-seed scatter is NOT significant -> the DP's grid is kept (while
+    "lowest" replaces it); one 15 % better on nearly every seed is -> replaced. The recorded interval
+    is paired_bootstrap's (seed 0) of the baseline's errors against the DP's."""
+    rng = np.random.default_rng(7)
+    dp = np.exp(rng.normal(0.0, 1.5, 256))
+    noisy = dp * np.exp(rng.normal(0.0, 0.5, 256))
+    noisy *= 0.97**2 * dp.mean() / noisy.mean()  # RMSE exactly 3 % lower on average
+    worse = dp * 1.1
+    errors = {"dp": dp, "edm": worse, "logsnr": noisy}
+    info = keep_best_decision(errors, "significant")
+    ref = paired_bootstrap(noisy, dp, seed=0)
+    assert ref.change == pytest.approx(-0.03, abs=1e-12) and ref.low < 0 < ref.high
+    assert info["kept"] == "dp" and info["against"] == "logsnr" and info["interval"] == ref.to_dict()
+    assert keep_best_decision(errors, "lowest")["kept"] == "logsnr"
+    clear = dp * 0.85**2 * np.exp(rng.normal(0.0, 0.02, 256))
+    info = keep_best_decision({"dp": dp, "edm": worse, "logsnr": noisy, "kl-optimal": clear}, "significant")
+    assert info["kept"] == "kl-optimal" and info["interval"]["high"] < 0
+    # A better DP grid is never replaced; a non-finite DP grid always is.
+    assert keep_best_decision({"dp": dp, "edm": worse}, "significant")["kept"] == "dp"
+    assert keep_best_decision({"dp": dp * np.inf, "edm": worse}, "significant")["kept"] == "edm"
+    with pytest.raises(ValueError, match="rule"):
+        keep_best_decision(errors, "off")
+
+
+def test_keep_best_options(gmm: GaussianMixture) -> None:
+    """true/false keep their meaning (the rule before / none) and are recorded by name; a bad rule is
+    one clear error; check_trajectories scores on K separate trajectories (seeds after the DP's)."""
+    assert GITSConfig(keep_best=True).keep_best == "lowest" and GITSConfig(keep_best=False).keep_best == "off"
+    assert resolve_config(GITSConfig, None, ["keep_best=true"]).keep_best == "lowest"
+    assert resolve_config(OSSConfig, None, ["keep_best=significant"]).keep_best == "significant"
+    with pytest.raises((ConfigError, ValueError), match="keep_best"):
+        resolve_config(GITSConfig, None, ["keep_best=sometimes"])
+    with pytest.raises((ConfigError, ValueError), match="check_trajectories"):
+        resolve_config(GITSConfig, None, ["check_trajectories=-1"])
+    ident = get_solver("euler").identity()
+    cfg = GITSConfig(**SMALL, keep_best="lowest", check_trajectories=6)
+    s = optimize("gits", gmm, ident, 3, cfg)
+    rep = s.method.config["report"]
+    kb = rep["keep_best"]
+    assert kb["trajectories"] == 6 and kb["seeds"] == f"{cfg.data_seed + 4}..+5"
+    assert rep["network_evals"]["check_teacher"] == 0  # the exact ODE
+    cand = candidate_grid(gmm, cfg, 3)
+    check, _ = teacher_trajectories(gmm, cand, DPConfig(**{**SMALL, "trajectories": 6}, data_seed=cfg.data_seed + 4))
+    assert final_error(ident, gmm, check, s.sigmas) ** 0.5 == pytest.approx(min(kb["rmse_on_trajectories"].values()))
 
 
 def test_too_few_candidates_is_an_error(gmm: GaussianMixture) -> None:

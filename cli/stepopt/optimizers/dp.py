@@ -29,6 +29,7 @@ seen before is not repeated, so replaying a known prefix of a path costs no eval
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -48,10 +49,12 @@ from stepopt.models.base import AnalyticModel, DiffusionModel
 from stepopt.optimizers import OptimizeContext, OptimizeResult
 from stepopt.sampling import cond_for_seeds, initial_noise
 from stepopt.solvers import SolverIdentity, denoise, get_solver, solve
+from stepopt.stats import paired_bootstrap
 from stepopt.teacher import TeacherConfig, teacher_key
 
 Spacing = Literal["lam", "time", "edm"]
 TRAJECTORY_VERSION = 1
+KEEP_BEST_RULES = ("significant", "lowest", "off")
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,16 @@ class DPConfig:
     candidates: M, the number of intervals of the candidate grid (M+1 sigmas, both ends included).
     spacing: lam (uniform in lam = -log sigma) | time (uniform in the model's native time) | edm (rho).
     trajectories: P, teacher trajectories the costs are averaged over (seeds data_seed ...).
-    keep_best: compare the DP's grid with every baseline grid (edm, logsnr, time-uniform,
-       time-quadratic, kl-optimal) by the solver's final error on the same P trajectories and return
-       the lowest (the report names it; ``false``: the DP's grid whatever it scores). An extension
-       beyond both papers: a path fitted under the method's own objective can lose to a closed form.
+    keep_best: what replaces the DP's grid by a baseline grid (edm, logsnr, time-uniform, time-quadratic,
+       kl-optimal; every grid scored by the solver's final error on the check trajectories, below).
+       "significant" (default): the best baseline only when it is better with a paired bootstrap
+       interval that excludes 0 (:func:`keep_best_decision`; the final error over noises is
+       heavy-tailed, so a lower mean on a few hundred trajectories often does not rank two grids);
+       "lowest" (= ``true``, the rule before): the lowest mean; "off" (= ``false``): the DP's grid
+       whatever it scores. An extension beyond both papers: a path fitted under the method's own
+       objective can lose to a closed form.
+    check_trajectories: the trajectories keep_best scores on: 0 (default) the DP's own P; K > 0 K
+       separate ones (seeds data_seed + P ...; for networks they cost teacher evaluations, counted).
     teacher: for networks, the teacher between neighbouring candidates: ``steps`` steps of ``solver``
        (``order``) on a ``grid`` grid of each interval (default 4 Heun steps uniform in lam per
        interval); analytic models use the exact ODE. Files from before the nesting: the flat
@@ -84,7 +93,8 @@ class DPConfig:
     data_seed: int = 3_000_000
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(steps=4, grid="logsnr"))
     batch_size: int = 256
-    keep_best: bool = True
+    keep_best: bool | Literal["significant", "lowest", "off"] = "significant"
+    check_trajectories: int = 0
     last_node: Literal["free", "sigma_min"] = "free"
 
     def __post_init__(self) -> None:
@@ -95,6 +105,15 @@ class DPConfig:
             raise ValueError(f"'rho' must be a positive number, got {self.rho}")
         if self.data_seed < 0:
             raise ValueError(f"'data_seed' must be >= 0, got {self.data_seed}")
+        if self.check_trajectories < 0:
+            raise ValueError(f"'check_trajectories' must be >= 0, got {self.check_trajectories}")
+        # true/false as before: "lowest" / "off" (the record names the rule).
+        if isinstance(self.keep_best, bool):
+            object.__setattr__(self, "keep_best", "lowest" if self.keep_best else "off")
+        if self.keep_best not in KEEP_BEST_RULES:
+            raise ValueError(
+                f"'keep_best' must be one of {', '.join(KEEP_BEST_RULES)} (or true/false), got {self.keep_best!r}"
+            )
         if self.last_node not in ("free", "sigma_min"):
             raise ValueError(f"'last_node' must be 'free' or 'sigma_min', got {self.last_node!r}")
 
@@ -478,6 +497,25 @@ def oss_dp(
     return OSSResult(list(path), float(value), table, back, runs, beam)
 
 
+def final_errors(
+    identity: SolverIdentity,
+    denoiser: Callable[..., torch.Tensor],
+    traj: torch.Tensor,
+    sigmas: Sequence[float],
+    cond: Mapping[str, Any] | None = None,
+    target: torch.Tensor | None = None,
+) -> np.ndarray:
+    """Per trajectory, the mean squared error (over its elements) of the solver's output on ``sigmas``
+    vs the teacher at sigma_min (``target``: the output after a final denoise vs that target,
+    :func:`denoised_target`)."""
+    final_step = "none" if target is None else "denoise"
+    grid = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+    with torch.no_grad():
+        out = solve(identity, denoiser, traj[:, 0], grid, cond=cond, final_step=final_step)
+    y = (traj[:, -1] if target is None else target).reshape(traj.shape[0], -1).to(torch.float64)
+    return ((out.reshape(out.shape[0], -1).to(torch.float64) - y) ** 2).mean(1).cpu().numpy()
+
+
 def final_error(
     identity: SolverIdentity,
     denoiser: Callable[..., torch.Tensor],
@@ -486,14 +524,39 @@ def final_error(
     cond: Mapping[str, Any] | None = None,
     target: torch.Tensor | None = None,
 ) -> float:
-    """Mean squared error (all elements) of the solver's output on ``sigmas`` vs the teacher at sigma_min
-    (``target``: the output after a final denoise vs that target, :func:`denoised_target`)."""
-    final_step = "none" if target is None else "denoise"
-    grid = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
-    with torch.no_grad():
-        out = solve(identity, denoiser, traj[:, 0], grid, cond=cond, final_step=final_step)
-    y = (traj[:, -1] if target is None else target).reshape(traj.shape[0], -1).to(torch.float64)
-    return float(((out.reshape(out.shape[0], -1).to(torch.float64) - y) ** 2).mean())
+    """The mean over trajectories of :func:`final_errors` (the squared RMSE)."""
+    return float(final_errors(identity, denoiser, traj, sigmas, cond, target).mean())
+
+
+def keep_best_decision(errors: Mapping[str, np.ndarray], rule: str = "significant", seed: int = 0) -> dict[str, Any]:
+    """Which grid keep_best returns, from per-trajectory squared errors ``errors[name]`` ("dp": the DP's).
+
+    The candidate is the baseline with the lowest mean. "lowest": it replaces the DP's grid when its
+    mean is lower. "significant": only when :func:`stepopt.stats.paired_bootstrap` of its errors
+    against the DP's (the same trajectories, resampled together; ``seed``) gives a 95 % interval of
+    the relative RMSE change entirely below 0. A DP grid with a non-finite error is replaced by any
+    finite baseline. Returns ``kept``, ``against`` (the candidate) and, for "significant", ``interval``.
+    """
+    if rule not in ("significant", "lowest"):
+        raise ValueError(f"keep_best_decision: rule must be 'significant' or 'lowest', got {rule!r}")
+    means = {k: float(np.mean(v)) for k, v in errors.items()}
+    finite = [k for k in means if k != "dp" and math.isfinite(means[k])]
+    info: dict[str, Any] = {"rule": rule, "kept": "dp"}
+    if not finite:
+        return info
+    best = min(finite, key=lambda k: means[k])  # the first listed wins ties
+    info["against"] = best
+    if not math.isfinite(means["dp"]):
+        info["kept"] = best
+    elif rule == "lowest":
+        if means[best] < means["dp"]:
+            info["kept"] = best
+    else:
+        cmp = paired_bootstrap(errors[best], errors["dp"], seed=seed)
+        info["interval"] = cmp.to_dict()
+        if cmp.high < 0:
+            info["kept"] = best
+    return info
 
 
 def keep_best_grid(
@@ -504,15 +567,16 @@ def keep_best_grid(
     sigmas: Sequence[float],
     cond: Mapping[str, Any] | None = None,
     target: torch.Tensor | None = None,
+    rule: str = "lowest",
 ) -> tuple[list[float], dict[str, Any]]:
-    """``sigmas`` or the baseline grid with the lowest final error on the trajectories, and the scores.
+    """``sigmas`` or a baseline grid, by :func:`keep_best_decision` (``rule``) on the trajectories' errors.
 
     Every baseline of :data:`stepopt.baselines.BASELINES` the model's range allows, with the same
     number of steps, from c_0 = sigma_max to c_M = sigma_min (the trajectories' ends); with a final
     denoise (``target``) on a flow model also the pipeline default (:data:`FLOW_BASELINES`).
     """
     n = len(sigmas) - 1
-    scores = {"dp": final_error(identity, denoiser, traj, sigmas, cond, target)}
+    errors = {"dp": final_errors(identity, denoiser, traj, sigmas, cond, target)}
     grids: dict[str, list[float]] = {"dp": [float(v) for v in sigmas]}
     kinds = list(BASELINES) + (list(FLOW_BASELINES) if target is not None and isinstance(model.frame, Flow) else [])
     for kind in kinds:
@@ -521,15 +585,11 @@ def keep_best_grid(
         except StepoptError:
             continue
         grids[kind] = grid
-        scores[kind] = final_error(identity, denoiser, traj, grid, cond, target)
-    best = min(scores, key=lambda k: scores[k] if math.isfinite(scores[k]) else math.inf)
-    if not scores[best] < scores["dp"]:
-        best = "dp"  # ties keep the DP's own grid
-    info = {
-        "kept": best,
-        "rmse_on_trajectories": {k: v**0.5 for k, v in scores.items()},
-    }
-    return grids[best], info
+        errors[kind] = final_errors(identity, denoiser, traj, grid, cond, target)
+    info = keep_best_decision(errors, rule)
+    info["trajectories"] = int(traj.shape[0])
+    info["rmse_on_trajectories"] = {k: float(np.mean(v)) ** 0.5 for k, v in errors.items()}
+    return grids[info["kept"]], info
 
 
 def finish(
@@ -545,14 +605,35 @@ def finish(
     search_evals: int,
     target: torch.Tensor | None = None,
 ) -> OptimizeResult:
-    """The result of gits/oss: ``keep_best`` applied (when on), the check's evaluations counted."""
-    if cfg.keep_best:
+    """The result of gits/oss: ``keep_best`` applied (unless off), the check's evaluations counted
+    (with ``check_trajectories``: on separate trajectories, their teacher evaluations too)."""
+    if cfg.keep_best != "off":
+        ctraj, ccond, ctarget = traj, cond, target
+        if cfg.check_trajectories > 0:
+            ccfg = dataclasses.replace(
+                cfg, data_seed=cfg.data_seed + cfg.trajectories, trajectories=cfg.check_trajectories
+            )
+            cand = candidate_grid(ctx.model, cfg, ctx.n_steps)
+            ctraj, cinfo = teacher_trajectories(ctx.model, cand, ccfg, device=ctx.device)
+            report["network_evals"]["check_teacher"] = cinfo["network_evals"]
+            ccond = cond_for_seeds(ctx.model, list(range(ccfg.data_seed, ccfg.data_seed + ccfg.trajectories)))
+            if target is not None:
+                ctarget = denoised_target(memo, ctraj, cand, ccond)
         with torch.no_grad():
-            sigmas, kept = keep_best_grid(ctx.model, ctx.solver, memo, traj, sigmas, cond, target)
+            rule = str(cfg.keep_best)
+            sigmas, kept = keep_best_grid(ctx.model, ctx.solver, memo, ctraj, sigmas, ccond, ctarget, rule)
+        kept["seeds"] = f"{cfg.data_seed + (cfg.trajectories if ctraj is not traj else 0)}..+{ctraj.shape[0] - 1}"
         report["keep_best"] = kept
-        objective["teacher_rmse_final"] = kept["rmse_on_trajectories"][kept["kept"]]
+        if ctraj is traj:
+            objective["teacher_rmse_final"] = kept["rmse_on_trajectories"][kept["kept"]]
+        else:
+            objective["teacher_rmse_final"] = final_error(ctx.solver, memo, traj, sigmas, cond, target) ** 0.5
         if kept["kept"] != "dp":
-            ctx.report("log", message=f"{method}: the {kept['kept']} baseline beats the DP's grid; kept it")
+            why = ""
+            if "interval" in kept:
+                iv = kept["interval"]
+                why = f" ({100 * iv['change']:+.1f} % [{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}])"
+            ctx.report("log", message=f"{method}: the {kept['kept']} baseline beats the DP's grid{why}; kept it")
     report["network_evals"]["check"] = memo.evals - search_evals
     return OptimizeResult(sigmas=sigmas, objective=objective, report=report)
 

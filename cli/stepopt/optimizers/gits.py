@@ -95,8 +95,11 @@ class GITSConfig(DPConfig):
         out = []
         if self.cost == "history":
             out.append("cost: history (paper: the local error of one step started afresh, no multistep history)")
-        if self.keep_best:
-            out.append("keep_best: the DP's grid is compared with every baseline and the best kept (paper: none)")
+        if self.keep_best != "off":
+            out.append(
+                f"keep_best: {self.keep_best}: the DP's grid is compared with every baseline and one that beats it"
+                " kept (paper: none)"
+            )
         if self.coeff != 1.0:
             out.append(f"coeff: {self.coeff} (paper: 1, the plain sum; the reference code's 1.15)")
         return out
