@@ -82,6 +82,39 @@ def lagrange_weights(identity: SolverIdentity, lam: np.ndarray) -> tuple[np.ndar
     return w, np.arange(n)
 
 
+# Solvers whose first step corrects (UniC-1 after UniP-1): ``corrector: first`` applies to them.
+FIRST_STEP_CORRECTED = ("unipc",)
+
+
+def solver_first_step(weight_fn: WeightFn) -> WeightFn:
+    """``weight_fn`` with step 0 as the solver takes it (``corrector: first``; the exact weights of
+    :mod:`stepopt.solvers.linear`).
+
+    UniPC corrects its first step: UniP-1 (DDIM) predicts x~_1, the evaluation D_1 = D(x~_1) is made,
+    and UniC-1 moves x_0 by ``W[0, 0] D_0 + W[0, 1] D_1`` (bh2: the trapezoid, each half of the
+    first-order weight ``e^{lam_1} - e^{lam_0}``; bh1: ``B(h) = -h`` moves more onto D_1). The paper's
+    bound, which models UniPC by its predictor, gives D_0 the whole first-order weight. D_0 is the
+    evaluation at sigma_max, whose modelled error ``eps(lam_0)`` (about sigma_max: 80 on EDM's range)
+    exceeds every other node's by an order of magnitude, so that one weight sets the first node
+    (README, trust-region). Later steps keep ``weight_fn``'s (predictor) weights: there the corrector
+    moves weight between evaluations of comparable error, and its interpolating weights lose the
+    extrapolation growth with the step ratio that the paper's bound measures (``weights: solver``,
+    measured worse). A one-step grid is the last step, which is not corrected.
+    """
+
+    def weights(identity: SolverIdentity, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        w, nodes = weight_fn(identity, lam)
+        if lam.shape[1] < 3:
+            return w, nodes
+        exact, _ = step_weights(identity, lam[:, :3])  # step 0 of any N >= 2 is step 0 of this 2-step grid
+        w = np.array(w, dtype=np.result_type(w.dtype, exact.dtype))
+        w[:, 0, :] = 0.0
+        w[:, 0, :2] = exact[:, 0, :2]
+        return w, nodes
+
+    return weights
+
+
 # The two error models: a network that predicts the noise (the paper's) or the flow velocity.
 ERROR_MODELS = ("noise", "velocity")
 
