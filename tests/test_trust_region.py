@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 from stepopt.baselines import baseline_sigmas
 from stepopt.cli import app
 from stepopt.errors import StepoptError
+from stepopt.models import load_model
 from stepopt.optimizers import get_optimizer, optimize
 from stepopt.optimizers.trust_region import ErrorBound, Resolved, TrustRegionConfig, error_model, optimize_grid
 from stepopt.schedule import Schedule
@@ -534,6 +535,16 @@ def test_corrector_option_only_changes_unipc(gmm):
     b = np.asarray(optimize("trust-region", gmm, UNIPC, 6, none).sigmas)
     assert np.abs(np.log(a / b)).max() > 0.1  # the first node moves down (4.03 vs 6.59)
     assert a[1] < b[1]
+
+
+def test_corrector_option_leaves_grids_from_pure_noise_alone():
+    """From pure noise (flow) the bound keeps the predictor's weights whatever ``corrector`` says."""
+    flow = load_model("builtin:gmm-digits-flow")
+    cfg = TrustRegionConfig(multistart=False, perturbed_starts=0)
+    none = TrustRegionConfig(multistart=False, perturbed_starts=0, corrector="none")
+    for final_step in ("none", "denoise"):
+        a = optimize("trust-region", flow, UNIPC, 5, cfg, final_step=final_step).sigmas
+        assert a == optimize("trust-region", flow, UNIPC, 5, none, final_step=final_step).sigmas
 
 
 def test_gmm_digits_unipc_nfe6_corrector_first_beats_kl_optimal(gmm):

@@ -52,7 +52,8 @@ class TrustRegionConfig:
        half the first-order weight each; ``bound.solver_first_step``), the later steps by the paper's
        predictor weights; "none": the paper's treatment, the predictor's weights in every step (the
        corrector not modelled). Measured on gmm-digits (README): "first" beats every unipc bh2
-       baseline at NFE 5, 6, 8, 10, "none" loses at NFE 5 and 6.
+       baseline at NFE 5, 6, 8, 10, "none" loses at NFE 5 and 6. Grids from pure noise (flow) keep
+       the predictor's weights either way (measured worse with the corrected first steps).
     last_node: with ``final_step: denoise``, whether the last evaluated node is a variable of the bound
        ("free") or the model's sigma_min ("sigma_min", the bound before this option). "auto" (default):
        free for models that sample from pure noise (flow: their pipelines end with the denoise, and
