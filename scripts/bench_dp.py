@@ -1,10 +1,11 @@
 """Benchmark GITS and OSS (and PFDiff) on gmm-digits against the baselines and the other optimizers.
 
-For each solver and NFE: the RMSE against the exact ODE on held-out seeds 0..n-1 (the optimizers'
-teacher trajectories use seeds 3,000,000+), with each optimizer's wall time and the network
-evaluations it spent (teacher, search). ``--pfdiff`` instead tabulates PFDiff against its base
-solvers at equal NFE on the logsnr and time-quadratic grids (gmm-digits: exact ODE; unet-digits:
-the cached many-step teacher of ``stepopt eval``).
+For each solver and NFE: the RMSE against the exact ODE on held-out seeds seed0..seed0+n-1 (default
+0..999; the optimizers' teacher trajectories use seeds 3,000,000+), with each optimizer's wall time,
+the network evaluations it spent (teacher, search) and its paired bootstrap against the cell's best
+baseline (``versus_best``: relative RMSE change with its 95 % interval over the held-out seeds).
+``--pfdiff`` instead tabulates PFDiff against its base solvers at equal NFE on the logsnr and
+time-quadratic grids (gmm-digits: exact ODE; unet-digits: the cached many-step teacher of ``stepopt eval``).
 
     .venv/bin/python scripts/bench_dp.py [--methods gits oss trust-region ays ld3] [--nfe 5 6 8 10] [--n 1000]
     .venv/bin/python scripts/bench_dp.py --methods gits:cost=local gits:cost=history --solvers dpmpp-3m euler
@@ -15,6 +16,7 @@ cells where keep_best replaced a DP path that was better held out can be counted
 rule, the baseline it was tested against and, for ``significant``, the bootstrap interval):
     .venv/bin/python scripts/bench_dp.py --methods gits:keep_best=off gits:keep_best=significant \
         gits:keep_best=lowest,check_trajectories=1024 --solvers euler dpmpp-3m unipc dpmpp-2m
+    .venv/bin/python scripts/bench_dp.py --methods gits gits:propagate=linear gits:metric=dev oss --seed0 20000
     .venv/bin/python scripts/bench_dp.py --pfdiff [--models builtin:gmm-digits builtin:unet-digits]
 
 Writes ``out/bench_dp.json`` (or ``out/bench_pfdiff.json``) and prints markdown tables.
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from stepopt.baselines import baseline_sigmas
@@ -36,14 +39,22 @@ from stepopt.models import load_model
 from stepopt.optimizers import get_optimizer, optimize
 from stepopt.optimizers.dp import candidate_grid
 from stepopt.solvers import get_solver
+from stepopt.stats import paired_bootstrap
 from stepopt.teacher import GridValidator
 
 BASELINES = ("edm", "logsnr", "time-uniform", "time-quadratic", "kl-optimal")
 
 
+def per_seed(test: GridValidator, sigmas: Any) -> np.ndarray:
+    """Each held-out seed's mean squared error against the exact ODE (the rows of ``test.rmse``)."""
+    out = test.outputs(sigmas).to(torch.float64)
+    return ((out - test.targets.to(torch.float64)) ** 2).reshape(out.shape[0], -1).mean(1).numpy()
+
+
 def bench_optimizers(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model("builtin:gmm-digits")
-    teacher = GridValidator(model, None, range(args.n))  # the exact ODE on seeds 0..n-1 (cached)
+    # the exact ODE on seeds seed0..seed0+n-1 (cached)
+    teacher = GridValidator(model, None, range(args.seed0, args.seed0 + args.n))
     rows = []
     for solver in args.solvers:
         ident = get_solver(solver).identity()
@@ -51,8 +62,12 @@ def bench_optimizers(args: argparse.Namespace) -> dict[str, Any]:
         for nfe in args.nfe:
             row: dict[str, Any] = {"solver": solver, "nfe": nfe, "rmse": {}, "seconds": {}, "evals": {}}
             n = get_solver(solver).steps_for_nfe(ident, nfe)
+            errs: dict[str, np.ndarray] = {}
             for b in BASELINES:
-                row["rmse"][b] = test.rmse(baseline_sigmas(b, n, model.sigma_max, model.sigma_min, model.frame))
+                errs[b] = per_seed(test, baseline_sigmas(b, n, model.sigma_max, model.sigma_min, model.frame))
+                row["rmse"][b] = float(errs[b].mean()) ** 0.5
+            best = min(BASELINES, key=lambda b: row["rmse"][b])
+            row["best_baseline"] = best
             for m in args.methods:
                 name, _, sets = m.partition(":")
                 if name == "trust-region" and solver not in ("euler", "dpmpp-2m", "dpmpp-3m", "unipc"):
@@ -61,13 +76,23 @@ def bench_optimizers(args: argparse.Namespace) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 s = optimize(name, model, ident, nfe, cfg, seed=0)
                 row["seconds"][m] = round(time.perf_counter() - t0, 2)
-                row["rmse"][m] = test.rmse(s.sigmas)
+                errs[m] = per_seed(test, s.sigmas)
+                row["rmse"][m] = float(errs[m].mean()) ** 0.5
+                # relative RMSE change against the best baseline, paired over the held-out seeds
+                row.setdefault("versus_best", {})[m] = paired_bootstrap(errs[m], errs[best]).to_dict()
+                row.setdefault("sigmas", {})[m] = [float(v) for v in s.sigmas]
                 rep = s.method.config.get("report") or {}
                 row["evals"][m] = rep.get("network_evals")
-                msg = f"{solver} nfe {nfe} {m}: rmse {row['rmse'][m]:.4f} in {row['seconds'][m]} s"
+                vb = {k: 100 * v for k, v in row["versus_best"][m].items() if k in ("change", "low", "high")}
+                msg = (
+                    f"{solver} nfe {nfe} {m}: rmse {row['rmse'][m]:.4f} in {row['seconds'][m]} s; vs {best}"
+                    f" {row['rmse'][best]:.4f}: {vb['change']:+.2f} % [{vb['low']:+.2f}, {vb['high']:+.2f}]"
+                )
                 if name in ("gits", "oss"):
                     cand = candidate_grid(model, cfg, n)
-                    row.setdefault("dp_rmse", {})[m] = test.rmse([float(cand[i]) for i in rep["path"]])
+                    dp_err = per_seed(test, [float(cand[i]) for i in rep["path"]])
+                    row.setdefault("dp_rmse", {})[m] = float(dp_err.mean()) ** 0.5
+                    row.setdefault("dp_versus_best", {})[m] = paired_bootstrap(dp_err, errs[best]).to_dict()
                     row.setdefault("kept", {})[m] = (rep.get("keep_best") or {}).get("kept", "dp")
                     row.setdefault("cost", {})[m] = rep.get("cost")
                     kb = {k: v for k, v in (rep.get("keep_best") or {}).items() if k != "rmse_on_trajectories"}
@@ -75,7 +100,7 @@ def bench_optimizers(args: argparse.Namespace) -> dict[str, Any]:
                     msg += f" (DP path {row['dp_rmse'][m]:.4f}, kept {row['kept'][m]}, cost {rep.get('cost')})"
                 print(msg, flush=True)
             rows.append(row)
-    return {"n": args.n, "rows": rows}
+    return {"n": args.n, "seed0": args.seed0, "rows": rows}
 
 
 def bench_pfdiff(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,6 +133,7 @@ def main() -> None:
     p.add_argument("--solvers", nargs="+", default=["euler", "dpmpp-3m"])
     p.add_argument("--nfe", nargs="+", type=int, default=[5, 6, 8, 10])
     p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed0", type=int, default=0, help="held-out seeds seed0..seed0+n-1 (optimizers use 3,000,000+)")
     p.add_argument("--pfdiff", action="store_true")
     p.add_argument("--models", nargs="+", default=["builtin:gmm-digits", "builtin:unet-digits"])
     p.add_argument("--out", default=None)

@@ -135,6 +135,25 @@ class GaussianMixture(AnalyticModel):
         d = torch.einsum("bk,bkd->bd", log_r.exp(), post)
         return d.reshape(x.shape).to(x.dtype)
 
+    def denoise_jacobian(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """``dD/dx`` at one finite ``sigma`` for a batch ``x``: shape ``(B, d, d)``, float64.
+
+        Tweedie's second moment: ``dD/dx = Cov[x0 | x] / sigma^2`` with the mixture's posterior covariance
+        ``sum_k r_k (C_k + m_k m_k^T) - D D^T``, ``C_k = U_k diag(s_k sigma^2 / (s_k + sigma^2)) U_k^T`` the
+        component's posterior covariance and ``m_k`` its posterior mean.
+        """
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise StepoptError(f"denoise_jacobian needs a finite sigma > 0, got {sigma}")
+        log_r, post = self._posterior(x, sigma)
+        r = log_r.exp()
+        _, _, s, u = self._on(x.device)
+        s2 = sigma * sigma
+        ck = torch.einsum("kde,ke,kfe->kdf", u, s * s2 / (s + s2), u)
+        d = torch.einsum("bk,bkd->bd", r, post)
+        cov = torch.einsum("bk,kde->bde", r, ck) + torch.einsum("bk,bkd,bke->bde", r, post, post)
+        cov = cov - d[:, :, None] * d[:, None, :]
+        return cov / s2
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Exact mixture samples: pick k ~ w, then mu_k + U_k diag(sqrt(s_k)) eps."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)

@@ -282,28 +282,72 @@ def state_after(
 
 
 # -- GITS ------------------------------------------------------------------------------------------
+def gits_jumps(
+    identity: SolverIdentity,
+    denoiser: Callable[..., torch.Tensor],
+    traj: torch.Tensor,
+    cand: np.ndarray,
+    j: int,
+    cond: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """``(j, P, d)`` float64: one solver step from the teacher state X_i at c_i to c_j, for every i < j.
+
+    The step is the solver started afresh on the two-point grid ``[c_i, c_j]`` (a multistep solver's
+    first, first-order step: in the EDM frame DDIM's, which is Euler's, the reference code's cost step).
+    """
+    p = traj.shape[0]
+    outs = []
+    with torch.no_grad():
+        for i in range(j):
+            grid = torch.tensor([cand[i], cand[j]], dtype=torch.float64)
+            outs.append(solve(identity, denoiser, traj[:, i], grid, cond=cond).reshape(p, -1).to(torch.float64))
+    return torch.stack(outs)
+
+
+def trajectory_deviation(x: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """The distance of ``x`` (..., P, d) from the line through each trajectory's ``start`` and ``end`` (P, d):
+    the norm of ``end - x`` without its component along ``end - start`` (the reference code's ``dev``)."""
+    u = end - start
+    u = u / torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+    a = end - x
+    return torch.linalg.vector_norm(a - (a * u).sum(-1, keepdim=True) * u, dim=-1)
+
+
 def gits_costs(
     identity: SolverIdentity,
     denoiser: Callable[..., torch.Tensor],
     traj: torch.Tensor,
     cand: np.ndarray,
     cond: Mapping[str, Any] | None = None,
+    *,
+    metric: str = "l2",
+    score: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """``C[i, j]`` (i < j): mean over trajectories of ||one solver step from X_i at c_i to c_j - X_j||_2.
+    """``C[i, j]`` (i < j): the mean over trajectories of a distance between the jump i -> j
+    (:func:`gits_jumps`) and the teacher state X_j; ``inf`` elsewhere.
 
-    The step is the solver started afresh on the two-point grid ``[c_i, c_j]`` from the teacher
-    state (a multistep solver's first, first-order step: the paper's Euler cost). ``inf`` elsewhere.
+    ``metric``: ``l2`` (default) ``||jump - X_j||_2``; ``dev`` (the reference code's default) the signed
+    ``dev(jump) - dev(X_j)`` of :func:`trajectory_deviation` against each trajectory's start and end.
+    ``score(j, jumps)`` replaces the metric (:class:`stepopt.optimizers.dp_propagate.Propagator`); it
+    is called for j = M, M-1, ..., 1 and returns the j costs of the column.
     """
+    if metric not in ("l2", "dev"):
+        raise StepoptError(f"metric must be 'l2' or 'dev', got {metric!r}")
     m = len(cand) - 1
     cost = np.full((m + 1, m + 1), np.inf)
     flat = traj.reshape(traj.shape[0], traj.shape[1], -1).to(torch.float64)
-    with torch.no_grad():
-        for i in range(m):
-            x_i = traj[:, i]
-            for j in range(i + 1, m + 1):
-                grid = torch.tensor([cand[i], cand[j]], dtype=torch.float64)
-                out = solve(identity, denoiser, x_i, grid, cond=cond).reshape(flat.shape[0], -1).to(torch.float64)
-                cost[i, j] = float(torch.linalg.vector_norm(out - flat[:, j], dim=1).mean())
+    for j in range(m, 0, -1):
+        jumps = gits_jumps(identity, denoiser, traj, cand, j, cond)
+        with torch.no_grad():
+            if score is not None:
+                col = score(j, jumps)
+            elif metric == "l2":
+                col = torch.linalg.vector_norm(jumps - flat[None, :, j], dim=2).mean(1)
+            else:
+                start, end = flat[:, 0], flat[:, -1]
+                dev = trajectory_deviation(jumps, start, end) - trajectory_deviation(flat[:, j], start, end)[None]
+                col = dev.mean(1)
+        cost[:j, j] = col.cpu().numpy()
     return cost
 
 

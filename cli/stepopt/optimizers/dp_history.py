@@ -148,9 +148,15 @@ def history_costs(
     cand: np.ndarray,
     n_steps: int,
     batch: int = 8192,
+    jacobians: Callable[[int], torch.Tensor] | None = None,
 ) -> HistoryCosts:
     """The cost tables of every step kind of an N-step run (module docstring), from the trajectories
-    ``traj`` (P, M+1, ...) and the cached ``den`` = D(X_m, c_m) (P, M, ...)."""
+    ``traj`` (P, M+1, ...) and the cached ``den`` = D(X_m, c_m) (P, M, ...).
+
+    ``jacobians(t)`` (``propagate: linear``, :class:`stepopt.optimizers.dp_propagate.FlowJacobians`): the
+    flow's Jacobian ``J_{t->M}`` (P, d, d) at X_t, called for t = M, ..., 1; each local error is then
+    scored as ``||J_{t->M} l||``, its first-order contribution to the output (every vector of the Gram
+    products mapped by J first)."""
     if not supports_history(identity):
         raise StepoptError(
             f"cost=history is defined for {', '.join(sorted(HISTORY_SOLVERS))}, not '{identity.name}'; use cost=local"
@@ -174,12 +180,18 @@ def history_costs(
     sig = np.asarray(cand, dtype=np.float64)
     tables = {kind: np.full((m + 1,) * (kind[0] + 1), np.inf) for kind in sorted(set(kinds))}
     with torch.no_grad():
-        for t in range(1, m + 1):
+        for t in range(m, 0, -1):  # descending: the flow Jacobians chain from the end
             # u_j = (sigma_t / sigma_j) X_j - X_t for every j < t, its norms and products with every D.
             ratio = torch.as_tensor(sig[t] / sig[:t], dtype=torch.float64)
             u = ratio[None, :, None] * x[:, :t] - x[:, t : t + 1]
+            dt = d
+            if jacobians is not None:
+                jac = jacobians(t)
+                u = torch.einsum("pab,pjb->pja", jac, u)
+                dt = torch.einsum("pab,pjb->pja", jac, d)
+                gram_d = torch.bmm(dt, dt.transpose(1, 2)).reshape(p, -1).T.contiguous()
             uu = (u * u).sum(-1).T.contiguous()  # (t, P)
-            ud = torch.bmm(u, d.transpose(1, 2)).reshape(p, -1).T.contiguous()  # (t*M, P)
+            ud = torch.bmm(u, dt.transpose(1, 2)).reshape(p, -1).T.contiguous()  # (t*M, P)
             for kind, table in tables.items():
                 k, corrected = kind
                 if t < k or (corrected and t == m):

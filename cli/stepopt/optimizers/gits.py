@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 import torch
 
+from stepopt.errors import StepoptError
 from stepopt.optimizers import OptimizeContext, OptimizeResult, OptimizerSpec, register
 from stepopt.optimizers.dp import (
     DPConfig,
@@ -64,6 +65,7 @@ from stepopt.optimizers.dp_history import (
     history_objective,
     teacher_denoised,
 )
+from stepopt.optimizers.dp_propagate import PROPAGATE_MODES, FlowJacobians, Propagator
 from stepopt.sampling import cond_for_seeds
 
 
@@ -74,6 +76,11 @@ class GITSConfig(DPConfig):
     coeff: weight growth per step of the path cost (step s weighs coeff^s; 1 = the paper's plain
        sum; the reference code uses 1.15).
     trajectories: 256 (the reference's warm-up trajectories).
+    metric: l2 (default: the L2 distance of the jump's end to the teacher state) | dev (the reference code's
+       default: the jump's signed excess deviation from the straight line between the trajectory's ends).
+    propagate: none (default: the local error) | linear | exact: the local error carried to the output by the
+       teacher flow (:mod:`stepopt.optimizers.dp_propagate`); propagate_substeps (RK4 steps per candidate
+       interval of the variational equation, linear) and propagate_tol (DOP853 tolerance, exact, analytic models).
     cost: local (the paper's: one step of the solver started afresh from the teacher state) | history
        (each step of the path the solver's real step with its order pattern and the data predictions at
        the path's previous nodes, teacher-forced: :mod:`stepopt.optimizers.dp_history`; euler,
@@ -84,17 +91,40 @@ class GITSConfig(DPConfig):
     trajectories: int = 256
     coeff: float = 1.0
     cost: Literal["local", "history"] = "local"
+    metric: Literal["l2", "dev"] = "l2"
+    propagate: Literal["none", "linear", "exact"] = "none"
+    propagate_substeps: int = 4
+    propagate_tol: float = 1e-8
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.coeff > 0:
             raise ValueError(f"'coeff' must be > 0, got {self.coeff}")
+        if self.metric not in ("l2", "dev"):
+            raise ValueError(f"'metric' must be 'l2' or 'dev', got {self.metric!r}")
+        if self.propagate not in PROPAGATE_MODES:
+            raise ValueError(f"'propagate' must be one of {', '.join(PROPAGATE_MODES)}, got {self.propagate!r}")
+        if self.propagate_substeps < 1:
+            raise ValueError(f"'propagate_substeps' must be >= 1, got {self.propagate_substeps}")
+        if not (0 < self.propagate_tol < 1):
+            raise ValueError(f"'propagate_tol' must be in (0, 1), got {self.propagate_tol}")
+        if self.cost == "history" and (self.propagate == "exact" or self.metric != "l2"):
+            raise ValueError("cost: history takes propagate none or linear and metric l2")
+        if self.propagate != "none" and self.metric != "l2":
+            raise ValueError("'propagate' scores the propagated error in L2; it takes no 'metric'")
 
     def departures(self) -> list[str]:
         """Where this run departs from the paper (README, "GITS and OSS"), one line each."""
         out = []
         if self.cost == "history":
             out.append("cost: history (paper: the local error of one step started afresh, no multistep history)")
+        if self.propagate != "none":
+            out.append(
+                f"propagate: {self.propagate}: each jump's local error carried to the output by the teacher flow"
+                " (paper: the local error itself)"
+            )
+        if self.metric != "l2":
+            out.append(f"metric: {self.metric} (the reference code's default; stepopt's default: l2)")
         if self.keep_best != "off":
             out.append(
                 f"keep_best: {self.keep_best}: the DP's grid is compared with every baseline and one that beats it"
@@ -116,22 +146,51 @@ def run(ctx: OptimizeContext, cfg: GITSConfig) -> OptimizeResult:
     cond = cond_for_seeds(model, list(range(cfg.data_seed, cfg.data_seed + cfg.trajectories)))
     memo = MemoDenoiser(model)
     t0 = time.perf_counter()
+    propagate_evals = 0
     start = even_path(len(cand) - 1, n)
     kind = cfg.cost
     # A free last node closes the local-cost path with the final denoise (dp module docstring); the
     # history cost has no such closure and keeps sigma_min.
     target = denoised_target(memo, traj, cand, cond) if free_last_node(ctx, cfg) and kind == "local" else None
     if kind == "history":
-        hist = history_costs(ctx.solver, traj, teacher_denoised(memo, traj, cand, cond), cand, n)
+        jac = None
+        if cfg.propagate == "linear":
+            if cond:
+                raise StepoptError("gits: propagate=linear needs an unconditional model")
+            jac = FlowJacobians(model, traj, cand, cfg.propagate_substeps)
+        hist = history_costs(ctx.solver, traj, teacher_denoised(memo, traj, cand, cond), cand, n, jacobians=jac)
+        if jac is not None:
+            propagate_evals = jac.jvp_rows
         path, value = history_dp(hist, len(cand) - 1, cfg.coeff)
         initial = history_objective(hist, start, cfg.coeff)
         name = "gits (history): sum_s coeff^s l_s, l_s the teacher-forced local error of step s"
         complexity = f"cost tables O(M^{max(k for k, _ in hist.kinds) + 1}) windows; DP O(N M^(order+1))"
         pattern: dict[str, int] | None = hist.order_counts()
     else:
-        cost = gits_costs(ctx.solver, memo, traj, cand, cond)
+        prop = None
+        if cfg.propagate != "none":
+            if target is not None:
+                raise StepoptError(
+                    "gits: propagate needs the output at sigma_min; with a final denoise use `last_node=sigma_min`"
+                )
+            prop = Propagator(
+                cfg.propagate,
+                model,
+                traj,
+                cand,
+                teacher=cfg.teacher,
+                substeps=cfg.propagate_substeps,
+                tol=cfg.propagate_tol,
+                cond=cond,
+            )
+        cost = gits_costs(ctx.solver, memo, traj, cand, cond, metric=cfg.metric, score=prop)
         initial = gits_objective(cost, start, cfg.coeff)
         name = "gits: sum_s coeff^s C[p_s, p_{s+1}]"
+        if prop is not None:
+            name += f", C the local error propagated to sigma_min ({cfg.propagate})"
+            propagate_evals = prop.evals
+        elif cfg.metric != "l2":
+            name += f", C by metric {cfg.metric}"
         if target is None:
             path, value = gits_dp(cost, n, cfg.coeff)
         else:
@@ -140,6 +199,10 @@ def run(ctx: OptimizeContext, cfg: GITSConfig) -> OptimizeResult:
             initial += cfg.coeff**n * float(den[start[-1]])
             name += " + coeff^N C_den[p_N]"
         complexity = "cost matrix O(M^2) one-step solves; DP O(N M^2)"
+        if cfg.propagate == "linear":
+            complexity += "; propagation: M interval Jacobians (RK4), M d^3 + M^2 P d^2 products"
+        elif cfg.propagate == "exact":
+            complexity += "; propagation: P M^3 / 6 teacher interval solves"
         pattern = None
     search_seconds = time.perf_counter() - t0
     search_evals = memo.evals
@@ -164,6 +227,8 @@ def run(ctx: OptimizeContext, cfg: GITSConfig) -> OptimizeResult:
             "search": search_evals,
             "check": memo.evals - search_evals,
         },
+        "metric": cfg.metric,
+        "propagate": cfg.propagate,
         "seconds_search": round(search_seconds, 4),
         "complexity": complexity,
         "cost": kind,
@@ -171,6 +236,8 @@ def run(ctx: OptimizeContext, cfg: GITSConfig) -> OptimizeResult:
     }
     if pattern is not None:
         report["step_orders"] = pattern
+    if propagate_evals:
+        report["network_evals"]["propagate"] = propagate_evals
     return finish(ctx, "gits", cfg, memo, traj, sigmas, cond, objective, report, search_evals, target)
 
 
