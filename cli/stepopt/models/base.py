@@ -77,6 +77,11 @@ class DiffusionModel(ABC):
         """Per-sample conditioning for the samples of ``seeds`` (e.g. which prompt each uses); None: unconditional."""
         return None
 
+    def denoise_jacobian(self, x: torch.Tensor, sigma: float) -> torch.Tensor | None:
+        """``dD/dx`` (B, d, d) at one finite sigma in closed form, or None where the model has none
+        (gits ``propagate=linear`` then takes forward-mode JVPs of the denoiser)."""
+        return None
+
     def conditioning_record(self) -> dict[str, Any] | None:
         """What changes every output besides the weights (prompts, guidance); part of the teacher cache key."""
         return None

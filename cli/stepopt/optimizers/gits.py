@@ -80,7 +80,7 @@ class GITSConfig(DPConfig):
        default: the jump's signed excess deviation from the straight line between the trajectory's ends).
     propagate: none (default: the local error) | linear | exact: the local error carried to the output by the
        teacher flow (:mod:`stepopt.optimizers.dp_propagate`); propagate_substeps (RK4 steps per candidate
-       interval of the variational equation, linear) and propagate_tol (DOP853 tolerance, exact, analytic models).
+       interval of the variational equation, linear).
     cost: local (the paper's: one step of the solver started afresh from the teacher state) | history
        (each step of the path the solver's real step with its order pattern and the data predictions at
        the path's previous nodes, teacher-forced: :mod:`stepopt.optimizers.dp_history`; euler,
@@ -94,7 +94,6 @@ class GITSConfig(DPConfig):
     metric: Literal["l2", "dev"] = "l2"
     propagate: Literal["none", "linear", "exact"] = "none"
     propagate_substeps: int = 4
-    propagate_tol: float = 1e-8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,8 +105,6 @@ class GITSConfig(DPConfig):
             raise ValueError(f"'propagate' must be one of {', '.join(PROPAGATE_MODES)}, got {self.propagate!r}")
         if self.propagate_substeps < 1:
             raise ValueError(f"'propagate_substeps' must be >= 1, got {self.propagate_substeps}")
-        if not (0 < self.propagate_tol < 1):
-            raise ValueError(f"'propagate_tol' must be in (0, 1), got {self.propagate_tol}")
         if self.cost == "history" and (self.propagate == "exact" or self.metric != "l2"):
             raise ValueError("cost: history takes propagate none or linear and metric l2")
         if self.propagate != "none" and self.metric != "l2":
@@ -180,7 +177,6 @@ def run(ctx: OptimizeContext, cfg: GITSConfig) -> OptimizeResult:
                 cand,
                 teacher=cfg.teacher,
                 substeps=cfg.propagate_substeps,
-                tol=cfg.propagate_tol,
                 cond=cond,
             )
         cost = gits_costs(ctx.solver, memo, traj, cand, cond, metric=cfg.metric, score=prop)
