@@ -17,6 +17,12 @@ teacher trajectories ``X[p, m]``:
   the data predictions at the path's previous nodes, all teacher-forced (the same evaluations) -- with
   an exact DP over the last nodes of the path; measured on gmm-digits its paths were worse with
   dpmpp-3m, so it is not the default.
+* ``--set metric=dev`` (the reference code's default metric): the jump's signed excess distance from the
+  straight line through the trajectory's ends, ``dev(jump) - dev(X_j)``, instead of the L2 distance to X_j.
+  ``--set propagate=linear|exact`` (an extension, :mod:`stepopt.optimizers.dp_propagate`): each local error
+  scored by what reaches the output, carried from c_j to sigma_min by the teacher's flow (its Jacobian, or a
+  re-solve); with ``cost=history`` (linear) the same map is applied to the multistep local errors. Measured
+  on gmm-digits on 1000 held-out noises, neither beats the paper's local L2 cost (README, "GITS and OSS").
 * **DP** (:func:`stepopt.optimizers.dp.gits_dp`): the N-step path from c_0 to c_M minimising
   ``sum_s coeff^s C[p_s, p_{s+1}]``, exact, O(N M^2) time and O(N M) memory after the O(M^2) cost
   matrix. ``coeff`` = 1 (the paper's plain sum of local errors) by default; the reference code's
