@@ -413,16 +413,70 @@ def test_cli_select_reports_every_candidate(tmp_path):
     r = CliRunner().invoke(
         app,
         ["optimize", "--nfe", "5", "--device", "cpu", "--out", str(out), "--select",
-         "--set", "select_p=[1, 2]", "--set", "select_tau=[auto]", "--set", "select_n=8"],
+         "--set", "select_p=[1, 2]", "--set", "select_tau=[auto]", "--set", "select_n=8",
+        "--set", "select_confirm=[16]"],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     sel = Schedule.load(out).method.config["report"]["select"]
     assert len(sel["candidates"]) == 5 + 2 * 1 * 2  # every baseline + p x tau x init
     assert "logsnr baseline" in r.output and "chose" in r.output
-    # The lowest RMSE wins; ties within 1e-9 relative (both inits reaching the same grid) keep the first.
+    # Default rule "significant": the best bound candidate replaces the best baseline only with a
+    # paired bootstrap interval entirely below 0 on the selection's noises.
+    assert sel["rule"] == "significant"
+    chosen = next(c for c in sel["candidates"] if c["candidate"] == sel["chosen"])
+    bases = [c for c in sel["candidates"] if c["p"] is None]
+    bounds = [c for c in sel["candidates"] if c["p"] is not None]
+    best_base, best_bound = min(c["rmse"] for c in bases), min(c["rmse"] for c in bounds)
+    if chosen["p"] is None:
+        assert chosen["rmse"] == best_base
+        assert best_bound >= best_base or sel["interval"]["high"] >= 0
+    else:
+        assert chosen["rmse"] == best_bound and sel["interval"]["high"] < 0
+    # The first comparison is on the selection's 8 noises; undecided, once more on 16 (the last word).
+    first = sel["confirm"][0] if "confirm" in sel else sel["interval"]
+    assert first["change"] == pytest.approx(best_bound / best_base - 1, rel=1e-9, abs=1e-12)
+    assert "confirm" in sel  # these 8 noises do not decide (checked when written)
+    if "confirm" in sel:
+        assert [c["noises"] for c in sel["confirm"]] == [8, 16]
+        assert sel["confirm"][-1]["change"] == sel["interval"]["change"]
+    # Rule "lowest": the lowest RMSE wins; ties within 1e-9 relative (both inits reaching the same
+    # grid) keep the first.
+    r = CliRunner().invoke(
+        app,
+        ["optimize", "--nfe", "5", "--device", "cpu", "--out", str(out), "--select",
+         "--set", "select_p=[1, 2]", "--set", "select_tau=[auto]", "--set", "select_n=8",
+         "--set", "select_rule=lowest"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    sel = Schedule.load(out).method.config["report"]["select"]
+    assert sel["rule"] == "lowest" and "interval" not in sel
     best = min(c["rmse"] for c in sel["candidates"])
     chosen = next(c for c in sel["candidates"] if c["candidate"] == sel["chosen"])
     assert chosen["rmse"] <= best * (1 + 1e-9)
+
+
+def test_select_decision_rules():
+    """The bound's best candidate must prove itself against the best baseline under "significant"."""
+    from stepopt.optimizers.trust_region import _select_decision
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 1.5, 64)
+    base[60:] *= 10  # a heavy tail: 4 noises carry most of the error
+    clear = base * 0.8  # lower on every noise
+    lucky = base.copy()
+    lucky[:60] *= 0.9  # lower on most noises
+    lucky[60:] *= 1.13  # but the tail decides: a slightly lower mean, not significant
+    assert lucky.mean() < base.mean()
+
+    def best(bound):
+        return {"baseline": (1.0, [], {}, base), "bound": (0.9, [], {}, bound)}
+
+    d = _select_decision(best(clear), "significant")
+    assert d["group"] == "bound" and d["interval"]["high"] < 0
+    d = _select_decision(best(lucky), "significant")
+    assert d["group"] == "baseline" and d["interval"]["low"] < 0 <= d["interval"]["high"]
+    assert _select_decision(best(lucky), "lowest")["group"] == "bound"
+    assert _select_decision({"baseline": (1.0, [], {}, base)}, "significant")["group"] == "baseline"
 
 
 def test_cli_select_final_denoise_scores_against_denoised_teacher(tmp_path, gmm):

@@ -307,10 +307,18 @@ class GridValidator:
 
         Non-finite outputs (the model returned NaN/inf) are an error naming the seed and the step.
         """
+        return float(np.sqrt(self.squared_errors(sigmas, model_sigmas).mean()))
+
+    def squared_errors(
+        self, sigmas: torch.Tensor | Sequence[float] | np.ndarray, model_sigmas: Any = None
+    ) -> np.ndarray:
+        """Each seed's mean square of ``outputs - targets`` over its coordinates, ``(len(seeds),)``
+        float64 (the per-seed errors a paired comparison resamples; :meth:`rmse` is the root of their mean)."""
         out = self.outputs(sigmas, model_sigmas)
         if not bool(torch.isfinite(out).all()):
             self._refuse_non_finite(sigmas, model_sigmas)
-        return float(((out.to(torch.float64) - self.targets.to(torch.float64)) ** 2).mean().sqrt())
+        d = out.to(torch.float64) - self.targets.to(torch.float64)
+        return d.flatten(1).square().mean(dim=1).cpu().numpy()
 
     def _refuse_non_finite(self, sigmas: Any, model_sigmas: Any) -> None:
         assert self.solver is not None

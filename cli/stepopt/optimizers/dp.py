@@ -572,31 +572,36 @@ def final_error(
     return float(final_errors(identity, denoiser, traj, sigmas, cond, target).mean())
 
 
-def keep_best_decision(errors: Mapping[str, np.ndarray], rule: str = "significant", seed: int = 0) -> dict[str, Any]:
-    """Which grid keep_best returns, from per-trajectory squared errors ``errors[name]`` ("dp": the DP's).
+def keep_best_decision(
+    errors: Mapping[str, np.ndarray], rule: str = "significant", seed: int = 0, own: str = "dp"
+) -> dict[str, Any]:
+    """Which grid keep_best returns, from per-trajectory squared errors ``errors[name]`` (``own``: the
+    optimizer's grid, "dp" for the DP's; every other key a baseline).
 
-    The candidate is the baseline with the lowest mean. "lowest": it replaces the DP's grid when its
-    mean is lower. "significant": only when :func:`stepopt.stats.paired_bootstrap` of its errors
-    against the DP's (the same trajectories, resampled together; ``seed``) gives a 95 % interval of
-    the relative RMSE change entirely below 0. A DP grid with a non-finite error is replaced by any
-    finite baseline. Returns ``kept``, ``against`` (the candidate) and, for "significant", ``interval``.
+    The candidate is the baseline with the lowest mean. "lowest": it replaces the optimizer's grid when
+    its mean is lower. "significant": only when :func:`stepopt.stats.paired_bootstrap` of its errors
+    against the optimizer's (the same trajectories, resampled together; ``seed``) gives a 95 % interval
+    of the relative RMSE change entirely below 0. An optimizer grid with a non-finite error is replaced
+    by any finite baseline. Returns ``kept``, ``against`` (the candidate) and, for "significant",
+    ``interval``. Also trust-region ``--select``'s rule between its best bound candidate and the best
+    baseline (with the roles swapped: the baseline is kept unless the bound is significantly better).
     """
     if rule not in ("significant", "lowest"):
         raise ValueError(f"keep_best_decision: rule must be 'significant' or 'lowest', got {rule!r}")
     means = {k: float(np.mean(v)) for k, v in errors.items()}
-    finite = [k for k in means if k != "dp" and math.isfinite(means[k])]
-    info: dict[str, Any] = {"rule": rule, "kept": "dp"}
+    finite = [k for k in means if k != own and math.isfinite(means[k])]
+    info: dict[str, Any] = {"rule": rule, "kept": own}
     if not finite:
         return info
     best = min(finite, key=lambda k: means[k])  # the first listed wins ties
     info["against"] = best
-    if not math.isfinite(means["dp"]):
+    if not math.isfinite(means[own]):
         info["kept"] = best
     elif rule == "lowest":
-        if means[best] < means["dp"]:
+        if means[best] < means[own]:
             info["kept"] = best
     else:
-        cmp = paired_bootstrap(errors[best], errors["dp"], seed=seed)
+        cmp = paired_bootstrap(errors[best], errors[own], seed=seed)
         info["interval"] = cmp.to_dict()
         if cmp.high < 0:
             info["kept"] = best
