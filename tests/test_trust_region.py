@@ -408,53 +408,46 @@ def test_cli_bad_config_is_one_line_exit_1(tmp_path, extra, needle):
     assert not (tmp_path / "s.yaml").exists()
 
 
-def test_cli_select_reports_every_candidate(tmp_path):
-    out = tmp_path / "sel.yaml"
+def _cli_select(out, nfe, *sets):
+    """Run ``optimize --select`` on gmm-digits (2 p x 1 tau x 2 inits, 8 noises); its report and output."""
+    extra = [x for kv in sets for x in ("--set", kv)]
     r = CliRunner().invoke(
         app,
-        ["optimize", "--nfe", "8", "--device", "cpu", "--out", str(out), "--select",
-         "--set", "select_p=[1, 2]", "--set", "select_tau=[auto]", "--set", "select_n=8",
-         "--set", "select_confirm=16"],
+        ["optimize", "--nfe", str(nfe), "--device", "cpu", "--out", str(out), "--select",
+         "--set", "select_p=[1, 2]", "--set", "select_tau=[auto]", "--set", "select_n=8", *extra],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     sel = Schedule.load(out).method.config["report"]["select"]
     assert len(sel["candidates"]) == 5 + 2 * 1 * 2  # every baseline + p x tau x init
-    assert "logsnr baseline" in r.output and "chose" in r.output
-    # Default rule "significant": the best bound candidate replaces the best baseline only with a
-    # paired bootstrap interval entirely below 0 on the selection's noises.
+    return sel, r.output
+
+
+def test_cli_select_reports_every_candidate(tmp_path):
+    out = tmp_path / "sel.yaml"
+    sel, output = _cli_select(out, 8, "select_confirm=16")
+    assert "logsnr baseline" in output and "chose" in output
+    # Default rule "significant": the bound's best candidate is lower on the 8 selection noises, so
+    # the decision is taken on 16 fresh ones (seeds 10008..10023), where its paired bootstrap
+    # interval against the best baseline must lie below 0; the selection's comparison is kept beside.
     assert sel["rule"] == "significant"
     chosen = next(c for c in sel["candidates"] if c["candidate"] == sel["chosen"])
     bases = [c for c in sel["candidates"] if c["p"] is None]
     bounds = [c for c in sel["candidates"] if c["p"] is not None]
     best_base, best_bound = min(c["rmse"] for c in bases), min(c["rmse"] for c in bounds)
-    if chosen["p"] is None:
-        assert chosen["rmse"] == best_base
-        assert best_bound >= best_base or sel["interval"]["high"] >= 0
-    else:
-        assert chosen["rmse"] == best_bound and sel["interval"]["high"] < 0
-    # The bound's best candidate is lower on the 8 selection noises, so the decision is taken on 16
-    # fresh ones (seeds 10008..10023); the selection's own comparison is kept beside it.
     assert best_bound < best_base  # (checked when written: the confirmation runs)
     assert sel["confirm_seeds"] == [10_008, 10_023] and sel["interval"]["n"] == 16
     assert sel["selection_interval"]["n"] == 8
     assert sel["selection_interval"]["change"] == pytest.approx(best_bound / best_base - 1, rel=1e-9, abs=1e-12)
-    # ... and that interval is the two finalists' on those fresh noises, computed here from scratch.
+    assert chosen["p"] is not None and chosen["rmse"] == best_bound and sel["interval"]["high"] < 0
+    # ... and the decisive interval is the two finalists' on those fresh noises, recomputed here.
     base_name = min(bases, key=lambda c: c["rmse"])["candidate"].removesuffix(" baseline")
     base_grid = [float(v) for v in start_sigmas(base_name, load_model("builtin:gmm-digits"), 8)]
     fresh = GridValidator(load_model("builtin:gmm-digits"), DPM3, range(10_008, 10_024))
-    assert chosen["p"] is not None  # the bound's grid is kept (significant on the fresh noises)
     a, b = fresh.squared_errors(Schedule.load(out).sigmas), fresh.squared_errors(base_grid)
     assert sel["interval"]["change"] == pytest.approx(float(np.sqrt(a.mean() / b.mean())) - 1, rel=1e-9)
-    # Rule "lowest": the lowest RMSE wins; ties within 1e-9 relative (both inits reaching the same
-    # grid) keep the first.
-    r = CliRunner().invoke(
-        app,
-        ["optimize", "--nfe", "5", "--device", "cpu", "--out", str(out), "--select",
-         "--set", "select_p=[1, 2]", "--set", "select_tau=[auto]", "--set", "select_n=8",
-         "--set", "select_rule=lowest"],
-    )  # fmt: skip
-    assert r.exit_code == 0, r.output
-    sel = Schedule.load(out).method.config["report"]["select"]
+    # Rule "lowest": the lowest RMSE on the selection's noises wins; ties within 1e-9 relative (both
+    # inits reaching the same grid) keep the first.
+    sel, _ = _cli_select(out, 5, "select_rule=lowest")
     assert sel["rule"] == "lowest" and "interval" not in sel
     best = min(c["rmse"] for c in sel["candidates"])
     chosen = next(c for c in sel["candidates"] if c["candidate"] == sel["chosen"])
