@@ -179,6 +179,7 @@ def test_same_bad_input_is_reported_once(tmp_path: Path) -> None:
 def test_ld3_same_schedule_for_world_size_one_and_two(tmp_path: Path) -> None:
     """LD3 data-parallel: same teacher, batches and validation selection; lam equal to 1e-6."""
     sets = ["--set", "n_train=8", "--set", "n_valid=8", "--set", "max_iterations=6", "--set", "valid_batch_size=3"]
+    sets += ["--set", "check_pairs=8"]  # keep_best's check pairs shared out over the ranks too
     base = ["optimize", "-O", "ld3", "-s", "euler", "-n", "4", *sets]
     _ok(run_one([*base, "-o", str(tmp_path / "one.yaml")], tmp_path / "c1"))
     res = run_ranks([[*base, "-o", str(tmp_path / "two.yaml")]] * 2, tmp_path / "c2")

@@ -41,7 +41,7 @@ def test_ld3_grid_space_is_native_time_from_pure_noise(flow: GaussianMixtureFlow
 @pytest.mark.slow
 def test_ld3_learns_a_grid_from_pure_noise(flow: GaussianMixtureFlow) -> None:
     """Native-time coordinate (t = 1 is finite), student from the noise itself, teacher the exact ODE from inf."""
-    cfg = Ld3Config(n_train=4, n_valid=4, grid_rounds=1, joint_rounds=0, init="time-uniform")
+    cfg = Ld3Config(n_train=4, n_valid=4, grid_rounds=1, joint_rounds=0, init="time-uniform", keep_best="off")
     s = optimize("ld3", flow, get_solver("euler").identity(), 5, cfg, final_step="denoise")
     # final_step denoise: the last node is learned (tests/test_last_node.py), at or above sigma_min.
     assert s.sigmas[0] == math.inf and s.sigmas[-1] >= flow.sigma_min and s.model.shift == 3.0

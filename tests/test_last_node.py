@@ -222,7 +222,7 @@ def test_ld3_learns_the_last_node(flow: object) -> None:
     not sigma_min; NFE exact."""
     from stepopt.optimizers.ld3 import Ld3Config
 
-    cfg = Ld3Config(n_train=4, n_valid=8, grid_rounds=1, joint_rounds=0)
+    cfg = Ld3Config(n_train=4, n_valid=8, grid_rounds=1, joint_rounds=0, keep_best="off")
     s = optimize("ld3", flow, get_solver("euler").identity(), 5, cfg, final_step="denoise")  # type: ignore[arg-type]
     rep = s.method.config["report"]
     assert rep["last_node"] == "free" and s.nfe == 5 and s.sigmas[-1] > 10 * flow.sigma_min  # type: ignore[attr-defined]

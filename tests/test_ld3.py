@@ -47,8 +47,9 @@ from stepopt.teacher import GridValidator, TeacherConfig, teacher_outputs
 
 DPM3 = get_solver("dpmpp-3m").identity()
 UNIPC = get_solver("unipc").identity()
-# A short run: 8 + 8 pairs, one theta-only round and one joint round (8 iterations of batch 2).
-SMALL = {"n_train": 8, "n_valid": 8, "grid_rounds": 1, "joint_rounds": 1}
+# A short run: 8 + 8 pairs, one theta-only round and one joint round (8 iterations of batch 2); the
+# training itself, so without keep_best (tests/test_ld3_keep_best.py).
+SMALL = {"n_train": 8, "n_valid": 8, "grid_rounds": 1, "joint_rounds": 1, "keep_best": "off"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -442,6 +443,7 @@ def test_cli_optimize_ld3_writes_a_schedule_and_cleans_its_state(tmp_path: Path)
     out = tmp_path / "ld3.yaml"
     args = ["optimize", "--optimizer", "ld3", "--nfe", "4", "--device", "cpu", "--out", str(out)]
     sets = ["--set", "n_train=4", "--set", "n_valid=4", "--set", "grid_rounds=1", "--set", "joint_rounds=0"]
+    sets += ["--set", "keep_best=off"]
     r = runner.invoke(app, [*args, *sets], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     s = Schedule.load(out)
@@ -458,7 +460,7 @@ def test_cli_optimize_ld3_writes_a_schedule_and_cleans_its_state(tmp_path: Path)
 
 def test_cli_resume_continues_an_interrupted_run(gmm: DiffusionModel, tmp_path: Path) -> None:
     out = tmp_path / "ld3.yaml"
-    opts = {"n_train": 4, "n_valid": 4, "grid_rounds": 1, "joint_rounds": 1, "init": "uniform"}
+    opts = {"n_train": 4, "n_valid": 4, "grid_rounds": 1, "joint_rounds": 1, "init": "uniform", "keep_best": "off"}
     ref = run_ld3(gmm, **opts)
     with pytest.raises(Interrupt):  # as if Ctrl-C hit the command during round 2
         run_ld3(gmm, state_path=tmp_path / "ld3.yaml.state", progress=_stop_at(3), **opts)

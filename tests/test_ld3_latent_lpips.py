@@ -8,6 +8,7 @@ own decoding, no gradients) gives, computed separately here.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -105,11 +106,18 @@ def test_latent_lpips_trains(latent: Any, lpips_files: tuple[str, str]) -> None:
         init="uniform",
         max_iterations=2,
         teacher=TeacherConfig(steps=4),
+        check_pairs=2,
     )
     s = optimize("ld3", latent, EULER, 3, cfg)
     assert s.method.objective["name"] == "ld3-validation-lpips"
-    assert s.method.objective["final"] <= s.method.objective["initial"]
-    assert s.method.config["report"]["iterations"] == 2
+    rep = s.method.config["report"]
+    assert rep["iterations"] == 2
+    # keep_best scores every candidate with the same distance (LPIPS on the decoded images)
+    kb = rep["keep_best"]
+    assert kb["pairs"] == 2 and all(math.isfinite(v) and v > 0 for v in kb["loss_on_pairs"].values())
+    assert kb["kept"] == min(kb["loss_on_pairs"], key=lambda k: (kb["loss_on_pairs"][k], k != "ld3"))
+    if kb["kept"] == "ld3":
+        assert s.method.objective["final"] <= s.method.objective["initial"]
 
 
 def test_latent_lpips_without_weights_says_how_to_give_them(latent: Any) -> None:

@@ -30,6 +30,7 @@ OPTS = {
     "joint_rounds": 2,
     "init": "uniform",
     "noise_lr_rule": "reference",
+    "keep_best": "off",
 }
 
 

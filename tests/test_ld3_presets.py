@@ -47,15 +47,14 @@ def test_the_default_preset_is_todays_defaults() -> None:
 def test_paper_sets_the_teacher_the_loss_and_the_start() -> None:
     c = resolve_config(Ld3Config, None, ["preset=paper"])
     assert (c.preset, c.loss, c.init, c.teacher) == ("paper", "lpips", "uniform", PAPER_TEACHER)
-    assert c.noise_lr_rule == "reference"
+    assert c.noise_lr_rule == "reference" and c.keep_best == "off"
     # every other option keeps its default
-    rest = {
-        k: v for k, v in config_to_dict(c).items() if k not in ("preset", "loss", "init", "noise_lr_rule", "teacher")
-    }
+    preset_keys = ("preset", "loss", "init", "noise_lr_rule", "teacher", "keep_best")
+    rest = {k: v for k, v in config_to_dict(c).items() if k not in preset_keys}
     assert rest == {k: v for k, v in config_to_dict(Ld3Config()).items() if k in rest}
     sd = resolve_config(Ld3Config, None, [], {"preset": "paper-sd"})
     assert sd.teacher == TeacherConfig(solver="unipc", order=2, steps=6, grid="time-uniform")
-    assert (sd.loss, sd.init, sd.noise_lr_rule) == ("lpips", "uniform", "reference")
+    assert (sd.loss, sd.init, sd.noise_lr_rule, sd.keep_best) == ("lpips", "uniform", "reference", "off")
     # the reference's Stable Diffusion config: 25 + 25 pairs, batch 1, 2 + 3 rounds
     assert (sd.n_train, sd.n_valid, sd.batch_size, sd.grid_rounds, sd.joint_rounds) == (25, 25, 1, 2, 3)
 

@@ -95,7 +95,7 @@ def test_ld3_trains_each_pair_with_its_own_prompt(spy: list[list[int]]) -> None:
 def test_ld3_validation_loss_is_the_per_prompt_rmse() -> None:
     """LD3's validation (its objective) and the validator's RMSE (prompt seed mod P) agree: l2 is the MSE."""
     model = make_embedded_latent(n_prompts=P)
-    cfg = Ld3Config(n_train=4, n_valid=4, grid_rounds=1, joint_rounds=0, teacher=TEACHER, init="uniform")
+    cfg = Ld3Config(n_train=4, n_valid=4, grid_rounds=1, joint_rounds=0, teacher=TEACHER, init="uniform", check_pairs=4)
     s = optimize("ld3", model, EULER, 3, cfg)
     rep = s.method.config["report"]
     assert s.method.objective["final"] == pytest.approx(rep["validation_rmse"] ** 2, rel=1e-9)
@@ -142,7 +142,7 @@ def test_cli_prompt_file_works_for_every_optimizer(tmp_path_factory: pytest.Temp
     options = {
         "trust-region": ["--set", "maxiter=30", "--set", "multistart=false"],
         "ld3": ["--set", "n_train=4", "--set", "n_valid=4", "--set", "grid_rounds=1", "--set", "joint_rounds=0",
-                "--set", "init=uniform", *teacher],
+                "--set", "init=uniform", "--set", "check_pairs=4", *teacher],
         "ays": ["--set", f"data={tmp / 'z.npz'}", "--set", "samples=8", "--set", "candidates=3",
                 "--set", "max_sweeps=1", "--set", "val_noises=4", "--set", "klub_samples=0",
                 "--set", "hierarchy=false", *teacher],

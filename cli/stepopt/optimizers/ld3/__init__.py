@@ -55,6 +55,23 @@ joint_rounds`` passes over the training pairs or when the learning rate has sat 
 ``min_lr_patience`` times. The validated start is a candidate, so the result is never worse than
 the start on the validation pairs.
 
+**keep_best** (an extension beyond the paper). The pairs that train and choose the grid can be too
+few to see what it costs: on a network a few percent of the noises end on another mode (a digit of
+``builtin:unet-digits``) than the teacher's, the squared error of those seeds is a large share of the
+mean, and which seeds switch changes discontinuously with the grid. The per-pair gradient does not
+see a seed cross that boundary (only one already across it), and 50 validation pairs hold about one
+such seed, so a grid that switches more seeds can look much better on the validation pairs and be
+worse on the population (README: "LD3 on a network's tail"). After training, ``keep_best`` therefore
+scores the learned grid, its start and every baseline start on ``check_pairs`` teacher pairs that
+took no part in training or validation (seeds ``data_seed + n_train + n_valid + i``; teacher cached
+per seed like the others, so every solver and NFE of a model shares it) and returns the one with the
+lowest mean distance (``lowest``; the learned grid wins ties), or replaces the learned grid only when
+a paired bootstrap puts a candidate's relative change entirely below 0 (``significant``, the rule of
+gits / oss), or returns the learned grid (``off``, the paper). ``report.keep_best`` records the rule,
+the pairs, every candidate's mean and the decision; with a replaced grid ``objective.final`` is the
+returned grid's validation loss (which may then lie above ``initial``). The training itself is
+unchanged, so a resumed run may change these two options.
+
 The relaxed-noise rate ``lr_noise`` decays (x ``noise_lr_decay``) after a round in which no noise
 moved: by default no training pair's relaxed noise was accepted (``noise_lr_rule: accepted``); the
 reference trainer instead relaxes each validation pair's noise by one step after the round, the grid

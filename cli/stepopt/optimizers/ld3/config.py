@@ -9,8 +9,10 @@ from typing import Any, ClassVar, Literal
 from stepopt.teacher import TeacherConfig
 
 BASELINE_STARTS = ("logsnr", "edm", "time-uniform", "time-quadratic", "kl-optimal")
-# Config keys that do not change the trajectory of a run: a resumed run may change them.
-RESUMABLE_CHANGES = ("max_iterations", "checkpoint")
+# Config keys that do not change the trajectory of a run: a resumed run may change them (keep_best and
+# check_pairs act after training).
+RESUMABLE_CHANGES = ("max_iterations", "checkpoint", "keep_best", "check_pairs")
+KEEP_BEST_RULES = ("lowest", "significant", "off")
 
 # The teachers of the LD3 reference code (github.com/vinhsuhi/LD3): scripts/gen_data.sh and its
 # configs/*.yml generate the training pairs of CIFAR-10 / AFHQv2 / FFHQ and of the LSUN / ImageNet
@@ -29,7 +31,7 @@ class Ld3Config:
 
     preset: ``stepopt`` (the defaults below), ``paper`` (the paper's teacher for pixel-space and
        unconditional latent models -- UniPC order 3, 20 steps, EDM rho=7 grid -- its LPIPS loss, its
-       uniform start and the reference trainer's ``noise_lr_rule``), ``paper-sd`` (the same with the
+       uniform start, the reference trainer's ``noise_lr_rule`` and no ``keep_best``), ``paper-sd`` (the same with the
        reference's Stable Diffusion teacher -- UniPC order 2, 6 steps, time-uniform -- and its
        Stable Diffusion sizes: 25 + 25 pairs, batch 1, 2 + 3 rounds). A preset is
        applied when the options are resolved (:func:`stepopt.config.resolve_config`: configs,
@@ -66,18 +68,34 @@ class Ld3Config:
        noise with the grid fixed, kept where it lowers that pair's loss; decay when none moved.
        Those validation noises serve only this signal: validation still scores the original noise).
     max_iterations: stop after this many iterations (a budget; a resumed run may raise it).
+    keep_best: after training, the learned grid is compared with its start and every baseline start
+       (:meth:`Trainer.start_grids`) by the mean distance to the teacher on the check pairs: ``lowest``
+       (default): the lowest mean is returned (the learned grid wins ties); ``significant``: a baseline
+       replaces the learned grid only when :func:`stepopt.stats.paired_bootstrap` puts its relative
+       change entirely below 0 (as gits / oss); ``off``: the learned grid. ``true`` / ``false`` read as
+       ``lowest`` / ``off``. An extension beyond the paper (README: "LD3 on a network's tail").
+    check_pairs: the teacher pairs keep_best decides on, separate from training and validation
+       (seeds ``data_seed + n_train + n_valid + i``; their teacher is cached like the others); 0: the
+       validation pairs, which chose the learned grid among the iterates and so favour it.
     checkpoint: recompute each network call in the backward (auto: for non-analytic models).
     teacher: the many-step teacher for networks (analytic models use the exact ODE).
     """
 
     PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "stepopt": {},
-        "paper": {"loss": "lpips", "init": "uniform", "noise_lr_rule": "reference", "teacher": PAPER_TEACHER},
+        "paper": {
+            "loss": "lpips",
+            "init": "uniform",
+            "noise_lr_rule": "reference",
+            "teacher": PAPER_TEACHER,
+            "keep_best": "off",
+        },
         "paper-sd": {
             "loss": "lpips",
             "init": "uniform",
             "noise_lr_rule": "reference",
             "teacher": PAPER_SD_TEACHER,
+            "keep_best": "off",
             **PAPER_SD_SIZES,
         },
     }
@@ -116,6 +134,8 @@ class Ld3Config:
     noise_lr_decay: float = 0.5
     noise_lr_rule: Literal["accepted", "reference"] = "accepted"
     max_iterations: int | None = None
+    keep_best: bool | Literal["lowest", "significant", "off"] = "lowest"
+    check_pairs: int = 2048
     checkpoint: bool | Literal["auto"] = "auto"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
@@ -143,6 +163,14 @@ class Ld3Config:
         ]
 
     def __post_init__(self) -> None:
+        if isinstance(self.keep_best, bool):
+            object.__setattr__(self, "keep_best", "lowest" if self.keep_best else "off")
+        if self.keep_best not in KEEP_BEST_RULES:
+            raise ValueError(
+                f"keep_best must be one of {', '.join(KEEP_BEST_RULES)} (or true/false), got {self.keep_best!r}"
+            )
+        if isinstance(self.check_pairs, bool) or not isinstance(self.check_pairs, int) or self.check_pairs < 0:
+            raise ValueError(f"check_pairs must be an integer >= 0, got {self.check_pairs!r}")
         if self.last_node not in ("free", "sigma_min"):
             raise ValueError(f"last_node must be 'free' or 'sigma_min', got {self.last_node!r}")
         if self.n_train < 1 or self.n_valid < 1:

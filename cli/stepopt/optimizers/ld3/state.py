@@ -54,6 +54,8 @@ class Ld3State:
     init: str = ""  # the start: uniform, a baseline kind, or the --init schedule
     starts: dict[str, float] = field(default_factory=dict)  # validation loss of each candidate start
     noise_valid: torch.Tensor | None = None  # relaxed noises of the validation pairs (noise_lr_rule: reference)
+    start_theta: torch.Tensor | None = None  # the start grid's parameters (keep_best's candidate; None in older files)
+    start_xi: torch.Tensor | None = None
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically: a crash or Ctrl-C leaves the previous state file intact."""

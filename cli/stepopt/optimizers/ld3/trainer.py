@@ -311,6 +311,8 @@ class Trainer:
             init=init,
             starts=starts,
             noise_valid=self.eps_valid.clone() if self.cfg.noise_lr_rule == "reference" else None,
+            start_theta=theta.clone(),
+            start_xi=xi.clone(),
         )
         return st
 
@@ -329,7 +331,7 @@ class Trainer:
             if state_path is None:
                 raise StepoptError("ld3: resume needs a state file path")
             st = Ld3State.load(state_path, key)
-            for name in ("theta", "xi", "best_theta", "best_xi", "noise", "noise_valid"):
+            for name in ("theta", "xi", "best_theta", "best_xi", "noise", "noise_valid", "start_theta", "start_xi"):
                 if getattr(st, name) is not None:
                     setattr(st, name, getattr(st, name).to(device=self.device, dtype=torch.float64))
             ctx.report("log", message=f"ld3: resuming at iteration {st.iteration} (round {st.round + 1})")
@@ -347,6 +349,12 @@ class Trainer:
             model_sigmas = None
         if any(not b < a for a, b in itertools.pairwise(sigmas)):
             raise StepoptError(f"ld3: the learned grid is not strictly decreasing: {sigmas}")
+        objective = {"name": f"ld3-validation-{cfg.loss}", "initial": st.initial_value, "final": st.best_value}
+        kept: dict[str, Any] | None = None
+        if cfg.keep_best != "off":
+            sigmas, model_sigmas, kept = self.keep_best(st, sigmas, model_sigmas)
+            if kept["kept"] != "ld3":
+                objective["final"] = float(self.pair_losses(self.validator, sigmas, model_sigmas).mean())
         report = {
             "space": self.space.kind,
             "last_node": "free" if self.free_end else "sigma_min",
@@ -371,8 +379,82 @@ class Trainer:
             "seconds_teacher": round(self.teacher_seconds, 4),
             "seconds_training": round(st.seconds, 4),
         }
-        objective = {"name": f"ld3-validation-{cfg.loss}", "initial": st.initial_value, "final": st.best_value}
+        if kept is not None:
+            report["keep_best"] = kept
         return OptimizeResult(sigmas=sigmas, objective=objective, model_sigmas=model_sigmas, report=report)
+
+    # -- keep_best ------------------------------------------------------------------------------
+    def pair_losses(self, validator: GridValidator, sigmas: Any, model_sigmas: Any = None) -> np.ndarray:
+        """The distance to the teacher of each of ``validator``'s pairs, the model run as it samples."""
+        out = validator.outputs(sigmas, model_sigmas)
+        per = []
+        bs = self.cfg.valid_batch_size
+        with torch.no_grad():
+            for a in range(0, out.shape[0], bs):
+                per.append(self.distance(out[a : a + bs], validator.targets[a : a + bs]).detach())
+        return torch.cat(per).to(torch.float64).cpu().numpy()
+
+    def check_validator(self) -> tuple[GridValidator, str]:
+        """The pairs keep_best decides on (``check_pairs`` separate ones, or the validation pairs)."""
+        cfg = self.cfg
+        if cfg.check_pairs == 0:
+            first = cfg.data_seed + cfg.n_train
+            return self.validator, f"{first}..{first + cfg.n_valid - 1} (the validation pairs)"
+        first = cfg.data_seed + cfg.n_train + cfg.n_valid
+        t0 = time.perf_counter()
+        v = GridValidator(
+            self.model,
+            self.ctx.solver,
+            range(first, first + cfg.check_pairs),
+            cfg.teacher,
+            final_step=self.ctx.final_step,
+            batch_size=cfg.valid_batch_size,
+            device=self.device,
+        )
+        self.teacher_seconds += time.perf_counter() - t0
+        return v, f"{first}..{first + cfg.check_pairs - 1}"
+
+    def keep_best(
+        self, st: Ld3State, sigmas: list[float], model_sigmas: list[float] | None
+    ) -> tuple[list[float], list[float] | None, dict[str, Any]]:
+        """The learned grid, or its start or a baseline start, by ``keep_best`` on the check pairs.
+
+        The candidates: the learned grid ("ld3"), the start (when it is not one of the baselines: uniform,
+        trust-region, an --init schedule) and every grid of :meth:`start_grids`; the decision is
+        :func:`stepopt.optimizers.dp.keep_best_decision` on the per-pair distances.
+        """
+        from stepopt.optimizers.dp import keep_best_decision
+
+        t0 = time.perf_counter()
+        v, seeds = self.check_validator()
+        grids: dict[str, tuple[list[float], list[float] | None]] = {"ld3": (sigmas, model_sigmas)}
+        base = self.start_grids()
+        if st.start_theta is not None and st.init not in base:
+            xs = st.start_xi if self.cfg.decouple else None
+            sig, msig = ld3_grid(st.start_theta, xs, self.space, self.cfg.window, self.free_end)
+            s_list = [float(x) for x in sig.detach().cpu()]
+            m_list = None if msig is None else [float(x) for x in msig.detach().cpu()]
+            grids[f"start ({st.init})"] = (s_list, None if m_list == s_list else m_list)
+        for kind, grid in base.items():
+            grids[kind] = (grid, None)
+        evals0 = v.evals
+        errors = {k: self.pair_losses(v, g, m) for k, (g, m) in grids.items()}
+        errors = {k: np.where(np.isfinite(e), e, np.inf) for k, e in errors.items()}
+        info = keep_best_decision(errors, str(self.cfg.keep_best), own="ld3")
+        info["pairs"] = int(v.x_t.shape[0])
+        info["seeds"] = seeds
+        info["loss_on_pairs"] = {k: float(np.mean(e)) for k, e in errors.items()}
+        info["network_evals"] = v.evals - evals0
+        info["seconds"] = round(time.perf_counter() - t0, 4)
+        if info["kept"] != "ld3":
+            iv = info.get("interval")
+            why = f" ({100 * iv['change']:+.1f} % [{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}])" if iv else ""
+            self.ctx.report(
+                "log",
+                message=f"ld3: {info['kept']} beats the learned grid on the {info['pairs']} check pairs{why}; kept it",
+            )
+        out_s, out_m = grids[info["kept"]]
+        return list(out_s), out_m, info
 
     def train(self, st: Ld3State, state_path: Path | None) -> None:
         ctx, cfg = self.ctx, self.cfg
