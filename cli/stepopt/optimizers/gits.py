@@ -130,8 +130,9 @@ class GITSConfig(DPConfig):
             out.append(f"metric: {self.metric} (the reference code's default; stepopt's default: l2)")
         if self.keep_best != "off":
             out.append(
-                f"keep_best: {self.keep_best}: the DP's grid is compared with every baseline and one that beats it"
-                " kept (paper: none)"
+                f"keep_best: {self.keep_best}: the DP's grid is compared with every baseline on"
+                f" {self.check_trajectories or 'its own'} {'fresh ' if self.check_trajectories else ''}trajectories"
+                " and one that beats it kept (paper: none)"
             )
         if self.coeff != 1.0:
             out.append(f"coeff: {self.coeff} (paper: 1, the plain sum; the reference code's 1.15)")
