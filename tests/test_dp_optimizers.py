@@ -404,7 +404,7 @@ def test_oss_refuses_a_solver_that_skips_grid_points(gmm: GaussianMixture) -> No
 
 def test_gits_with_pfdiff(gmm: GaussianMixture) -> None:
     ident = get_solver("pfdiff-euler").identity()
-    s = optimize("gits", gmm, ident, 3, GITSConfig(candidates=9, trajectories=4))
+    s = optimize("gits", gmm, ident, 3, GITSConfig(candidates=9, trajectories=4, check_trajectories=64))
     assert len(s.sigmas) == 6  # NFE 3 with K = 1: 2 * 3 - 1 = 5 steps
 
 

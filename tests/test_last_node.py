@@ -202,16 +202,16 @@ def test_oss_with_a_final_denoise_against_exhaustive_search(flow: object, solver
 @pytest.mark.parametrize("name", ["gits", "oss"])
 def test_dp_optimizers_free_the_last_node(flow: object, exact_flow: GridValidator, name: str) -> None:
     """Default options: the last node is a candidate above sigma_min, NFE exact, never worse than
-    flow-default on the optimizer's own trajectories unless keep_best found no significant difference
-    (keep_best compares with it)."""
+    flow-default on keep_best's check trajectories (keep_best compares with it; 128 fresh ones here, the
+    default's 1024 exact-ODE flow trajectories cost 40 s)."""
     ident = get_solver("dpmpp-2m").identity()
-    cfg = (GITSConfig if name == "gits" else OSSConfig)(candidates=24, trajectories=32)
+    cfg = (GITSConfig if name == "gits" else OSSConfig)(candidates=24, trajectories=32, check_trajectories=128)
     s = optimize(name, flow, ident, 5, cfg, final_step="denoise")  # type: ignore[arg-type]
     rep = s.method.config["report"]
     assert rep["last_node"] == "free" and s.nfe == 5 and s.sigmas[-1] > flow.sigma_min  # type: ignore[attr-defined]
     kb = rep["keep_best"]
     scores = kb["rmse_on_trajectories"]
-    assert "flow-default" in scores and (scores[kb["kept"]] <= scores["flow-default"] or kb["interval"]["high"] >= 0)
+    assert "flow-default" in scores and scores[kb["kept"]] <= scores["flow-default"] and kb["trajectories"] == 128
     pinned = optimize(name, flow, ident, 5, replace(cfg, last_node="sigma_min"), final_step="denoise")  # type: ignore[arg-type]
     assert pinned.sigmas[-1] == flow.sigma_min  # type: ignore[attr-defined]
 
