@@ -359,18 +359,18 @@ class MLPDenoiser(DiffusionModel):
 
     parameterization = "x0"
 
-    def __init__(self) -> None:
+    def __init__(self, side: int = 4) -> None:
         from stepopt.frames import EDM
 
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(17, 512),
+            torch.nn.Linear(side * side + 1, 512),
             torch.nn.SiLU(),
             torch.nn.Linear(512, 512),
             torch.nn.SiLU(),
-            torch.nn.Linear(512, 16),
+            torch.nn.Linear(512, side * side),
         ).double()
-        self.frame, self.shape, self.id = EDM(), (1, 4, 4), "test:mlp"
+        self.frame, self.shape, self.id = EDM(), (1, side, side), f"test:mlp{side}"
         self.sigma_min, self.sigma_max, self.dtype = 0.002, 80.0, torch.float64
 
     @property
@@ -416,10 +416,30 @@ def test_checkpointing_keeps_gradients_and_bounds_memory() -> None:
     assert per_call_ckpt < per_call_plain / 4
 
 
-def test_networks_are_checkpointed_by_default(tmp_path: Path) -> None:
-    s = run_ld3(MLPDenoiser(), max_iterations=1, teacher=TeacherConfig(steps=8), n_train=2, n_valid=2)
-    assert s.method.config["report"]["checkpoint"] is True
+@pytest.mark.parametrize(("side", "expected"), [(4, False), (32, True)])
+def test_networks_with_large_samples_are_checkpointed_by_default(side: int, expected: bool) -> None:
+    """checkpoint: auto recomputes the calls of networks whose samples have >= 1024 elements (32x32 here);
+    a 4x4 sample's activations are tiny, so recomputing them would only cost time."""
+    s = run_ld3(MLPDenoiser(side), max_iterations=1, teacher=TeacherConfig(steps=8), n_train=2, n_valid=2)
+    assert s.method.config["report"]["checkpoint"] is expected
     assert s.method.config["report"]["teacher"]["steps"] == 8
+
+
+def test_check_batch_size_auto_and_validation() -> None:
+    from stepopt.optimizers.ld3.trainer import Trainer
+
+    tr = Trainer.__new__(Trainer)
+    for side, valid, want in [(4, 50, 512), (8, 50, 512), (16, 50, 128), (32, 50, 50), (32, 8, 32), (4, 600, 600)]:
+        tr.model, tr.cfg, tr.dim = MLPDenoiser(side), Ld3Config(valid_batch_size=valid), side * side
+        assert tr.check_batch_size() == want, (side, valid)
+    tr.cfg = Ld3Config(check_batch_size=7)
+    assert tr.check_batch_size() == 7
+    tr.model = IsotropicGaussian(torch.zeros(1, 4, 4, dtype=torch.float64), c=0.5)  # analytic: unchanged
+    tr.cfg = Ld3Config(valid_batch_size=50)
+    assert tr.check_batch_size() == 50
+    for bad in (0, -3, True, "big"):
+        with pytest.raises(ValueError, match="check_batch_size"):
+            Ld3Config(check_batch_size=bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.gpu

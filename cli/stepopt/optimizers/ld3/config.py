@@ -11,7 +11,7 @@ from stepopt.teacher import TeacherConfig
 BASELINE_STARTS = ("logsnr", "edm", "time-uniform", "time-quadratic", "kl-optimal")
 # Config keys that do not change the trajectory of a run: a resumed run may change them (keep_best and
 # check_pairs act after training).
-RESUMABLE_CHANGES = ("max_iterations", "checkpoint", "keep_best", "check_pairs")
+RESUMABLE_CHANGES = ("max_iterations", "checkpoint", "keep_best", "check_pairs", "check_batch_size")
 KEEP_BEST_RULES = ("lowest", "significant", "off")
 
 # The teachers of the LD3 reference code (github.com/vinhsuhi/LD3): scripts/gen_data.sh and its
@@ -77,7 +77,15 @@ class Ld3Config:
     check_pairs: the teacher pairs keep_best decides on, separate from training and validation
        (seeds ``data_seed + n_train + n_valid + i``; their teacher is cached like the others); 0: the
        validation pairs, which chose the learned grid among the iterates and so favour it.
-    checkpoint: recompute each network call in the backward (auto: for non-analytic models).
+    check_batch_size: pairs per forward in the keep_best check and in every teacher computation
+       (``auto``: ``valid_batch_size``, raised to ``min(512, 32768 // D)`` for networks whose samples
+       have D elements -- not for analytic models, whose exact ODE integrates a batch as one system;
+       results do not depend on it beyond float rounding). A network's throughput on CPU grows with
+       the batch: unet-digits' Heun teacher runs 2.3x faster at 512 than at 50.
+    checkpoint: recompute each network call in the backward (``auto``: for networks whose samples
+       have at least 1024 elements -- images from 32x32 up, latents; below that the activations of
+       N calls at ``batch_size`` take a few megabytes and recomputing them only costs time:
+       unet-digits dpmpp-3m NFE 5 trains in 54 s instead of 73-97 s).
     teacher: the many-step teacher for networks (analytic models use the exact ODE).
     """
 
@@ -136,6 +144,7 @@ class Ld3Config:
     max_iterations: int | None = None
     keep_best: bool | Literal["lowest", "significant", "off"] = "lowest"
     check_pairs: int = 2048
+    check_batch_size: int | Literal["auto"] = "auto"
     checkpoint: bool | Literal["auto"] = "auto"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
@@ -175,6 +184,9 @@ class Ld3Config:
             raise ValueError(f"last_node must be 'free' or 'sigma_min', got {self.last_node!r}")
         if self.n_train < 1 or self.n_valid < 1:
             raise ValueError("n_train and n_valid must be >= 1")
+        cbs = self.check_batch_size
+        if cbs != "auto" and (isinstance(cbs, bool) or not isinstance(cbs, int) or cbs < 1):
+            raise ValueError(f"check_batch_size must be 'auto' or an integer >= 1, got {cbs!r}")
         if self.batch_size < 1 or self.valid_batch_size < 1:
             raise ValueError("batch_size and valid_batch_size must be >= 1")
         if not 0 < self.window <= 0.5:

@@ -63,6 +63,10 @@ def run_key(ctx: OptimizeContext, cfg: Ld3Config) -> dict[str, Any]:
     }
 
 
+# checkpoint: auto recomputes the network calls of samples with at least this many elements.
+CHECKPOINT_MIN_DIM = 1024
+
+
 class Trainer:
     """One LD3 run: teacher pairs, the student forward, validation and the parameter updates."""
 
@@ -79,7 +83,10 @@ class Trainer:
         auto_xi = (0.1 if self.space.kind == "lam" else 0.001) / self.n
         self.lr_xi = auto_xi if cfg.lr_xi == "auto" else float(cfg.lr_xi)
         self.lr_noise0 = 12.0 / self.n if cfg.lr_noise == "auto" else float(cfg.lr_noise)
-        use_ckpt = not isinstance(self.model, AnalyticModel) if cfg.checkpoint == "auto" else bool(cfg.checkpoint)
+        if cfg.checkpoint == "auto":
+            use_ckpt = not isinstance(self.model, AnalyticModel) and self.dim >= CHECKPOINT_MIN_DIM
+        else:
+            use_ckpt = bool(cfg.checkpoint)
         self.checkpointed = use_ckpt
         # Training backpropagates through the network's time: models trained at integer timesteps
         # train through their fractional-timestep twin; validation runs the model as it samples.
@@ -123,11 +130,12 @@ class Trainer:
             seeds,
             cfg.teacher,
             final_step=self.ctx.final_step,
-            batch_size=cfg.valid_batch_size,
+            batch_size=self.check_batch_size(),  # the teacher's batches; validation keeps valid_batch_size
             device=self.device,
         )
         self.teacher_seconds = time.perf_counter() - t0
         self.validator = pairs.subset(cfg.n_train, len(seeds))
+        self.validator.batch_size = cfg.valid_batch_size
         eps = unit_noise(self.model.shape, seeds).to(self.device)
         self.eps_train, self.eps_valid = eps[: cfg.n_train], eps[cfg.n_train :]
         self.y_train, self.y_valid = pairs.targets[: cfg.n_train], pairs.targets[cfg.n_train :]
@@ -408,11 +416,20 @@ class Trainer:
             range(first, first + cfg.check_pairs),
             cfg.teacher,
             final_step=self.ctx.final_step,
-            batch_size=cfg.valid_batch_size,
+            batch_size=self.check_batch_size(),
             device=self.device,
         )
         self.teacher_seconds += time.perf_counter() - t0
         return v, f"{first}..{first + cfg.check_pairs - 1}"
+
+    def check_batch_size(self) -> int:
+        """Pairs per forward in the check (``check_batch_size``; see :class:`Ld3Config`)."""
+        cfg = self.cfg
+        if cfg.check_batch_size != "auto":
+            return int(cfg.check_batch_size)
+        if isinstance(self.model, AnalyticModel):  # its exact ODE integrates each batch as one system
+            return cfg.valid_batch_size
+        return max(cfg.valid_batch_size, min(512, 32768 // max(self.dim, 1)))
 
     def keep_best(
         self, st: Ld3State, sigmas: list[float], model_sigmas: list[float] | None
