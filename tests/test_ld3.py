@@ -517,3 +517,32 @@ def test_ld3_beats_its_start_the_baselines_and_trust_region_on_held_out_noise(gm
     assert e_ld3 < 0.5 * base["logsnr"], (e_ld3, base)
     assert e_ld3 < min(base.values()), (e_ld3, base)
     assert e_ld3 < e_tr, (e_ld3, e_tr)
+
+
+def test_teacher_computation_is_logged_once_per_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first run says that it computes the teacher (a cold run on a network spends minutes there);
+    a second run on the same model finds every pair cached and says nothing about it."""
+    monkeypatch.setenv("STEPOPT_CACHE_DIR", str(tmp_path / "cache"))
+
+    def logs() -> list[str]:
+        out: list[str] = []
+        run_ld3(
+            MLPDenoiser(),
+            max_iterations=1,
+            teacher=TeacherConfig(steps=8),
+            n_train=2,
+            n_valid=2,
+            keep_best="lowest",
+            check_pairs=6,
+            progress=lambda event, data: out.append(str(data.get("message"))) if event == "log" else None,
+        )
+        return [m for m in out if "teacher" in m]
+
+    first = logs()
+    assert first[0] == (
+        "ld3: computing the teacher (heun, 8 steps) of 4 of the 4 training and validation pairs; "
+        "cached per seed, so once per model"
+    )
+    assert any(m.startswith("ld3: computing the teacher (heun, 8 steps) of 6 of the 6 keep_best's") for m in first)
+    assert any(m.startswith("ld3: keep_best's check pairs' teacher: 6/6 after") for m in first)
+    assert logs() == []

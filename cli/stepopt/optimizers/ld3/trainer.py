@@ -132,6 +132,7 @@ class Trainer:
             final_step=self.ctx.final_step,
             batch_size=self.check_batch_size(),  # the teacher's batches; validation keeps valid_batch_size
             device=self.device,
+            progress=self.teacher_progress("training and validation pairs"),
         )
         self.teacher_seconds = time.perf_counter() - t0
         self.validator = pairs.subset(cfg.n_train, len(seeds))
@@ -418,9 +419,36 @@ class Trainer:
             final_step=self.ctx.final_step,
             batch_size=self.check_batch_size(),
             device=self.device,
+            progress=self.teacher_progress("keep_best's check pairs"),
         )
         self.teacher_seconds += time.perf_counter() - t0
         return v, f"{first}..{first + cfg.check_pairs - 1}"
+
+    def teacher_progress(self, what: str) -> Callable[[int, int], None]:
+        """A teacher progress callback that logs only when outputs are computed (a first run on a model):
+        how many, then each quarter, then the time taken; cached seeds cost nothing and say nothing."""
+        t0 = time.perf_counter()
+        state = {"quarter": -1}
+
+        def cb(done: int, total: int) -> None:
+            if state["quarter"] < 0:
+                state["quarter"] = 4 * done // max(total, 1)
+                if done < total:
+                    t = self.cfg.teacher
+                    kind = "exact ODE" if isinstance(self.model, AnalyticModel) else f"{t.solver}, {t.steps} steps"
+                    self.ctx.report(
+                        "log",
+                        message=f"ld3: computing the teacher ({kind}) of {total - done} of the {total} {what}; "
+                        "cached per seed, so once per model",
+                    )
+                return
+            quarter = 4 * done // max(total, 1)
+            if quarter > state["quarter"]:
+                state["quarter"] = quarter
+                took = time.perf_counter() - t0
+                self.ctx.report("log", message=f"ld3: {what}' teacher: {done}/{total} after {took:.0f} s")
+
+        return cb
 
     def check_batch_size(self) -> int:
         """Pairs per forward in the check (``check_batch_size``; see :class:`Ld3Config`)."""
