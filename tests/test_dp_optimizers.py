@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -418,6 +419,27 @@ def test_dp_teacher_is_the_teacher_section_with_old_flat_keys() -> None:
     assert config_to_dict(GITSConfig())["teacher"] == TeacherConfig(steps=4, grid="logsnr").to_dict()
     with pytest.raises(ConfigError, match="teacher steps must be >= 1"):
         resolve_config(GITSConfig, None, ["teacher.steps=0"])
+
+
+def test_teacher_trajectories_log_only_what_they_compute(tmp_path: Path) -> None:
+    """A first run on a network says how many trajectories it computes (minutes on unet-digits) and
+    reports each quarter; once they are cached it says nothing."""
+    from stepopt.cache import TeacherCache
+
+    net = GaussianNet()
+    cfg = GITSConfig(candidates=5, trajectories=4, batch_size=1, teacher=TeacherConfig(solver="heun", steps=2))
+    cand = candidate_grid(net, cfg, 3)
+    store = TeacherCache(tmp_path)
+    first: list[str] = []
+    traj, _ = teacher_trajectories(net, cand, cfg, cache=store, log=first.append)
+    assert first[0] == (
+        "computing the teacher trajectories of 4 of the 4 seeds 3000000..3000003 (6 candidates, 20 evaluations "
+        "each; cached per seed, so once per model)"
+    )
+    assert [m.split(" after ")[0] for m in first[1:]] == [f"teacher trajectories: {k}/4" for k in (1, 2, 3, 4)]
+    again: list[str] = []
+    cached, _ = teacher_trajectories(net, cand, cfg, cache=store, log=again.append)
+    assert again == [] and torch.equal(cached, traj)
 
 
 def test_dp_network_teacher_runs_the_configured_solver_between_candidates() -> None:

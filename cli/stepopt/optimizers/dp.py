@@ -188,10 +188,12 @@ def teacher_trajectories(
     *,
     device: torch.device | str | None = None,
     cache: bool | TeacherCache = True,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``X`` of shape ``(P, M+1, *model.shape)``: the teacher's state at every candidate, per seed.
 
     ``X[:, 0]`` is the initial noise of seed ``data_seed + p`` at sigma_max. Cached per seed.
+    ``log`` hears, only when trajectories must be computed, how many and after each quarter.
     """
     t0 = time.perf_counter()
     seeds = list(range(cfg.data_seed, cfg.data_seed + cfg.trajectories))
@@ -207,12 +209,23 @@ def teacher_trajectories(
     for i, s in enumerate(seeds):
         if s in found:
             traj[i] = found[s].to(traj.device)
+    if todo and log is not None:
+        per = "exact ODE" if isinstance(model, AnalyticModel) else f"{(len(cand) - 1) * _teacher_nfe(cfg)} evaluations"
+        log(
+            f"computing the teacher trajectories of {len(todo)} of the {len(seeds)} seeds {seeds[0]}..{seeds[-1]} "
+            f"({len(cand)} candidates, {per} each; cached per seed, so once per model)"
+        )
+    quarter = 0
     for start in range(0, len(todo), cfg.batch_size):
         idx = todo[start : start + cfg.batch_size]
         t = _compute_trajectories(model, x_all[idx], cand, cfg, [seeds[i] for i in idx])
         traj[idx] = t.to(traj.dtype)
         if store is not None:
             store.store(key, [seeds[i] for i in idx], t)
+        done = start + len(idx)
+        if log is not None and 4 * done // len(todo) > quarter:
+            quarter = 4 * done // len(todo)
+            log(f"teacher trajectories: {done}/{len(todo)} after {time.perf_counter() - t0:.0f} s")
     info = {
         "seeds": f"{seeds[0]}..{seeds[-1]}",
         "teacher": "exact ODE"
@@ -667,7 +680,11 @@ def finish(
                 cfg, data_seed=cfg.data_seed + cfg.trajectories, trajectories=cfg.check_trajectories
             )
             cand = candidate_grid(ctx.model, cfg, ctx.n_steps)
-            ctraj, cinfo = teacher_trajectories(ctx.model, cand, ccfg, device=ctx.device)
+
+            def log(message: str) -> None:
+                ctx.report("log", message=f"{method} check: {message}")
+
+            ctraj, cinfo = teacher_trajectories(ctx.model, cand, ccfg, device=ctx.device, log=log)
             report["network_evals"]["check_teacher"] = cinfo["network_evals"]
             ccond = cond_for_seeds(ctx.model, list(range(ccfg.data_seed, ccfg.data_seed + ccfg.trajectories)))
             if target is not None:

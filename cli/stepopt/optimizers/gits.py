@@ -142,7 +142,9 @@ class GITSConfig(DPConfig):
 def run(ctx: OptimizeContext, cfg: GITSConfig) -> OptimizeResult:
     model, n = ctx.model, ctx.n_steps
     cand = candidate_grid(model, cfg, n)
-    traj, tinfo = teacher_trajectories(model, cand, cfg, device=ctx.device)
+    traj, tinfo = teacher_trajectories(
+        model, cand, cfg, device=ctx.device, log=lambda m: ctx.report("log", message=f"gits: {m}")
+    )
     ctx.report(
         "log",
         message=f"gits: {traj.shape[0]} teacher trajectories on {len(cand)} candidates ({tinfo['seconds']:.1f} s)",

@@ -76,7 +76,9 @@ def run(ctx: OptimizeContext, cfg: OSSConfig) -> OptimizeResult:
             "optimize the grid of its base solver, or use gits, ays or ld3"
         )
     cand = candidate_grid(model, cfg, n)
-    traj, tinfo = teacher_trajectories(model, cand, cfg, device=ctx.device)
+    traj, tinfo = teacher_trajectories(
+        model, cand, cfg, device=ctx.device, log=lambda m: ctx.report("log", message=f"oss: {m}")
+    )
     ctx.report(
         "log", message=f"oss: {traj.shape[0]} teacher trajectories on {len(cand)} candidates ({tinfo['seconds']:.1f} s)"
     )
