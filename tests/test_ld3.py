@@ -419,8 +419,17 @@ def test_checkpointing_keeps_gradients_and_bounds_memory() -> None:
 @pytest.mark.parametrize(("side", "expected"), [(4, False), (32, True)])
 def test_networks_with_large_samples_are_checkpointed_by_default(side: int, expected: bool) -> None:
     """checkpoint: auto recomputes the calls of networks whose samples have >= 1024 elements (32x32 here);
-    a 4x4 sample's activations are tiny, so recomputing them would only cost time."""
-    s = run_ld3(MLPDenoiser(side), max_iterations=1, teacher=TeacherConfig(steps=8), n_train=2, n_valid=2)
+    a 4x4 sample's activations are tiny, so recomputing them would only cost time, and its batch-2
+    forwards are too small for intra-op threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        s = run_ld3(MLPDenoiser(side), max_iterations=1, teacher=TeacherConfig(steps=8), n_train=2, n_valid=2)
+        # Small samples also train on one CPU thread (and the caller's thread count is restored).
+        assert s.method.config["report"]["training_threads"] == (2 if expected else 1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     assert s.method.config["report"]["checkpoint"] is expected
     assert s.method.config["report"]["teacher"]["steps"] == 8
 

@@ -102,8 +102,11 @@ measure trust-region ``select`` and AYS's stopping use.
 (activations recomputed in the backward), so memory does not grow with the NFE. ``auto`` does so for
 networks whose samples have at least 1024 elements; for smaller ones (unet-digits' 64) the activations
 of N calls on 2 pairs are a few megabytes and the recomputation only costs time (a third of the
-training). The keep_best check runs ``check_batch_size`` pairs per forward (``auto``: up to 512 for
-small samples), the one place where LD3 evaluates thousands of pairs.
+training); such small samples on the CPU also train on one thread (``report.training_threads``): a
+batch-2 forward is too small to share out, and the learned grid then does not depend on the
+machine's thread count. The teachers and the keep_best check run ``check_batch_size`` pairs per
+forward (``auto``: up to 512 for small samples) on every thread: there LD3 evaluates thousands of
+pairs.
 
 **Robustness**: with ``ctx.state_path`` the full training state (see
 :mod:`stepopt.optimizers.ld3.state`) is written atomically after each round and when training stops;
