@@ -22,6 +22,7 @@ shared out over the ranks by seed and gathered, so every rank holds what one pro
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 
 from stepopt import distributed
 from stepopt.baselines import baseline_sigmas
+from stepopt.batches import batch_workers, imap_batches, split_for_workers
 from stepopt.cache import TeacherCache
 from stepopt.errors import StepoptError
 from stepopt.models.base import AnalyticModel, DiffusionModel
@@ -154,9 +156,16 @@ def teacher_outputs(
 
     def compute(idx_share: list[int]) -> torch.Tensor:
         parts = []
-        for start in range(0, len(idx_share), batch_size):
-            idx = idx_share[start : start + batch_size]
-            y = _compute(model, x_all[idx], cfg, s_hi, s_lo, [seeds[i] for i in idx])
+        workers = batch_workers(model, x_all.device, len(idx_share))
+        size = split_for_workers(len(idx_share), batch_size, workers)
+        batches = [idx_share[start : start + size] for start in range(0, len(idx_share), size)]
+        workers = min(workers, len(batches))
+
+        def one(idx: list[int]) -> torch.Tensor:
+            return _compute(model, x_all[idx], cfg, s_hi, s_lo, [seeds[i] for i in idx])
+
+        start = 0
+        for idx, y in zip(batches, imap_batches(one, batches, workers), strict=True):
             if not bool(torch.isfinite(y).all()):
                 chunk = [seeds[i] for i in idx]
                 raise NonFiniteError(_non_finite_message(model, x_all[idx], y, cfg, s_hi, s_lo, chunk))
@@ -164,9 +173,9 @@ def teacher_outputs(
             if store is not None:  # under torchrun each rank caches the entries it computed
                 store.store(key, [seeds[i] for i in idx], y)
             parts.append(y)
+            start += len(idx)
             if progress is not None:  # this rank's share, scaled to the whole (rank 0 prints)
-                done = start + len(idx)
-                progress(done0 + done * len(todo) // max(len(idx_share), 1), len(seeds))
+                progress(done0 + start * len(todo) // max(len(idx_share), 1), len(seeds))
         return torch.cat(parts) if parts else x_all[:0].clone()
 
     if todo:  # under torchrun the missing seeds are shared out over the ranks
@@ -280,22 +289,25 @@ class GridValidator:
         counted = _Counting(denoiser or self.model)
         n = x_all.shape[0]
 
+        def one(ab: tuple[int, int]) -> torch.Tensor:
+            a, b = ab
+            with torch.no_grad():  # per batch: no_grad is per thread
+                return solve(
+                    solver,
+                    counted,
+                    x_all[a:b],
+                    grid,
+                    model_sigmas=model_sigmas,
+                    cond=slice_cond(self.cond, a, b, n),
+                    final_step=self.final_step,
+                )
+
         def run(rows: list[int]) -> torch.Tensor:
-            outs = []
-            with torch.no_grad():
-                for start in range(0, len(rows), self.batch_size):
-                    a, b = rows[start], rows[min(start + self.batch_size, len(rows)) - 1] + 1
-                    cond = slice_cond(self.cond, a, b, n)
-                    out = solve(
-                        solver,
-                        counted,
-                        x_all[a:b],
-                        grid,
-                        model_sigmas=model_sigmas,
-                        cond=cond,
-                        final_step=self.final_step,
-                    )
-                    outs.append(out)
+            # A caller's own denoiser (e.g. LD3's differentiable-time twin) is never run concurrently.
+            workers = batch_workers(self.model if denoiser is None else None, x_all.device, len(rows))
+            size = split_for_workers(len(rows), self.batch_size, workers)
+            spans = [(rows[i], rows[min(i + size, len(rows)) - 1] + 1) for i in range(0, len(rows), size)]
+            outs = list(imap_batches(one, spans, min(workers, len(spans))))
             return torch.cat(outs) if outs else x_all[:0].clone()
 
         out = distributed.map_rows(range(n), run).to(x_all.device)  # shared out under torchrun
@@ -371,12 +383,14 @@ class GridValidator:
 
 
 class _Counting:
-    """A denoiser wrapper that counts evaluated rows."""
+    """A denoiser wrapper that counts evaluated rows (thread-safe: batches may run concurrently)."""
 
     def __init__(self, net: Callable[..., torch.Tensor]) -> None:
         self.net = net
         self.evals = 0
+        self._lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
-        self.evals += x.shape[0]
+        with self._lock:
+            self.evals += x.shape[0]
         return self.net(x, sigma, **cond)

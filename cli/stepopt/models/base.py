@@ -63,6 +63,9 @@ class DiffusionModel(ABC):
     """A latent-space model (the state is an autoencoder's latent); optimizers whose defaults differ read it."""
     image_shape: tuple[int, ...] | None = None
     """The shape of one decoded image for a model with a decoder (:meth:`decode`); None without one."""
+    concurrent_batches: bool = False
+    """Its no-grad forward may run from several threads at once (a stateless network): on the CPU,
+    independent batches of teachers and validators then run side by side (:mod:`stepopt.batches`)."""
 
     @property
     def net_dtype(self) -> torch.dtype:

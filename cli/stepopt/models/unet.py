@@ -205,6 +205,7 @@ class UNetDigits(DiffusionModel):
     """A trained :class:`DigitsUNet` behind the denoiser contract."""
 
     parameterization = "edm"
+    concurrent_batches = True  # a plain module: no state changes in its forward
 
     def __init__(self, net: DigitsUNet, id: str = "builtin:unet-digits", training: dict[str, Any] | None = None):
         self.net = net.eval().requires_grad_(False)

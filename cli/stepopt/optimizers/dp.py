@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from stepopt.baselines import BASELINES, FLOW_BASELINES, baseline_sigmas, start_sigmas
+from stepopt.batches import batch_workers, imap_batches, split_for_workers
 from stepopt.cache import TeacherCache
 from stepopt.errors import StepoptError
 from stepopt.frames import Flow
@@ -215,14 +216,19 @@ def teacher_trajectories(
             f"computing the teacher trajectories of {len(todo)} of the {len(seeds)} seeds {seeds[0]}..{seeds[-1]} "
             f"({len(cand)} candidates, {per} each; cached per seed, so once per model)"
         )
-    quarter = 0
-    for start in range(0, len(todo), cfg.batch_size):
-        idx = todo[start : start + cfg.batch_size]
-        t = _compute_trajectories(model, x_all[idx], cand, cfg, [seeds[i] for i in idx])
+    quarter, done = 0, 0
+    workers = batch_workers(model, x_all.device, len(todo))  # a small network's batches side by side
+    size = split_for_workers(len(todo), cfg.batch_size, workers)
+    batches = [todo[start : start + size] for start in range(0, len(todo), size)]
+
+    def one(idx: list[int]) -> torch.Tensor:
+        return _compute_trajectories(model, x_all[idx], cand, cfg, [seeds[i] for i in idx])
+
+    for idx, t in zip(batches, imap_batches(one, batches, min(workers, len(batches))), strict=True):
         traj[idx] = t.to(traj.dtype)
         if store is not None:
             store.store(key, [seeds[i] for i in idx], t)
-        done = start + len(idx)
+        done += len(idx)
         if log is not None and 4 * done // len(todo) > quarter:
             quarter = 4 * done // len(todo)
             log(f"teacher trajectories: {done}/{len(todo)} after {time.perf_counter() - t0:.0f} s")
