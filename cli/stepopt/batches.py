@@ -1,9 +1,10 @@
 """Independent no-grad batches of a small network on the CPU, run side by side in Python threads.
 
 A forward of a few hundred small samples (``builtin:unet-digits``: 8x8) is too small for torch's
-intra-op threads to pay: on two cores a Heun teacher ran 2,779 evaluations/s with two intra-op threads
-and 4,246 with two Python threads each computing its own batch on one thread, the outputs equal bit
-for bit (torch releases the GIL inside its kernels). So where stepopt computes many independent
+intra-op threads to pay: on two cores a Heun teacher at 512 pairs per batch ran 3,052 evaluations/s
+with two intra-op threads and 4,285 with two Python threads each computing its own batch on one
+thread (at 256: 2,578 and 4,149), the outputs equal bit for bit (torch releases the GIL inside its
+kernels; ``scripts/bench_batches.py``). So where stepopt computes many independent
 batches without gradients -- teacher outputs, a validator scoring a grid -- it hands them to
 :func:`imap_batches`, which runs them concurrently when :func:`batch_workers` allows it:
 

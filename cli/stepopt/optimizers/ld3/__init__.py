@@ -103,10 +103,11 @@ measure trust-region ``select`` and AYS's stopping use.
 networks whose samples have at least 1024 elements; for smaller ones (unet-digits' 64) the activations
 of N calls on 2 pairs are a few megabytes and the recomputation only costs time (a third of the
 training); such small samples on the CPU also train on one thread (``report.training_threads``): a
-batch-2 forward is too small to share out, and the learned grid then does not depend on the
-machine's thread count. The teachers and the keep_best check run ``check_batch_size`` pairs per
-forward (``auto``: up to 512 for small samples) on every thread: there LD3 evaluates thousands of
-pairs.
+batch-2 forward is too small to share out. The teachers and the keep_best check run
+``check_batch_size`` pairs per forward (``auto``: up to 512 for small samples) on every thread, in
+batches side by side where the model allows it (:mod:`stepopt.batches`): there LD3 evaluates
+thousands of pairs. (A teacher's float sums can differ in the last bits between thread settings --
+how its pairs are batched -- and the learned grid with them.)
 
 **Robustness**: with ``ctx.state_path`` the full training state (see
 :mod:`stepopt.optimizers.ld3.state`) is written atomically after each round and when training stops;

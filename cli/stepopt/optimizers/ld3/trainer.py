@@ -436,8 +436,7 @@ class Trainer:
         """Whether the training loop runs on one CPU thread: a network's small samples on the CPU (below
         ``SMALL_SAMPLE`` elements), where a batch-2 forward is too small to share out and intra-op threads
         only add synchronisation (unet-digits, dpmpp-3m NFE 5: 39 s on one thread, 54 s on two). The
-        result then does not depend on the machine's thread count. The teacher and the keep_best
-        check keep every thread (batches of hundreds)."""
+        teachers and the keep_best check keep every thread (batches of hundreds)."""
         small = self.dim < SMALL_SAMPLE and not isinstance(self.model, AnalyticModel)
         return small and torch.device(self.device).type == "cpu"
 
