@@ -118,3 +118,24 @@ def test_dp_teacher_trajectories_concurrently_equal_the_serial_ones(two_threads:
     t1, i1 = teacher_trajectories(concurrent, cand, cfg, cache=False)
     assert torch.equal(t1, t0) and i1["network_evals"] == i0["network_evals"]
     assert len({name for name, _ in concurrent.calls}) == 2 and torch.get_num_threads() == 2
+
+
+def test_klub_batcher_chunks_run_side_by_side_with_the_serial_results(two_threads: None) -> None:
+    from stepopt.optimizers.klub import Batcher
+
+    torch.manual_seed(0)
+    x = torch.randn(12, 1, 8, 8, dtype=torch.float64) * 3
+    sigma = torch.exp(torch.randn(12, dtype=torch.float64))
+    results = {}
+    for flag, threads in ((False, 1), (True, 2)):
+        model = Recording(flag)
+        torch.set_num_threads(threads)
+        batcher, outs = Batcher(model, 3, torch.device("cpu")), []
+        for i in (0, 6):  # each query of 6 rows fills the batch: flushed as chunks of 3, serial or side by side
+            batcher.add(x[i : i + 6], sigma[i : i + 6], torch.arange(i, i + 6), outs.append)
+        batcher.flush()
+        results[flag] = torch.cat(outs)
+        assert batcher.evals == 12
+        assert (len({name for name, _ in model.calls}) == 2) is flag
+    assert torch.equal(results[True], results[False])
+    assert torch.get_num_threads() == 2

@@ -5,7 +5,8 @@ intra-op threads to pay: on two cores a Heun teacher at 512 pairs per batch ran 
 with two intra-op threads and 4,285 with two Python threads each computing its own batch on one
 thread (at 256: 2,578 and 4,149), the outputs equal bit for bit (torch releases the GIL inside its
 kernels; ``scripts/bench_batches.py``). So where stepopt computes many independent
-batches without gradients -- teacher outputs, a validator scoring a grid -- it hands them to
+batches without gradients -- teacher outputs and trajectories, a validator scoring a grid, AYS's
+KLUB rows -- it hands them to
 :func:`imap_batches`, which runs them concurrently when :func:`batch_workers` allows it:
 
 * the model says its forward may run from several threads at once (``concurrent_batches``: a plain

@@ -87,6 +87,7 @@ import numpy as np
 import torch
 
 from stepopt import distributed
+from stepopt.batches import batch_workers, imap_batches, split_for_workers
 from stepopt.models.base import DiffusionModel
 
 Mode = Literal["shared", "independent"]
@@ -227,13 +228,19 @@ class Batcher:
         xs = torch.cat([p[0] for p in pending])
         ss = torch.cat([p[1] for p in pending])
         rows = torch.cat([p[2] for p in pending]).tolist() if self.conditional else []
-        outs = []
-        with torch.no_grad():
-            for start in range(0, xs.shape[0], self.batch_size):
-                xb = xs[start : start + self.batch_size].to(self.model.dtype)
-                sb = ss[start : start + self.batch_size]
-                cond = self.model.cond_for_seeds(rows[start : start + self.batch_size]) if self.conditional else None
-                outs.append(self.model(xb, sb, **(cond or {})).to(torch.float64))
+        # A small network's chunks run side by side on the CPU (stepopt.batches), e.g. 512 rows as 2 x 256.
+        workers = batch_workers(self.model, self.device, xs.shape[0])
+        size = split_for_workers(xs.shape[0], self.batch_size, workers)
+        starts = list(range(0, xs.shape[0], size))
+
+        def one(start: int) -> torch.Tensor:
+            xb = xs[start : start + size].to(self.model.dtype)
+            sb = ss[start : start + size]
+            cond = self.model.cond_for_seeds(rows[start : start + size]) if self.conditional else None
+            with torch.no_grad():  # per chunk: no_grad is per thread
+                return self.model(xb, sb, **(cond or {})).to(torch.float64)
+
+        outs = list(imap_batches(one, starts, min(workers, len(starts))))
         self.evals += xs.shape[0]
         out = torch.cat(outs)
         pos = 0
