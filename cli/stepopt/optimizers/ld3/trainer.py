@@ -8,7 +8,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -337,27 +338,23 @@ class Trainer:
                 message=f"ld3: {self.model.id} cannot take a fractional timestep (learned embedding table): the grid "
                 "is trained through the input scaling only, not the network's time embedding",
             )
-        if ctx.resume:
-            if state_path is None:
-                raise StepoptError("ld3: resume needs a state file path")
-            st = Ld3State.load(state_path, key)
-            for name in ("theta", "xi", "best_theta", "best_xi", "noise", "noise_valid", "start_theta", "start_xi"):
-                if getattr(st, name) is not None:
-                    setattr(st, name, getattr(st, name).to(device=self.device, dtype=torch.float64))
-            ctx.report("log", message=f"ld3: resuming at iteration {st.iteration} (round {st.round + 1})")
-        else:
-            if state_path is not None and state_path.exists():
-                ctx.report(
-                    "log", message=f"ld3: starting afresh; overwriting '{state_path}' (use `resume` to continue)"
-                )
-            st = self.fresh_state(key)
-        threads = torch.get_num_threads()
-        if self.one_thread_training():
-            torch.set_num_threads(1)
-        try:
+        # Everything scored on the validation pairs runs as the training loop does (its threads).
+        with self.training_threads():
+            if ctx.resume:
+                if state_path is None:
+                    raise StepoptError("ld3: resume needs a state file path")
+                st = Ld3State.load(state_path, key)
+                for name in ("theta", "xi", "best_theta", "best_xi", "noise", "noise_valid", "start_theta", "start_xi"):
+                    if getattr(st, name) is not None:
+                        setattr(st, name, getattr(st, name).to(device=self.device, dtype=torch.float64))
+                ctx.report("log", message=f"ld3: resuming at iteration {st.iteration} (round {st.round + 1})")
+            else:
+                if state_path is not None and state_path.exists():
+                    ctx.report(
+                        "log", message=f"ld3: starting afresh; overwriting '{state_path}' (use `resume` to continue)"
+                    )
+                st = self.fresh_state(key)
             self.train(st, state_path)
-        finally:
-            torch.set_num_threads(threads)
         sig, msig = ld3_grid(st.best_theta, st.best_xi if cfg.decouple else None, self.space, cfg.window, self.free_end)
         sigmas = [float(v) for v in sig.detach().cpu()]
         model_sigmas = None if msig is None else [float(v) for v in msig.detach().cpu()]
@@ -370,7 +367,10 @@ class Trainer:
         if cfg.keep_best != "off":
             sigmas, model_sigmas, kept = self.keep_best(st, sigmas, model_sigmas)
             if kept["kept"] != "ld3":
-                objective["final"] = float(self.pair_losses(self.validator, sigmas, model_sigmas).mean())
+                with self.training_threads():
+                    objective["final"] = float(self.pair_losses(self.validator, sigmas, model_sigmas).mean())
+        with self.training_threads():
+            validation_rmse = self.validator.rmse(sigmas, model_sigmas)
         report = {
             "space": self.space.kind,
             "last_node": "free" if self.free_end else "sigma_min",
@@ -392,7 +392,7 @@ class Trainer:
             "time_gradient": self.model.time_gradient,
             "teacher": cfg.teacher.describe(self.model),
             "departures": cfg.departures(exact_teacher=isinstance(self.model, AnalyticModel)),
-            "validation_rmse": self.validator.rmse(sigmas, model_sigmas),
+            "validation_rmse": validation_rmse,
             "seconds_teacher": round(self.teacher_seconds, 4),
             "seconds_training": round(st.seconds, 4),
         }
@@ -431,6 +431,17 @@ class Trainer:
         )
         self.teacher_seconds += time.perf_counter() - t0
         return v, f"{first}..{first + cfg.check_pairs - 1}"
+
+    @contextmanager
+    def training_threads(self) -> Iterator[None]:
+        """One CPU thread while :meth:`one_thread_training` says so, torch's count restored after."""
+        threads = torch.get_num_threads()
+        if self.one_thread_training():
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     def one_thread_training(self) -> bool:
         """Whether the training loop runs on one CPU thread: a network's small samples on the CPU (below
