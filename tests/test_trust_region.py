@@ -639,6 +639,39 @@ def test_teacher_refine_beats_its_start_and_every_baseline_on_the_teacher(gmm):
     assert sched.method.objective["teacher_refine_rmse"] == pytest.approx(rep["rmse"])
 
 
+def test_refine_grid_keeps_its_progress_when_a_trial_point_is_not_finite(gmm, monkeypatch):
+    """A long L-BFGS trial step can collapse gaps until the solver overflows (measured: dpmpp-3m NFE 10
+    on 4096 gmm-digits noises, RMSE 0.0285 -> NaN, and the refinement returned its start, 0.0455).
+    Here every gradient evaluation after the fourth is NaN: the best iterate before it is returned,
+    the NaN points are counted, and the grid is still increasing with the start's endpoints."""
+    from stepopt.optimizers.trust_region import refine
+
+    val = GridValidator(gmm, DPM3, range(10_000, 10_016))
+    lam0 = -np.log(np.asarray(baseline_sigmas("time-uniform", 10, gmm.sigma_max, gmm.sigma_min, gmm.frame)))
+    _, clean_rep = refine.refine_grid(val, lam0, 30)
+    assert clean_rep["non_finite"] == 0 and clean_rep["accepted"]
+
+    calls = [0]
+    real_solve = refine.solve
+
+    def flaky(*args, **kwargs):
+        out = real_solve(*args, **kwargs)
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] > 4:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(refine, "solve", flaky)
+    lam, rep = refine.refine_grid(val, lam0, 30)
+    assert rep["non_finite"] >= 1 and rep["accepted"], rep
+    assert rep["rmse"] < rep["rmse_start"] and np.all(np.isfinite(lam)) and np.all(np.diff(lam) > 0)
+    assert lam[0] == lam0[0] and lam[-1] == lam0[-1]
+    assert val.rmse(np.exp(-lam)) == pytest.approx(rep["rmse"], rel=1e-9)
+    # only four gradient evaluations were usable: less progress than the clean run's 30 iterations
+    assert rep["rmse"] >= clean_rep["rmse"]
+
+
 # -- acceptance on gmm-digits (exact ODE reference) ---------------------------------------------
 BASELINES = ("logsnr", "edm", "time-uniform", "time-quadratic", "kl-optimal")
 
