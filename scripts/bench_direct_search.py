@@ -21,7 +21,7 @@ everything on one large evaluation set (``--eval-n`` seeds from ``--eval-seed0``
 
 Every schedule is compared with the oracle seed by seed (relative RMSE change with a 95 % paired
 bootstrap interval, :mod:`stepopt.stats`). Prints a table and writes ``out/bench_direct_search.json``.
-The README's table is this script's defaults (about 80 minutes on one thread of a shared 2-core
+The README's table is this script's defaults (about 100 minutes on one thread of a shared 2-core
 machine: the exact-ODE teacher for 8192 + 8192 seeds 4 minutes, each search on 8192 seeds 5-6):
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_direct_search.py --solver dpmpp-3m --nfe 10
@@ -81,7 +81,10 @@ def main() -> None:
         default=(
             "trust-region,trust-region:select=true,trust-region:teacher_refine=true,"
             "trust-region:teacher_refine=true;select_n=256,trust-region:teacher_refine=true;select_n=1024,"
-            "trust-region:teacher_refine=true;select_n=4096,trust-region:teacher_refine=true;select_n=8192,ld3,oss"
+            "trust-region:teacher_refine=true;select_n=4096,trust-region:teacher_refine=true;select_n=8192,"
+            "trust-region:teacher_refine=true;select_n=1024;refine_pool=32768;refine_starts=8;teacher_refine_iters=300,"
+            "trust-region:teacher_refine=true;select_n=2048;refine_pool=32768;refine_starts=2;teacher_refine_iters=300,"
+            "ld3,oss"
         ),
         help="stepopt optimizers to score, comma-separated, each name[:key=value;key=value...]",
     )

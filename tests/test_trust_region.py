@@ -639,6 +639,22 @@ def test_teacher_refine_beats_its_start_and_every_baseline_on_the_teacher(gmm):
     assert sched.method.objective["teacher_refine_rmse"] == pytest.approx(rep["rmse"])
 
 
+def test_teacher_refine_from_several_starts_keeps_the_lowest(gmm):
+    """refine_starts refines the best few start candidates and keeps the lowest result: never above
+    the single-start refinement on the same noises, each run reported."""
+    one = TrustRegionConfig(teacher_refine=True, teacher_refine_iters=15, select_n=8)
+    many = TrustRegionConfig(teacher_refine=True, teacher_refine_iters=15, select_n=8, refine_starts=3)
+    rep1 = optimize("trust-region", gmm, DPM3, 6, one).method.config["report"]["teacher_refine"]
+    sched = optimize("trust-region", gmm, DPM3, 6, many)
+    rep = sched.method.config["report"]["teacher_refine"]
+    cands = rep["start_candidates"]
+    assert list(rep["starts"]) == sorted(cands, key=cands.get)[:3]
+    assert rep["starts"][rep1["start"]]["rmse"] == pytest.approx(rep1["rmse"], rel=1e-12)
+    assert rep["rmse"] == min(r["rmse"] for r in rep["starts"].values()) <= rep1["rmse"]
+    assert rep["starts"][rep["start"]]["rmse"] == rep["rmse"]
+    assert GridValidator(gmm, DPM3, range(10_000, 10_008)).rmse(sched.sigmas) == pytest.approx(rep["rmse"], rel=1e-9)
+
+
 def test_refine_grid_keeps_its_progress_when_a_trial_point_is_not_finite(gmm, monkeypatch):
     """A long L-BFGS trial step can collapse gaps until the solver overflows (measured: dpmpp-3m NFE 10
     on 4096 gmm-digits noises, RMSE 0.0285 -> NaN, and the refinement returned its start, 0.0455).

@@ -200,6 +200,10 @@ class GridValidator:
     max of given outputs (``eval``'s ode-error), :meth:`loss` the mean of any per-sample distance
     (LD3). ``evals`` counts the network evaluations (rows) spent in :meth:`outputs`. ``progress``
     reports the teacher's work as in :func:`teacher_outputs`.
+
+    ``weights`` (one positive number per seed; default: all equal) make :meth:`rmse`, :meth:`loss`
+    and the teacher refinement weighted means over the seeds, e.g. the stratified noises of
+    :func:`stepopt.strata.stratified_seeds`; :meth:`squared_errors` stays per seed, unweighted.
     """
 
     def __init__(
@@ -216,10 +220,12 @@ class GridValidator:
         device: torch.device | str | None = None,
         cache: bool | TeacherCache = True,
         progress: Callable[[int, int], None] | None = None,
+        weights: Sequence[float] | np.ndarray | None = None,
     ) -> None:
         self.model = model
         self.solver = solver
         self.seeds = [int(s) for s in seeds]
+        self.weights = _mean_one(weights, len(self.seeds))
         self.teacher = teacher or TeacherConfig()
         self.final_step = final_step
         self.batch_size = int(batch_size)
@@ -254,6 +260,8 @@ class GridValidator:
         n = len(self.seeds)
         sub.seeds = self.seeds[start:stop]
         sub.x_t, sub.targets = self.x_t[start:stop], self.targets[start:stop]
+        if self.weights is not None:
+            sub.weights = _mean_one(self.weights[start:stop], len(sub.seeds))
         sub.cond = slice_cond(self.cond, start, stop, n)
         return sub
 
@@ -315,11 +323,17 @@ class GridValidator:
         return out
 
     def rmse(self, sigmas: torch.Tensor | Sequence[float] | np.ndarray, model_sigmas: Any = None) -> float:
-        """Root mean square of ``outputs - targets`` over every sample and coordinate (float64).
+        """Root mean square of ``outputs - targets`` over every sample and coordinate (float64; the
+        samples weighted by ``weights`` when given).
 
         Non-finite outputs (the model returned NaN/inf) are an error naming the seed and the step.
         """
-        return float(np.sqrt(self.squared_errors(sigmas, model_sigmas).mean()))
+        return float(np.sqrt(self.mean(self.squared_errors(sigmas, model_sigmas))))
+
+    def mean(self, per_seed: np.ndarray) -> float:
+        """The (weighted) mean over the seeds of per-seed values."""
+        per_seed = np.asarray(per_seed, dtype=np.float64)
+        return float(per_seed.mean() if self.weights is None else (self.weights * per_seed).mean())
 
     def squared_errors(
         self, sigmas: torch.Tensor | Sequence[float] | np.ndarray, model_sigmas: Any = None
@@ -367,8 +381,9 @@ class GridValidator:
         distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         run: Callable[[torch.Tensor, dict[str, Any] | None], torch.Tensor],
     ) -> float:
-        """Mean over the seeds of ``distance(run(x_t, cond), target)`` (per-sample values), batch by batch;
-        ``cond`` is the batch's rows of the seeds' conditioning (None for unconditional models)."""
+        """Mean over the seeds of ``distance(run(x_t, cond), target)`` (per-sample values; weighted by
+        ``weights`` when given), batch by batch; ``cond`` is the batch's rows of the seeds'
+        conditioning (None for unconditional models)."""
         n = self.x_t.shape[0]
         a, b = distributed.shard(n) if distributed.active() else (0, n)
         total = 0.0
@@ -376,10 +391,26 @@ class GridValidator:
             for start in range(a, b, self.batch_size):
                 stop = min(start + self.batch_size, b)
                 cond = slice_cond(self.cond, start, stop, n)
-                total += float(distance(run(self.x_t[start:stop], cond), self.targets[start:stop]).sum())
+                d = distance(run(self.x_t[start:stop], cond), self.targets[start:stop])
+                if self.weights is not None:
+                    d = d.to(torch.float64) * torch.as_tensor(self.weights[start:stop], device=d.device)
+                total += float(d.sum())
         if distributed.active():  # each rank's share of the seeds, summed in float64
             total = float(distributed.all_sum(torch.tensor(total, dtype=torch.float64)))
         return total / n
+
+
+def _mean_one(weights: Sequence[float] | np.ndarray | None, n: int) -> np.ndarray | None:
+    """Per-seed weights scaled to mean 1 (None: unweighted); a wrong length or a weight that is not
+    a finite positive number is an error."""
+    if weights is None:
+        return None
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.shape[0] != n:
+        raise ValueError(f"weights: {w.shape[0]} values for {n} seeds")
+    if not bool(np.all(np.isfinite(w) & (w > 0))):
+        raise ValueError("weights must be finite and > 0")
+    return w * (n / w.sum()) if n else w
 
 
 class _Counting:

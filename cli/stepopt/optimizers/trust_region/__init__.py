@@ -422,8 +422,7 @@ def run(ctx: OptimizeContext, cfg: TrustRegionConfig) -> OptimizeResult:
     objective = _objective(sol, resolved)
     sigmas = _sigmas(ctx, sol.lam)
     if cfg.teacher_refine:
-        validator = select_validator(ctx, cfg)
-        sigmas, refined = _teacher_refine(ctx, cfg, validator, {"trust-region": sigmas}, report)
+        sigmas, refined = _teacher_refine(ctx, cfg, None, {"trust-region": sigmas}, report)
         objective["teacher_refine_rmse"] = refined
     return OptimizeResult(sigmas=sigmas, objective=objective, report=report)
 
@@ -446,32 +445,50 @@ def _baseline_candidates(ctx: OptimizeContext) -> dict[str, list[float]]:
 def _teacher_refine(
     ctx: OptimizeContext,
     cfg: TrustRegionConfig,
-    validator: Any,
+    validator: Any | None,
     cands: dict[str, list[float]],
     report: dict[str, Any],
 ) -> tuple[list[float], float]:
-    """The best of ``cands`` and every baseline by teacher RMSE, refined by :func:`refine_grid`."""
+    """The best ``refine_starts`` of ``cands`` and every baseline by teacher RMSE, each refined by
+    :func:`refine_grid`, the lowest result kept; on ``validator`` (None: the selection's noises), or
+    with ``refine_pool`` on stratified noises screened with the first candidate."""
+    strata: dict[str, Any] | None = None
+    if cfg.refine_pool:
+        validator, strata = _stratified_validator(ctx, cfg, next(iter(cands.values())))
+    elif validator is None:
+        validator = select_validator(ctx, cfg)
     scored = {name: (validator.rmse(sig), sig) for name, sig in cands.items()}
     for name, sig in _baseline_candidates(ctx).items():
         if name not in scored:
             scored[name] = (validator.rmse(sig), sig)
-    start = min(scored, key=lambda k: scored[k][0])
-    ctx.report("log", message=f"trust-region teacher_refine: start {start} (rmse {scored[start][0]:.6g})")
-    lam0 = -np.log(np.asarray(scored[start][1], dtype=np.float64))
+    order = sorted(scored, key=lambda k: scored[k][0])
     # With a final denoise the refinement measures, so the last node is free unless pinned explicitly.
     free = ctx.final_step == "denoise" and cfg.last_node != "sigma_min"
     free_at = -math.log(ctx.model.sigma_min) if free else None
-    lam, info = refine_grid(validator, lam0, cfg.teacher_refine_iters, free_end_at=free_at)
-    info["last_node"] = "free" if free else "sigma_min"
-    ctx.report(
-        "log",
-        message=(
-            f"trust-region teacher_refine: rmse {info['rmse_start']:.6g} -> {info['rmse']:.6g} "
-            f"({info['iterations']} iterations, {info['seconds']:.1f} s)"
-        ),
-    )
+    runs: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
+    for name in order[: cfg.refine_starts]:
+        ctx.report("log", message=f"trust-region teacher_refine: start {name} (rmse {scored[name][0]:.6g})")
+        lam0 = -np.log(np.asarray(scored[name][1], dtype=np.float64))
+        runs[name] = refine_grid(validator, lam0, cfg.teacher_refine_iters, free_end_at=free_at)
+        info = runs[name][1]
+        ctx.report(
+            "log",
+            message=(
+                f"trust-region teacher_refine: rmse {info['rmse_start']:.6g} -> {info['rmse']:.6g} "
+                f"({info['iterations']} iterations, {info['seconds']:.1f} s)"
+            ),
+        )
+    # The lowest refined RMSE wins; ties keep the better start (the order above).
+    start = min(runs, key=lambda k: (runs[k][1]["rmse"], order.index(k)))
+    lam, info = runs[start]
+    info = {**info, "last_node": "free" if free else "sigma_min"}
+    if len(runs) > 1:
+        info["starts"] = {
+            k: {f: v[1][f] for f in ("rmse_start", "rmse", "iterations", "seconds")} for k, v in runs.items()
+        }
     report["teacher_refine"] = {
-        "teacher_seeds": [validator.seeds[0], validator.seeds[-1]],
+        "teacher_seeds": [validator.seeds[0], validator.seeds[-1]] if strata is None else "stratified",
+        **({} if strata is None else {"strata": strata}),
         "teacher": cfg.teacher.describe(ctx.model),
         "metric": "rmse vs teacher",
         "start_candidates": {name: v[0] for name, v in scored.items()},
@@ -495,6 +512,44 @@ def _sigmas(ctx: OptimizeContext, lam: np.ndarray) -> list[float]:
     if s[-1] <= lo * (1 + 1e-12):
         s[-1] = lo
     return [float(v) for v in s]
+
+
+def _stratified_validator(
+    ctx: OptimizeContext, cfg: TrustRegionConfig, screen: list[float]
+) -> tuple[Any, dict[str, Any]]:
+    """``select_n`` teacher noises drawn from the ``refine_pool`` seeds from ``select_seed``, stratified
+    by the screen grid's proxy error (:mod:`stepopt.strata`), and a validator weighting them."""
+    from stepopt.strata import stratified_seeds
+    from stepopt.teacher import GridValidator
+
+    pool = range(cfg.select_seed, cfg.select_seed + cfg.refine_pool)
+    st = stratified_seeds(
+        ctx.model,
+        ctx.solver,
+        screen,
+        pool,
+        cfg.select_n,
+        tail=cfg.refine_tail,
+        rng_seed=cfg.select_seed,
+        final_step=ctx.final_step,
+        device=ctx.device,
+    )
+    ctx.report(
+        "log",
+        message=(
+            f"trust-region teacher_refine: screened {cfg.refine_pool} noises ({st.report['evals']} evaluations, "
+            f"{st.report['seconds']:.1f} s); teacher on the {st.report['tail']} worst and {st.report['sample']} "
+            "sampled from the rest"
+        ),
+    )
+    validator = GridValidator(
+        ctx.model, ctx.solver, st.seeds, cfg.teacher, final_step=ctx.final_step, device=ctx.device, weights=st.weights
+    )
+    # How well the screen ranks this model's noises: its proxy against the exact error of the screen grid.
+    true = validator.squared_errors(screen)
+    ok = (st.proxy > 0) & (true > 0)
+    corr = float(np.corrcoef(np.log(st.proxy[ok]), np.log(true[ok]))[0, 1]) if ok.sum() > 2 else None
+    return validator, {**st.report, "proxy_log_correlation": corr}
 
 
 def select_validator(ctx: OptimizeContext, cfg: TrustRegionConfig) -> Any:

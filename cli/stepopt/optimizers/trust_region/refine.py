@@ -16,7 +16,11 @@ last node is free as well (``free_end_at``: one more gap, between lam_N and the 
 which the denoise skips). The result replaces the start
 only when its teacher RMSE is lower (so it is never worse than the bound's minimizer or a
 baseline on those noises). The teacher noises are the selection's (``select_n`` seeds from
-``select_seed``), disjoint from the seeds stepopt's evaluations use by default (0, 1, ...).
+``select_seed``), disjoint from the seeds stepopt's evaluations use by default (0, 1, ...), or with
+``refine_pool`` a stratified sample of that many seeds (:mod:`stepopt.strata`: the worst of the pool
+by a teacher-free screen taken whole, the rest sampled and weighted), whose weighted RMSE is then the
+objective. ``refine_starts`` refines several start candidates and keeps the lowest result: the RMSE
+has several basins, and the best start is not always in the best one.
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ PENALTY = 1e6
 def refine_grid(
     validator: Any, lam0: np.ndarray, maxiter: int, free_end_at: float | None = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Minimize the validator's RMSE over the interior of ``lam0`` (N+1 increasing lam's).
+    """Minimize the validator's RMSE (weighted by its ``weights`` when set) over the interior of
+    ``lam0`` (N+1 increasing lam's).
 
     ``free_end_at``: the last node is free too, at most this lam (the model's sigma_min; the
     validator's ``final_step`` is then ``denoise``). Returns the refined grid (or ``lam0`` if nothing
@@ -84,6 +89,11 @@ def refine_grid(
     lam_end = float(free_end_at) if free_end_at is not None else float(lam0[-1])
     x_all, y_all = validator.x_t, validator.targets.to(torch.float64)
     n_rows = x_all.shape[0]
+    # Each seed's share of the loss: 1/n, or its weight (stratified noises: ``stepopt.strata``).
+    weights = getattr(validator, "weights", None)
+    w_all = torch.full((n_rows,), 1.0, dtype=torch.float64) if weights is None else torch.as_tensor(weights)
+    w_all = (w_all / w_all.sum()).to(x_all.device)
+    per_row = y_all[0].numel()
     net, solver, final_step = validator.model, validator.solver, validator.final_step
     # The minimizing runs through the network's differentiable time (a fractional timestep for models
     # trained at integer ones); the start and the result are scored as the model samples.
@@ -105,7 +115,8 @@ def refine_grid(
             cond = slice_cond(validator.cond, start, stop, n_rows)
             with torch.set_grad_enabled(grad):
                 out = solve(solver, counted, x_all[start:stop], sig, cond=cond, final_step=final_step)
-                part = ((out.to(torch.float64) - y_all[start:stop]) ** 2).sum() / y_all.numel()
+                sq = ((out.to(torch.float64) - y_all[start:stop]) ** 2).reshape(stop - start, -1).sum(1)
+                part = (w_all[start:stop] * sq).sum() / per_row
                 if grad:
                     part.backward(retain_graph=stop < n_rows)
             total += float(part.detach())
